@@ -1,0 +1,35 @@
+// The one schema block of moe_kernels: every op, grouped by area. CUDA kernels register their
+// implementations next to their launchers (csrc/<family>/*.cu); CPU implementations (the pure-PyTorch
+// references) and fake kernels are registered from Python (moe_kernels/ops/).
+#include <Python.h>
+#include <nccl.h>
+#include <torch/library.h>
+
+namespace moe_kernels {
+
+// Version of the NCCL this extension links (torch's own), e.g. 22809 for 2.28.9.
+int64_t nccl_version() {
+  int version = 0;
+  const ncclResult_t status = ncclGetVersion(&version);
+  TORCH_CHECK(status == ncclSuccess, "nccl_version: ncclGetVersion failed: ", ncclGetErrorString(status));
+  return version;
+}
+
+}  // namespace moe_kernels
+
+// Fake (meta) kernels and CPU implementations are registered by `import moe_kernels` (moe_kernels/ops/).
+TORCH_LIBRARY(moe_kernels, m) {
+  // FP8 e4m3 quantisation: 1x128 activation groups, 128x128 weight blocks (csrc/quant).
+  m.def("quantize_fp8(Tensor x, bool pow2_scale=False) -> (Tensor, Tensor)");
+  m.def("quantize_fp8_weight(Tensor w, bool pow2_scale=False) -> (Tensor, Tensor)");
+  m.def("dequantize_fp8(Tensor q, Tensor scales, ScalarType out_dtype) -> Tensor");
+
+  // Build facts.
+  m.def("nccl_version() -> int", &moe_kernels::nccl_version);
+}
+
+// moe_kernels._C is loaded for its op registrations; it exports no Python functions.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,27 @@
+"""moe_kernels: fast Mixture-of-Experts kernels for NVIDIA Hopper, registered as PyTorch ops.
+
+Ops live under ``torch.ops.moe_kernels``; the typed front doors are re-exported here.
+Every op also has a CPU implementation (the pure-PyTorch reference of ``moe_kernels.reference``).
+"""
+
+import torch  # noqa: F401  (loads libtorch before our extension links against it)
+
+from moe_kernels import _C  # noqa: F401, E402  (registers the op schemas and CUDA kernels)
+from moe_kernels.ops import (  # noqa: E402
+    dequantize_fp8,
+    nccl_version,
+    quantize_fp8,
+    quantize_fp8_weight,
+)
+from moe_kernels.presets import PRESETS, RouterPreset  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "RouterPreset",
+    "dequantize_fp8",
+    "nccl_version",
+    "quantize_fp8",
+    "quantize_fp8_weight",
+]

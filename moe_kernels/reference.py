@@ -1,0 +1,641 @@
+"""Pure-PyTorch references of every moe_kernels op: the executable form of DESIGN.md §2-3.
+
+Tests, benchmarks and the CPU implementations of the ops all use these definitions. They upcast to
+fp32, quantise exactly the way the kernels do, and favour obviousness over speed. Where a kernel is
+bit-exact with its reference the docstring says so; elsewhere tolerances live in moe_kernels.testing.
+
+Contents
+    FP8:            quantize_fp8, quantize_fp8_weight, dequantize_fp8
+    Router:         router_scores, router, expert_balance_loss, device_balance_loss,
+                    sequence_balance_loss, update_expert_bias
+    Data movement:  permute, unpermute
+    Experts:        grouped_gemm, silu_and_mul, expert_mlp
+    Expert parallel: ep_dispatch, ep_combine (torch.distributed.all_to_all_single)
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_kernels._checks import FLOAT_DTYPES, QUANT_BLOCK, check, check_dim, check_dtype, check_quant_channels
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FLT_MIN = torch.finfo(torch.float32).tiny
+RENORM_EPS = 1e-20
+
+# ------------------------------------------------------------------------------------------------
+# FP8 quantisation
+# ------------------------------------------------------------------------------------------------
+
+
+def fp8_scale(amax: torch.Tensor, pow2_scale: bool = False) -> torch.Tensor:
+    """Scale of a quantisation group from the amax of its finite values (fp32).
+
+    amax / 448 correctly rounded; 1 for an all-zero group (no NaN or inf); at least FLT_MIN so
+    x / scale stays finite; with pow2_scale rounded up to the next power of two.
+    """
+    amax = amax.float()
+    scale = torch.clamp_min(amax / FP8_MAX, FLT_MIN)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    if pow2_scale:
+        bits = scale.view(torch.int32)
+        mantissa = bits & 0x007FFFFF
+        bits = torch.where(mantissa != 0, (bits & ~0x007FFFFF) + 0x00800000, bits)
+        scale = bits.view(torch.float32)
+    return scale
+
+
+def _finite_abs(x: torch.Tensor) -> torch.Tensor:
+    a = x.float().abs()
+    return torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+
+
+def _to_fp8(x_over_scale: torch.Tensor) -> torch.Tensor:
+    # Round to nearest even; finite overflow and inf saturate to +-448; NaN stays NaN.
+    return x_over_scale.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_fp8(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] (bf16/fp16/fp32) -> e4m3 [M, K] and fp32 scales [M, K/128] ("1x128").
+
+    Per group of 128 channels of a row: scale = fp8_scale(amax of the finite |x|), q = x / scale
+    rounded to e4m3 (saturating). NaN stays NaN, +-inf become +-448 (times the group's scale).
+    The CUDA kernel is bit-exact with this (NaN bit patterns aside).
+    """
+    op = "quantize_fp8"
+    check_dim(x, 2, op, "x", "[rows, channels]")
+    check_dtype(x, FLOAT_DTYPES, op, "x")
+    check_quant_channels(x.shape[1], op, "x")
+    m, k = x.shape
+    groups = x.float().reshape(m, k // QUANT_BLOCK, QUANT_BLOCK)
+    scales = fp8_scale(_finite_abs(groups).amax(-1), pow2_scale)
+    q = _to_fp8(groups / scales.unsqueeze(-1)).reshape(m, k)
+    return q, scales
+
+
+def quantize_fp8_weight(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [N, K] or [E, N, K] -> e4m3 of the same shape and fp32 scales per 128x128 block,
+    [ceil(N/128), K/128] or [E, ceil(N/128), K/128] (DeepSeek-V3's ``weight_scale_inv`` layout).
+
+    Same scale and rounding rules as quantize_fp8, one scale per block; the last row block may be
+    partial. The CUDA kernel is bit-exact with this.
+    """
+    op = "quantize_fp8_weight"
+    check(w.dim() in (2, 3), op, f"w must be [N, K] or [experts, N, K], got shape {list(w.shape)}")
+    check_dtype(w, FLOAT_DTYPES, op, "w")
+    check(w.shape[-1] % QUANT_BLOCK == 0, op, f"w's last dim K must be a multiple of 128, got {w.shape[-1]}")
+    w3 = w.float().reshape(-1, *w.shape[-2:])
+    e, n, k = w3.shape
+    nb, kb = -(-n // QUANT_BLOCK), k // QUANT_BLOCK
+    padded = F.pad(w3, (0, 0, 0, nb * QUANT_BLOCK - n))
+    blocks = padded.reshape(e, nb, QUANT_BLOCK, kb, QUANT_BLOCK)
+    amax = _finite_abs(blocks).amax(dim=(2, 4)) if blocks.numel() else blocks.new_zeros(e, nb, kb)
+    scales = fp8_scale(amax, pow2_scale)
+    q = _to_fp8(blocks / scales[:, :, None, :, None]).reshape(e, nb * QUANT_BLOCK, k)[:, :n]
+    return q.reshape(w.shape).contiguous(), scales.reshape(*w.shape[:-2], nb, kb)
+
+
+def expand_scales(scales: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Blockwise scales ([.., M, K/128] or [.., ceil(N/128), K/128]) broadcast to the full tensor shape."""
+    n, k = shape[-2], shape[-1]
+    row_block = 1 if scales.shape[-2] == n else QUANT_BLOCK
+    full = scales.repeat_interleave(QUANT_BLOCK, dim=-1).repeat_interleave(row_block, dim=-2)
+    return full[..., :n, :k]
+
+
+def dequantize_fp8(
+    q: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """e4m3 [M, K] or [E, N, K] times its 1x128 or 128x128 scales (told apart by the scales' shape),
+    computed in fp32 and rounded to out_dtype. The CUDA kernel is bit-exact with this."""
+    op = "dequantize_fp8"
+    check_dtype(q, FP8, op, "q")
+    check_dtype(scales, torch.float32, op, "scales")
+    check(q.dim() in (2, 3), op, f"q must be [rows, K] or [experts, N, K], got shape {list(q.shape)}")
+    check(q.shape[-1] % QUANT_BLOCK == 0, op, f"q's last dim must be a multiple of 128, got {q.shape[-1]}")
+    n, k = q.shape[-2], q.shape[-1]
+    row_block = 1 if scales.dim() == q.dim() and scales.shape[-2] == n else QUANT_BLOCK
+    expected = (*q.shape[:-2], -(-n // row_block), k // QUANT_BLOCK)
+    check(
+        tuple(scales.shape) == expected,
+        op,
+        f"scales {list(scales.shape)} fit neither 1x128 nor 128x128 blocks of q {list(q.shape)}",
+    )
+    return (q.float() * expand_scales(scales, q.shape)).to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Router
+# ------------------------------------------------------------------------------------------------
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")
+MAX_EXPERTS = 1024
+MAX_TOP_K = 16
+MAX_GROUPS = 32
+
+
+def check_router_args(
+    op: str,
+    logits: torch.Tensor,
+    top_k: int,
+    bias,
+    score_func: str,
+    num_groups: int,
+    topk_groups: int,
+    group_score: str,
+) -> None:
+    check_dim(logits, 2, op, "logits", "[tokens, experts]")
+    check_dtype(logits, FLOAT_DTYPES, op, "logits")
+    e = logits.shape[1]
+    check(2 <= e <= MAX_EXPERTS, op, f"the number of experts (logits.shape[1]) must be in [2, 1024], got {e}")
+    check(1 <= top_k <= min(MAX_TOP_K, e), op, f"top_k must be in [1, min(16, experts={e})], got {top_k}")
+    check(score_func in SCORE_FUNCS, op, f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    check(group_score in GROUP_SCORES, op, f"group_score must be 'top2_sum' or 'max', got {group_score!r}")
+    check(
+        1 <= num_groups <= MAX_GROUPS and e % num_groups == 0,
+        op,
+        f"num_groups must be in [1, 32] and divide experts={e}, got {num_groups}",
+    )
+    check(
+        1 <= topk_groups <= num_groups,
+        op,
+        f"topk_groups must be in [1, num_groups={num_groups}], got {topk_groups}",
+    )
+    group_size = e // num_groups
+    if num_groups > 1:
+        check(
+            top_k <= topk_groups * group_size,
+            op,
+            f"top_k={top_k} exceeds the experts in the kept groups (topk_groups * experts/num_groups = "
+            f"{topk_groups * group_size})",
+        )
+        check(
+            group_score != "top2_sum" or group_size >= 2,
+            op,
+            f"group_score='top2_sum' needs at least 2 experts per group, got {group_size}",
+        )
+    if bias is not None:
+        check_dtype(bias, torch.float32, op, "bias")
+        check(tuple(bias.shape) == (e,), op, f"bias must be [experts={e}], got shape {list(bias.shape)}")
+
+
+def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """fp32 scores [T, E]; differentiable. NaN logits count as -inf.
+
+    softmax: exp(l - max) / sum with the row max; when the max is not finite (a +inf logit, or a
+    row of -inf/NaN) the scores are uniform over the entries equal to the max. sigmoid: 1/(1+e^-l).
+    """
+    lg = logits.float()
+    lg = torch.where(torch.isnan(lg), torch.full_like(lg, float("-inf")), lg)
+    if score_func == "sigmoid":
+        return torch.sigmoid(lg)
+    row_max = lg.amax(-1, keepdim=True).detach()
+    finite = torch.isfinite(row_max)
+    e = torch.exp(lg - torch.where(finite, row_max, torch.zeros_like(row_max)))
+    e = torch.where(finite, e, (lg == row_max).float())
+    return e / e.sum(-1, keepdim=True)
+
+
+def _nan_to_neg_inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+
+
+def _top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values along the last dim; ties to the lower index; NaN as -inf."""
+    return torch.sort(_nan_to_neg_inf(x), dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def router_select(
+    scores: torch.Tensor,
+    top_k: int,
+    bias=None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "top2_sum",
+) -> torch.Tensor:
+    """Expert ids [T, K] (int64) picked from fp32 scores: the selection half of router()."""
+    t, e = scores.shape
+    sel = scores.detach() if bias is None else scores.detach() + bias
+    sel = _nan_to_neg_inf(sel)
+    if num_groups > 1:
+        grouped = sel.reshape(t, num_groups, e // num_groups)
+        if group_score == "top2_sum":
+            group = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(-1)
+        else:
+            group = grouped.amax(-1)
+        kept = _top_indices(group, topk_groups)
+        keep = torch.zeros(t, num_groups, dtype=torch.bool, device=sel.device).scatter_(1, kept, True)
+        sel = torch.where(
+            keep.repeat_interleave(e // num_groups, dim=1), sel, torch.full_like(sel, float("-inf"))
+        )
+    return _top_indices(sel, top_k)
+
+
+def router(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    bias: torch.Tensor | None = None,
+    score_func: str = "softmax",
+    num_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "top2_sum",
+    renormalize: bool = True,
+    scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DESIGN.md §2. Returns (weights fp32 [T, K], expert ids int32 [T, K], counts int32 [E]).
+
+    1. scores = router_scores(logits) in fp32.   2. sel = scores + bias (selection only).
+    3. Groups: E split into num_groups equal groups scored by the sum of their top-2 sel ("top2_sum")
+       or their max; all but the best topk_groups are masked to -inf.
+    4. ids = the top_k largest sel, ties to the lower index, NaN as -inf (always distinct, in range).
+    5. weights = scores at ids (unbiased), optionally / (sum + 1e-20), times scaling_factor.
+    The weights are differentiable with respect to the logits (the backward reference).
+    """
+    check_router_args("router", logits, top_k, bias, score_func, num_groups, topk_groups, group_score)
+    scores = router_scores(logits, score_func)
+    ids = router_select(scores, top_k, bias, num_groups, topk_groups, group_score)
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + RENORM_EPS)
+    weights = weights * scaling_factor
+    counts = torch.bincount(ids.flatten(), minlength=logits.shape[1]).to(torch.int32)
+    return weights, ids.to(torch.int32), counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Balance losses and the auxiliary-loss-free bias update (DESIGN.md §1)
+# ------------------------------------------------------------------------------------------------
+
+
+def balance_terms(logits: torch.Tensor, expert_ids: torch.Tensor, score_func: str):
+    """(f [E], P [E]) of one batch of tokens.
+
+    f_i = E / (K T) * (number of (token, k) slots routed to expert i)   (no gradient)
+    P_i = mean over tokens of the normalised score s_ti / (sum_j s_tj + 1e-20)   (differentiable)
+    """
+    t, e = logits.shape
+    k = expert_ids.shape[1]
+    counts = torch.bincount(expert_ids.flatten().long(), minlength=e).float()
+    f = counts * (e / max(k * t, 1))
+    scores = router_scores(logits, score_func)
+    normalised = scores / (scores.sum(-1, keepdim=True) + RENORM_EPS)
+    p = normalised.sum(0) / max(t, 1)
+    return f, p
+
+
+def expert_balance_loss(
+    logits, expert_ids, *, score_func: str = "softmax", alpha: float = 1.0
+) -> torch.Tensor:
+    """Expert-level balance loss alpha * sum_i f_i P_i (DeepSeekMoE); 0 for no tokens."""
+    f, p = balance_terms(logits, expert_ids, score_func)
+    return alpha * (f * p).sum()
+
+
+def device_balance_loss(
+    logits, expert_ids, num_devices: int, *, score_func: str = "softmax", alpha: float = 1.0
+) -> torch.Tensor:
+    """Device-level balance loss (DeepSeek-V2): experts split into num_devices equal contiguous
+    groups d; f'_d = mean of f_i over the group, P'_d = sum of P_i over it; alpha * sum_d f'_d P'_d."""
+    e = logits.shape[1]
+    check(
+        e % num_devices == 0, "device_balance_loss", f"num_devices must divide experts={e}, got {num_devices}"
+    )
+    f, p = balance_terms(logits, expert_ids, score_func)
+    f_dev = f.reshape(num_devices, -1).mean(-1)
+    p_dev = p.reshape(num_devices, -1).sum(-1)
+    return alpha * (f_dev * p_dev).sum()
+
+
+def sequence_balance_loss(
+    logits, expert_ids, seq_lens, *, score_func: str = "softmax", alpha: float = 1.0
+) -> torch.Tensor:
+    """Sequence-wise balance loss (DeepSeek-V3): the expert-level loss computed per sequence (tokens
+    split by seq_lens, which sum to T), averaged over the sequences."""
+    seq_lens = [int(n) for n in seq_lens]
+    check(
+        sum(seq_lens) == logits.shape[0] and min(seq_lens, default=0) >= 0,
+        "sequence_balance_loss",
+        f"seq_lens must be non-negative and sum to tokens={logits.shape[0]}, got sum {sum(seq_lens)}",
+    )
+    if not seq_lens:
+        return logits.float().sum() * 0
+    losses = [
+        expert_balance_loss(lg, ids, score_func=score_func, alpha=alpha)
+        for lg, ids in zip(logits.split(seq_lens), expert_ids.split(seq_lens), strict=True)
+    ]
+    return torch.stack(losses).mean()
+
+
+def update_expert_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """In place: bias_i += rate * sign(mean(counts) - counts_i), from exact integer counts.
+
+    The sign is computed exactly as sign(sum(counts) - E * counts_i) in int64; rate is rounded to
+    fp32 and the update is one fp32 add. Returns bias.
+    """
+    op = "update_expert_bias"
+    check_dtype(bias, torch.float32, op, "bias")
+    check_dtype(counts, (torch.int32, torch.int64), op, "counts")
+    check(bias.shape == counts.shape and bias.dim() == 1, op, "bias and counts must both be [experts]")
+    c = counts.long()
+    direction = torch.sign(c.sum() - c.numel() * c).float()
+    return bias.add_(direction * torch.tensor(rate, dtype=torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Permute / unpermute (DESIGN.md §3)
+# ------------------------------------------------------------------------------------------------
+
+ALIGNMENTS = (1, 16, 64, 128)
+
+
+def permute_rows_bound(num_pairs: int, num_local_experts: int, align: int) -> int:
+    """Rows permute needs at most: every pair plus the worst-case padding of every expert."""
+    return num_pairs + num_local_experts * (align - 1)
+
+
+def permute(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    align: int = 1,
+    x_scales: torch.Tensor | None = None,
+    quantize: bool = False,
+    pow2_scale: bool = False,
+    num_out_rows: int | None = None,
+    first_expert: int = 0,
+    num_local_experts: int | None = None,
+):
+    """Group the (token, k) pairs' rows by expert. Returns (out, out_scales, expert_offsets, row_map).
+
+    Local experts are [first_expert, first_expert + num_local_experts); other ids (and -1) are
+    dropped. Rows are ordered by local expert, then by pair index t*K + k (stable). Each expert's
+    segment is padded to a multiple of `align` with zero rows (FP8: zero rows with scale 1).
+    out: [R, H] with R = num_out_rows or T*K + E_local*(align-1); rows past expert_offsets[-1] are
+    unspecified (zero here). out_scales: [R, H/128] fp32 when FP8 (quantize=True, or x is e4m3 with
+    x_scales), else None. expert_offsets: int32 [E_local + 1]. row_map: int32 [T, K], -1 = dropped.
+    Bit-exact data movement: the kernel must match this exactly.
+    """
+    op = "permute"
+    check_dim(x, 2, op, "x", "[tokens, hidden]")
+    check_dim(expert_ids, 2, op, "expert_ids", "[tokens, top_k]")
+    check(
+        expert_ids.shape[0] == x.shape[0],
+        op,
+        f"expert_ids has {expert_ids.shape[0]} rows, x has {x.shape[0]}",
+    )
+    check(align in ALIGNMENTS, op, f"align must be one of {ALIGNMENTS}, got {align}")
+    num_local = num_experts - first_expert if num_local_experts is None else num_local_experts
+    check(
+        0 <= first_expert and num_local >= 1 and first_expert + num_local <= num_experts,
+        op,
+        f"local experts [{first_expert}, {first_expert + num_local}) must lie in [0, {num_experts})",
+    )
+    ids = expert_ids.long()
+    check(bool(((ids >= -1) & (ids < num_experts)).all()), op, f"expert_ids must be in [-1, {num_experts})")
+    if x.dtype == FP8:
+        check(x_scales is not None, op, "x is float8_e4m3fn: pass its 1x128 scales as x_scales")
+        check(not quantize, op, "x is already FP8: quantize must be False")
+    if quantize:
+        check_quant_channels(x.shape[1], op, "x")
+
+    t, k = ids.shape
+    h = x.shape[1]
+    dev = x.device
+    local = ids - first_expert
+    valid = (ids >= 0) & (local >= 0) & (local < num_local)
+    counts = torch.bincount(local[valid], minlength=num_local)
+    padded = (counts + align - 1) // align * align
+    offsets = torch.zeros(num_local + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(padded, 0)
+    bound = permute_rows_bound(t * k, num_local, align)
+    rows = bound if num_out_rows is None else num_out_rows
+    check(
+        rows >= int(offsets[-1]),
+        op,
+        f"num_out_rows={rows} is smaller than the {int(offsets[-1])} rows this routing needs",
+    )
+
+    row_map = torch.full((t, k), -1, dtype=torch.int64, device=dev)
+    pair_expert = torch.where(valid, local, num_local).flatten()  # dropped pairs sort last
+    order = torch.sort(pair_expert, stable=True).indices  # by expert, then pair index
+    start = 0
+    for e in range(num_local):
+        pairs = order[start : start + int(counts[e])]
+        row_map.view(-1)[pairs] = offsets[e] + torch.arange(len(pairs), device=dev)
+        start += int(counts[e])
+
+    fp8_out = quantize or x.dtype == FP8
+    out = torch.zeros(rows, h, dtype=torch.uint8 if fp8_out else x.dtype, device=dev)
+    out_scales = torch.ones(rows, h // QUANT_BLOCK, dtype=torch.float32, device=dev) if fp8_out else None
+    flat_map = row_map.flatten()
+    dest = flat_map[flat_map >= 0]
+    src_token = torch.arange(t * k, device=dev).div(k, rounding_mode="floor")[flat_map >= 0]
+    if quantize:
+        q, s = quantize_fp8(x, pow2_scale)
+        out[dest], out_scales[dest] = q.view(torch.uint8)[src_token], s[src_token]
+    elif x.dtype == FP8:
+        out[dest], out_scales[dest] = x.view(torch.uint8)[src_token], x_scales[src_token]
+    else:
+        out[dest] = x[src_token]
+    out = out.view(FP8) if fp8_out else out
+    return out, out_scales, offsets.to(torch.int32), row_map.to(torch.int32)
+
+
+def unpermute(
+    y: torch.Tensor,
+    row_map: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    shared_output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t] = sum over k (in k order, fp32) of weights[t, k] * y[row_map[t, k]], then + shared_output[t],
+    rounded to y's dtype. Pairs with row_map -1 contribute nothing. Products and sums are separate
+    fp32 roundings (no fused multiply-add), so the kernel can match this bit for bit."""
+    op = "unpermute"
+    check_dim(y, 2, op, "y", "[rows, hidden]")
+    check_dim(row_map, 2, op, "row_map", "[tokens, top_k]")
+    t, k = row_map.shape
+    acc = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
+    for j in range(k):
+        rows = row_map[:, j].long()
+        valid = (rows >= 0).unsqueeze(1)
+        picked = y[rows.clamp_min(0)].float()
+        if weights is not None:
+            picked = picked * weights[:, j : j + 1].float()
+        acc = acc + torch.where(valid, picked, torch.zeros_like(picked))
+    if shared_output is not None:
+        acc = acc + shared_output.float()
+    return acc.to(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped GEMM and the expert MLP
+# ------------------------------------------------------------------------------------------------
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    *,
+    a_scales: torch.Tensor | None = None,
+    b_scales: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """out[rows of e] = a[rows of e] @ b[e]^T for each expert e, rows of e = [offsets[e], offsets[e+1]).
+
+    BF16: a [M, K], b [E, N, K]. FP8: a e4m3 [M, K] with 1x128 scales [M, K/128], b e4m3 [E, N, K]
+    with 128x128 scales [E, N/128, K/128]; both dequantised to fp32 first (so the reference for an
+    FP8 kernel is exact on the same quantised inputs). fp32 accumulation, rounded to out_dtype.
+    Rows outside [offsets[0], offsets[-1]) are zero here (the kernel leaves them untouched).
+    """
+    fp8 = a.dtype == FP8
+    af = dequantize_fp8(a, a_scales, torch.float32) if fp8 else a.float()
+    bf = dequantize_fp8(b, b_scales, torch.float32) if fp8 else b.float()
+    offs = [int(o) for o in expert_offsets]
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    for e in range(b.shape[0]):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            out[lo:hi] = af[lo:hi] @ bf[e].T
+    return out.to(out_dtype)
+
+
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation of a gate_up output [M, 2I] (first I gate, next I up) -> fp32 [M, I]."""
+    gate, up = h.float().chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    x_scales: torch.Tensor | None = None,
+    w_gate_up_scales: torch.Tensor | None = None,
+    w_down_scales: torch.Tensor | None = None,
+    pow2_scale: bool = False,
+) -> torch.Tensor:
+    """The DeepSeekMoE expert MLP on permuted rows: down(SiLU(gate) * up) with gate_up [E, 2I, H]
+    and down [E, H, I] (transformers 5.x layout). FP8 when x is e4m3: the gate_up output is rounded
+    to bf16, activated in fp32 and re-quantised 1x128 before the down GEMM. Returns bf16 [M, H]."""
+    h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
+    act = silu_and_mul(h)
+    if x.dtype == FP8:
+        act_q, act_scales = quantize_fp8(act, pow2_scale)
+        return grouped_gemm(act_q, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
+    return grouped_gemm(act.to(torch.bfloat16), w_down, expert_offsets)
+
+
+# ------------------------------------------------------------------------------------------------
+# Expert-parallel dispatch / combine over torch.distributed (all_to_all_single)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EPHandle:
+    """What ep_combine needs to send rows back: built by ep_dispatch."""
+
+    sent_pairs: torch.Tensor  # [S] flat pair index t*K + k of each row sent, in send order
+    send_counts: list[int]  # rows sent to each rank
+    recv_counts: list[int]  # rows received from each rank
+    recv_rows: torch.Tensor  # [sum(recv_counts)] row of the dispatch output each received row went to
+    num_tokens: int
+    top_k: int
+
+
+def ep_dispatch(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    group=None,
+    align: int = 1,
+    x_scales: torch.Tensor | None = None,
+):
+    """Send each (token, k) pair's row to the rank that owns its expert.
+
+    Experts are split evenly and contiguously over the W ranks of `group`. On rank r the result is
+    what permute() gives for all ranks' tokens concatenated in rank order with local experts
+    [r*E/W, (r+1)*E/W): rows by local expert, then source rank, then source pair index; padded to
+    `align`. Returns (rows [R, H], row_scales or None, expert_offsets int32 [E/W + 1], handle).
+    Rows carry x's dtype; FP8 rows move with their 1x128 scales.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    check(
+        num_experts % world == 0,
+        "ep_dispatch",
+        f"num_experts={num_experts} must divide by world size {world}",
+    )
+    per_rank = num_experts // world
+    t, k = expert_ids.shape
+    ids = expert_ids.long().flatten()
+    dest = torch.where(ids >= 0, ids // per_rank, world)
+    pair = torch.arange(t * k, device=ids.device)
+    sent_pairs = torch.sort(dest * num_experts * t * k + ids.clamp_min(0) * t * k + pair).indices
+    sent_pairs = sent_pairs[: int((dest < world).sum())]
+    send_counts = torch.bincount(dest[dest < world], minlength=world)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
+
+    def exchange(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.new_empty(sum(recv_counts), *tensor.shape[1:])
+        dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=group)
+        return out
+
+    tokens = sent_pairs // k
+    is_fp8 = x.dtype == FP8
+    recv_x = exchange(x[tokens].view(torch.uint8) if is_fp8 else x[tokens])
+    recv_scales = exchange(x_scales[tokens]) if is_fp8 else None
+    recv_expert = exchange(ids[sent_pairs]) - rank * per_rank
+
+    # Received rows come grouped by source rank, each in (expert, pair) order: a stable sort by
+    # expert gives (expert, source rank, pair) order.
+    counts = torch.bincount(recv_expert, minlength=per_rank)
+    padded = (counts + align - 1) // align * align
+    offsets = torch.zeros(per_rank + 1, dtype=torch.int64, device=x.device)
+    offsets[1:] = torch.cumsum(padded, 0)
+    order = torch.sort(recv_expert, stable=True).indices
+    recv_rows = torch.empty_like(order)
+    start = 0
+    for e in range(per_rank):
+        n = int(counts[e])
+        recv_rows[order[start : start + n]] = offsets[e] + torch.arange(n, device=x.device)
+        start += n
+    rows = permute_rows_bound(len(order), per_rank, align)
+    out = torch.zeros(rows, x.shape[1], dtype=torch.uint8 if is_fp8 else x.dtype, device=x.device)
+    out[recv_rows] = recv_x
+    out_scales = None
+    if is_fp8:
+        out = out.view(FP8)
+        out_scales = torch.ones(rows, x.shape[1] // QUANT_BLOCK, dtype=torch.float32, device=x.device)
+        out_scales[recv_rows] = recv_scales
+    handle = EPHandle(sent_pairs, send_counts, recv_counts, recv_rows, t, k)
+    return out, out_scales, offsets.to(torch.int32), handle
+
+
+def ep_combine(
+    y: torch.Tensor, handle: EPHandle, weights: torch.Tensor | None = None, *, group=None
+) -> torch.Tensor:
+    """Inverse of ep_dispatch: send each processed row back to its token's rank and reduce there as
+    unpermute() does (sum over k in k order of weights[t, k] * row, fp32, rounded to y's dtype)."""
+    import torch.distributed as dist
+
+    back = y.new_empty(sum(handle.send_counts), y.shape[1])
+    dist.all_to_all_single(
+        back, y[handle.recv_rows].contiguous(), handle.send_counts, handle.recv_counts, group=group
+    )
+    # Lay the returned rows out as a [T*K, H] block indexed by pair, then reuse unpermute.
+    row_map = torch.full((handle.num_tokens * handle.top_k,), -1, dtype=torch.int64, device=y.device)
+    row_map[handle.sent_pairs] = torch.arange(len(handle.sent_pairs), device=y.device)
+    return unpermute(back, row_map.view(handle.num_tokens, handle.top_k), weights)
