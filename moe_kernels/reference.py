@@ -34,7 +34,7 @@ def fp8_scale(amax: torch.Tensor, pow2_scale: bool = False) -> torch.Tensor:
     """Scale of a quantisation group from the amax of its finite values (fp32).
 
     amax / 448 correctly rounded; 1 for an all-zero group (no NaN or inf); at least FLT_MIN so
-    x / scale stays finite; with pow2_scale rounded up to the next power of two.
+    x * (1 / scale) stays finite; with pow2_scale rounded up to the next power of two.
     """
     amax = amax.float()
     scale = torch.clamp_min(amax / FP8_MAX, FLT_MIN)
@@ -52,15 +52,17 @@ def _finite_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(a), a, torch.zeros_like(a))
 
 
-def _to_fp8(x_over_scale: torch.Tensor) -> torch.Tensor:
-    # Round to nearest even; finite overflow and inf saturate to +-448; NaN stays NaN.
-    return x_over_scale.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 / scale) in fp32 (the reciprocal correctly rounded, then one rounded multiply), rounded
+    to e4m3 nearest-even; finite overflow and inf saturate to +-448; NaN stays NaN."""
+    inverse = 1.0 / scale
+    return (x * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def quantize_fp8(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [M, K] (bf16/fp16/fp32) -> e4m3 [M, K] and fp32 scales [M, K/128] ("1x128").
 
-    Per group of 128 channels of a row: scale = fp8_scale(amax of the finite |x|), q = x / scale
+    Per group of 128 channels of a row: scale = fp8_scale(amax of the finite |x|), q = x * (1/scale)
     rounded to e4m3 (saturating). NaN stays NaN, +-inf become +-448 (times the group's scale).
     The CUDA kernel is bit-exact with this (NaN bit patterns aside).
     """
@@ -71,7 +73,7 @@ def quantize_fp8(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tenso
     m, k = x.shape
     groups = x.float().reshape(m, k // QUANT_BLOCK, QUANT_BLOCK)
     scales = fp8_scale(_finite_abs(groups).amax(-1), pow2_scale)
-    q = _to_fp8(groups / scales.unsqueeze(-1)).reshape(m, k)
+    q = _to_fp8(groups, scales.unsqueeze(-1)).reshape(m, k)
     return q, scales
 
 
@@ -93,7 +95,7 @@ def quantize_fp8_weight(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torc
     blocks = padded.reshape(e, nb, QUANT_BLOCK, kb, QUANT_BLOCK)
     amax = _finite_abs(blocks).amax(dim=(2, 4)) if blocks.numel() else blocks.new_zeros(e, nb, kb)
     scales = fp8_scale(amax, pow2_scale)
-    q = _to_fp8(blocks / scales[:, :, None, :, None]).reshape(e, nb * QUANT_BLOCK, k)[:, :n]
+    q = _to_fp8(blocks, scales[:, :, None, :, None]).reshape(e, nb * QUANT_BLOCK, k)[:, :n]
     return q.reshape(w.shape).contiguous(), scales.reshape(*w.shape[:-2], nb, kb)
 
 

@@ -19,7 +19,7 @@ def quantize_fp8(x: torch.Tensor, *, pow2_scale: bool = False) -> tuple[torch.Te
         q: [M, K] float8_e4m3fn.
         scales: [M, K // 128] float32, what to multiply by to dequantise.
     Per group: scale = amax / 448 over the group's finite values (1 if the group is all zero, at
-    least FLT_MIN); q = x / scale rounded to nearest even. NaN stays NaN; +-inf and finite overflow
+    least FLT_MIN); q = x * (1 / scale) rounded to nearest even. NaN stays NaN; +-inf and finite overflow
     saturate to +-448. Bit-exact with ``moe_kernels.reference.quantize_fp8``.
     """
     return torch.ops.moe_kernels.quantize_fp8(x, pow2_scale)

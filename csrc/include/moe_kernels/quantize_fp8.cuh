@@ -44,8 +44,11 @@ __global__ void __launch_bounds__(ActQuantConfig<T>::kThreads)
   for (int u = 0; u < Cfg::kUnroll; ++u) {
     const int64_t g = first_group + u * Cfg::kGroupsPerPass;
     if (g < num_groups) {
-      const int64_t row = g / groups_per_row, col = (g % groups_per_row) * kQuantBlock + lane_in_group * kVec;
-      in[u] = *reinterpret_cast<const Vec16<T>*>(x + row * x_row_stride + col);
+      // 64-bit division only for row-strided views; contiguous rows are one flat array.
+      const int64_t offset = x_row_stride == groups_per_row * kQuantBlock
+                                 ? g * kQuantBlock
+                                 : (g / groups_per_row) * x_row_stride + (g % groups_per_row) * kQuantBlock;
+      in[u] = *reinterpret_cast<const Vec16<T>*>(x + offset + lane_in_group * kVec);
     }
   }
 #pragma unroll
@@ -64,18 +67,18 @@ __global__ void __launch_bounds__(ActQuantConfig<T>::kThreads)
       continue;
     }
     const float scale = fp8_scale(amax, pow2_scale);
+    const float inv_scale = fp8_inverse_scale(scale);
     __align__(kVec) __nv_fp8x2_storage_t out[kVec / 2];
 #pragma unroll
     for (int i = 0; i < kVec / 2; ++i) {
-      out[i] = quantize_pair(v[2 * i], v[2 * i + 1], scale);
+      out[i] = quantize_pair(v[2 * i], v[2 * i + 1], inv_scale);
     }
-    const int64_t row = g / groups_per_row, col = (g % groups_per_row) * kQuantBlock + lane_in_group * kVec;
+    // q is contiguous, so group g starts at g * 128 whatever the input's row stride.
+    __nv_fp8_storage_t* dst = q + g * kQuantBlock + lane_in_group * kVec;
     if constexpr (kVec == 8) {
-      *reinterpret_cast<uint2*>(q + row * groups_per_row * kQuantBlock + col) =
-          *reinterpret_cast<uint2*>(out);
+      *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<uint2*>(out);
     } else {
-      *reinterpret_cast<uint32_t*>(q + row * groups_per_row * kQuantBlock + col) =
-          *reinterpret_cast<uint32_t*>(out);
+      *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<uint32_t*>(out);
     }
     if (lane_in_group == 0) {
       scales[g] = scale;
@@ -140,6 +143,7 @@ __global__ void __launch_bounds__(256)
     amax = fmaxf(amax, warp_amax[i]);
   }
   const float scale = fp8_scale(amax, pow2_scale);
+  const float inv_scale = fp8_inverse_scale(scale);
   if (threadIdx.x == 0) {
     scales[(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = scale;
   }
@@ -150,7 +154,7 @@ __global__ void __launch_bounds__(256)
       __align__(kVec) __nv_fp8x2_storage_t out[kVec / 2];
 #pragma unroll
       for (int i = 0; i < kVec / 2; ++i) {
-        out[i] = quantize_pair(to_float(in[p].v[2 * i]), to_float(in[p].v[2 * i + 1]), scale);
+        out[i] = quantize_pair(to_float(in[p].v[2 * i]), to_float(in[p].v[2 * i + 1]), inv_scale);
       }
       __nv_fp8_storage_t* dst = q + batch_offset + row * k + col;
       if constexpr (kVec == 8) {
