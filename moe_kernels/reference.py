@@ -6,8 +6,8 @@ bit-exact with its reference the docstring says so; elsewhere tolerances live in
 
 Contents
     FP8:            quantize_fp8, quantize_fp8_weight, dequantize_fp8
-    Router:         router_scores, router, expert_balance_loss, device_balance_loss,
-                    sequence_balance_loss, update_expert_bias
+    Router:         router_scores, router, balance_loss (expert_balance_loss, device_balance_loss,
+                    sequence_balance_loss), update_expert_bias
     Data movement:  permute, unpermute
     Experts:        grouped_gemm, silu_and_mul, expert_mlp
     Expert parallel: ep_dispatch, ep_combine (torch.distributed.all_to_all_single)
@@ -88,8 +88,9 @@ def quantize_fp8_weight(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torc
     check(w.dim() in (2, 3), op, f"w must be [N, K] or [experts, N, K], got shape {list(w.shape)}")
     check_dtype(w, FLOAT_DTYPES, op, "w")
     check(w.shape[-1] % QUANT_BLOCK == 0, op, f"w's last dim K must be a multiple of 128, got {w.shape[-1]}")
-    w3 = w.float().reshape(-1, *w.shape[-2:])
-    e, n, k = w3.shape
+    e = w.shape[0] if w.dim() == 3 else 1
+    w3 = w.float().reshape(e, *w.shape[-2:])
+    n, k = w3.shape[1:]
     nb, kb = -(-n // QUANT_BLOCK), k // QUANT_BLOCK
     padded = F.pad(w3, (0, 0, 0, nb * QUANT_BLOCK - n))
     blocks = padded.reshape(e, nb, QUANT_BLOCK, kb, QUANT_BLOCK)
@@ -289,12 +290,44 @@ def balance_terms(logits: torch.Tensor, expert_ids: torch.Tensor, score_func: st
     return f, p
 
 
-def expert_balance_loss(
-    logits, expert_ids, *, score_func: str = "softmax", alpha: float = 1.0
+def balance_loss(
+    logits: torch.Tensor,
+    expert_ids: torch.Tensor,
+    *,
+    score_func: str = "softmax",
+    alpha: float = 1.0,
+    num_devices: int = 0,
+    seq_lens=None,
 ) -> torch.Tensor:
+    """The balance losses of DESIGN.md §1 in one definition (differentiable w.r.t. the logits).
+
+    Per sequence (seq_lens splits the T tokens; default one sequence): with f, P = balance_terms,
+    expert-level (num_devices=0) alpha * sum_i f_i P_i; device-level (DeepSeek-V2, experts split
+    into num_devices equal contiguous groups d): alpha * sum_d mean_{i in d}(f_i) * sum_{i in d}(P_i).
+    The result is the mean over sequences (an empty sequence contributes 0).
+    """
+    e = logits.shape[1]
+    op = "balance_loss"
+    check(num_devices >= 0 and (num_devices == 0 or e % num_devices == 0), op,
+          f"num_devices must be 0 (expert-level) or divide experts={e}, got {num_devices}")
+    lens = [logits.shape[0]] if seq_lens is None else [int(n) for n in seq_lens]
+    check(
+        sum(lens) == logits.shape[0] and min(lens, default=0) >= 0 and len(lens) >= 1, op,
+        f"seq_lens must be non-negative and sum to tokens={logits.shape[0]}, got {lens}",
+    )
+    group = 1 if num_devices == 0 else e // num_devices
+    losses = []
+    for lg, ids in zip(logits.split(lens), expert_ids.split(lens), strict=True):
+        f, p = balance_terms(lg, ids, score_func)
+        f_dev = f.reshape(-1, group).mean(-1)
+        p_dev = p.reshape(-1, group).sum(-1)
+        losses.append(alpha * (f_dev * p_dev).sum())
+    return torch.stack(losses).mean()
+
+
+def expert_balance_loss(logits, expert_ids, *, score_func: str = "softmax", alpha: float = 1.0) -> torch.Tensor:
     """Expert-level balance loss alpha * sum_i f_i P_i (DeepSeekMoE); 0 for no tokens."""
-    f, p = balance_terms(logits, expert_ids, score_func)
-    return alpha * (f * p).sum()
+    return balance_loss(logits, expert_ids, score_func=score_func, alpha=alpha)
 
 
 def device_balance_loss(
@@ -302,14 +335,7 @@ def device_balance_loss(
 ) -> torch.Tensor:
     """Device-level balance loss (DeepSeek-V2): experts split into num_devices equal contiguous
     groups d; f'_d = mean of f_i over the group, P'_d = sum of P_i over it; alpha * sum_d f'_d P'_d."""
-    e = logits.shape[1]
-    check(
-        e % num_devices == 0, "device_balance_loss", f"num_devices must divide experts={e}, got {num_devices}"
-    )
-    f, p = balance_terms(logits, expert_ids, score_func)
-    f_dev = f.reshape(num_devices, -1).mean(-1)
-    p_dev = p.reshape(num_devices, -1).sum(-1)
-    return alpha * (f_dev * p_dev).sum()
+    return balance_loss(logits, expert_ids, score_func=score_func, alpha=alpha, num_devices=num_devices)
 
 
 def sequence_balance_loss(
@@ -317,19 +343,7 @@ def sequence_balance_loss(
 ) -> torch.Tensor:
     """Sequence-wise balance loss (DeepSeek-V3): the expert-level loss computed per sequence (tokens
     split by seq_lens, which sum to T), averaged over the sequences."""
-    seq_lens = [int(n) for n in seq_lens]
-    check(
-        sum(seq_lens) == logits.shape[0] and min(seq_lens, default=0) >= 0,
-        "sequence_balance_loss",
-        f"seq_lens must be non-negative and sum to tokens={logits.shape[0]}, got sum {sum(seq_lens)}",
-    )
-    if not seq_lens:
-        return logits.float().sum() * 0
-    losses = [
-        expert_balance_loss(lg, ids, score_func=score_func, alpha=alpha)
-        for lg, ids in zip(logits.split(seq_lens), expert_ids.split(seq_lens), strict=True)
-    ]
-    return torch.stack(losses).mean()
+    return balance_loss(logits, expert_ids, score_func=score_func, alpha=alpha, seq_lens=seq_lens)
 
 
 def update_expert_bias(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> torch.Tensor:
@@ -464,6 +478,8 @@ def unpermute(
     t, k = row_map.shape
     acc = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
     for j in range(k):
+        if y.shape[0] == 0:  # nothing to gather: every pair must be dropped
+            break
         rows = row_map[:, j].long()
         valid = (rows >= 0).unsqueeze(1)
         picked = y[rows.clamp_min(0)].float()
