@@ -308,11 +308,15 @@ def balance_loss(
     """
     e = logits.shape[1]
     op = "balance_loss"
-    check(num_devices >= 0 and (num_devices == 0 or e % num_devices == 0), op,
-          f"num_devices must be 0 (expert-level) or divide experts={e}, got {num_devices}")
+    check(
+        num_devices >= 0 and (num_devices == 0 or e % num_devices == 0),
+        op,
+        f"num_devices must be 0 (expert-level) or divide experts={e}, got {num_devices}",
+    )
     lens = [logits.shape[0]] if seq_lens is None else [int(n) for n in seq_lens]
     check(
-        sum(lens) == logits.shape[0] and min(lens, default=0) >= 0 and len(lens) >= 1, op,
+        sum(lens) == logits.shape[0] and min(lens, default=0) >= 0 and len(lens) >= 1,
+        op,
         f"seq_lens must be non-negative and sum to tokens={logits.shape[0]}, got {lens}",
     )
     group = 1 if num_devices == 0 else e // num_devices
@@ -325,7 +329,9 @@ def balance_loss(
     return torch.stack(losses).mean()
 
 
-def expert_balance_loss(logits, expert_ids, *, score_func: str = "softmax", alpha: float = 1.0) -> torch.Tensor:
+def expert_balance_loss(
+    logits, expert_ids, *, score_func: str = "softmax", alpha: float = 1.0
+) -> torch.Tensor:
     """Expert-level balance loss alpha * sum_i f_i P_i (DeepSeekMoE); 0 for no tokens."""
     return balance_loss(logits, expert_ids, score_func=score_func, alpha=alpha)
 
