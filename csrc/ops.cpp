@@ -24,6 +24,23 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("quantize_fp8_weight(Tensor w, bool pow2_scale=False) -> (Tensor, Tensor)");
   m.def("dequantize_fp8(Tensor q, Tensor scales, ScalarType out_dtype) -> Tensor");
 
+  // Router: fused scores + expert bias + group-limited top-K + histogram; balance losses; bias
+  // update for auxiliary-loss-free balancing (csrc/router).
+  m.def(
+      "router(Tensor logits, int top_k, Tensor? bias, str score_func, int num_groups, int topk_groups, "
+      "str group_score, bool renormalize, float scaling_factor, bool return_counts) -> (Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "router_backward(Tensor grad_weights, Tensor logits, Tensor ids, str score_func, bool renormalize, "
+      "float scaling_factor) -> Tensor");
+  m.def(
+      "balance_loss(Tensor logits, Tensor expert_ids, Tensor? seq_offsets, str score_func, int num_devices, "
+      "float alpha) -> (Tensor, Tensor)");
+  m.def(
+      "balance_loss_backward(Tensor grad_loss, Tensor logits, Tensor expert_ids, Tensor coeffs, "
+      "Tensor? seq_offsets, str score_func) -> Tensor");
+  m.def("update_expert_bias(Tensor(a!) bias, Tensor counts, float rate) -> ()");
+
   // Build facts.
   m.def("nccl_version() -> int", &moe_kernels::nccl_version);
 }

@@ -7,21 +7,10 @@ Every op also has a CPU implementation (the pure-PyTorch reference of ``moe_kern
 import torch  # noqa: F401  (loads libtorch before our extension links against it)
 
 from moe_kernels import _C  # noqa: F401, E402  (registers the op schemas and CUDA kernels)
-from moe_kernels.ops import (  # noqa: E402
-    dequantize_fp8,
-    nccl_version,
-    quantize_fp8,
-    quantize_fp8_weight,
-)
+from moe_kernels.ops import *  # noqa: E402, F403
+from moe_kernels.ops import __all__ as _ops_all  # noqa: E402
 from moe_kernels.presets import PRESETS, RouterPreset  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS",
-    "RouterPreset",
-    "dequantize_fp8",
-    "nccl_version",
-    "quantize_fp8",
-    "quantize_fp8_weight",
-]
+__all__ = [*_ops_all, "PRESETS", "RouterPreset"]

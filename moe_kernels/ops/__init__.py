@@ -2,5 +2,28 @@
 
 from moe_kernels.ops.build_info import nccl_version
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight
+from moe_kernels.ops.router import (
+    RouterOutput,
+    all_reduce_counts,
+    balance_loss,
+    device_balance_loss,
+    expert_balance_loss,
+    router,
+    router_preset,
+    update_expert_bias_,
+)
 
-__all__ = ["dequantize_fp8", "nccl_version", "quantize_fp8", "quantize_fp8_weight"]
+__all__ = [
+    "RouterOutput",
+    "all_reduce_counts",
+    "balance_loss",
+    "dequantize_fp8",
+    "device_balance_loss",
+    "expert_balance_loss",
+    "nccl_version",
+    "quantize_fp8",
+    "quantize_fp8_weight",
+    "router",
+    "router_preset",
+    "update_expert_bias_",
+]

@@ -1,0 +1,386 @@
+// Fused MoE router (framework-free): scores, expert bias, group-limited top-K, weights, histogram,
+// and the backward into the logits. Semantics: DESIGN.md §2 and moe_kernels/reference.py `router`.
+//
+// One warp per token. Lane `l` owns the contiguous experts [l*vpt, (l+1)*vpt), vpt = ceil(E/32),
+// kept in registers (kMaxVpt, a power of two >= vpt, sizes the arrays). Selection compares 32-bit
+// order-preserving keys, so the warp-wide argmax of a top-K round is one redux.sync plus a ballot;
+// ties go to the lowest lane and, inside a lane, to the lowest slot: the lower expert index.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "moe_kernels/vec.cuh"
+
+namespace moe_kernels {
+namespace router {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kMaxExperts = 1024;
+constexpr int kMaxTopK = 16;
+constexpr int kMaxGroups = 32;
+constexpr float kRenormEps = 1e-20f;
+
+struct ForwardParams {
+  const void* logits;  // [T, E] bf16 / fp16 / fp32, rows contiguous
+  const float* bias;   // [E] or nullptr: added for selection only
+  float* weights;      // [T, K]
+  int32_t* ids;        // [T, K]
+  int32_t* counts;     // [E], zeroed by the launcher, or nullptr
+  int64_t num_tokens;
+  int num_experts, top_k, vpt;
+  int num_groups, topk_groups, group_size;
+  bool group_top2;         // group score: sum of the top two (DeepSeek-V3) or the max (V2)
+  bool lane_local_groups;  // every lane's experts lie in one group and a group spans 2^n lanes
+  bool renormalize;
+  bool vectorized;  // rows can be loaded in 16-byte pieces (see load_row)
+  float scaling_factor;
+};
+
+struct BackwardParams {
+  const float* grad_weights;  // [T, K]
+  const void* logits;         // [T, E]
+  const int32_t* ids;         // [T, K]
+  void* grad_logits;          // [T, E], logits' dtype
+  int64_t num_tokens;
+  int num_experts, top_k, vpt;
+  bool renormalize;
+  bool vectorized;
+  float scaling_factor;
+};
+
+// Larger float -> larger key. NaN counts as -inf; -0 as +0. Key 0 is below every real value and
+// marks slots that can never be picked (padding past E, experts already taken).
+__device__ __forceinline__ uint32_t select_key(float v) {
+  v = isnan(v) ? -INFINITY : v + 0.0f;
+  const uint32_t bits = __float_as_uint(v);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset);
+  }
+  return x;
+}
+
+__device__ __forceinline__ float nan_to_neg_inf(float x) {
+  return isnan(x) ? -INFINITY : x;
+}
+
+__device__ __forceinline__ float sigmoid(float x) {
+  return __frcp_rn(1.0f + __expf(-x));
+}
+
+// Softmax of a row held by the warp: exp(l - max) / sum; when the max is not finite (a +inf logit,
+// or nothing but -inf) the scores are uniform over the entries equal to the max.
+struct SoftmaxStats {
+  float max, inv_sum;
+  bool finite_max;
+};
+
+__device__ __forceinline__ float softmax_numerator(float l, float row_max, bool finite_max) {
+  return finite_max ? __expf(l - row_max) : (l == row_max ? 1.0f : 0.0f);
+}
+
+__device__ __forceinline__ float softmax_score(float l, const SoftmaxStats& s) {
+  return softmax_numerator(l, s.max, s.finite_max) * s.inv_sum;
+}
+
+template <int kMaxVpt>
+__device__ __forceinline__ SoftmaxStats softmax_stats(const float (&l)[kMaxVpt], int vpt, int first_expert,
+                                                      int num_experts) {
+  float row_max = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    row_max = fmaxf(row_max, l[i]);  // padding slots hold -inf
+  }
+  row_max = group_max<32>(row_max);
+  const bool finite_max = isfinite(row_max);
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    const bool real = i < vpt && first_expert + i < num_experts;
+    sum += real ? softmax_numerator(l[i], row_max, finite_max) : 0.0f;
+  }
+  return {row_max, 1.0f / warp_sum(sum), finite_max};
+}
+
+// Loads the lane's slots of a logits row as fp32 (NaN -> -inf, padding -> -inf). With
+// `vectorized` (vpt * sizeof(T) a multiple of 16 and rows 16-byte aligned) in 16-byte pieces.
+template <typename T, int kMaxVpt>
+__device__ __forceinline__ void load_row(const T* row, int vpt, int first_expert, int num_experts,
+                                         bool vectorized, float (&v)[kMaxVpt]) {
+  constexpr int kVec = Vec16<T>::kSize;
+  if constexpr (kMaxVpt % kVec == 0) {
+    if (vectorized) {
+#pragma unroll
+      for (int j = 0; j < kMaxVpt / kVec; ++j) {
+        const bool real = j * kVec < vpt && first_expert < num_experts;
+        Vec16<T> piece = {};
+        if (real) {
+          piece = *reinterpret_cast<const Vec16<T>*>(row + first_expert + j * kVec);
+        }
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) {
+          v[j * kVec + q] = real ? nan_to_neg_inf(to_float(piece.v[q])) : -INFINITY;
+        }
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    const bool real = i < vpt && first_expert + i < num_experts;
+    v[i] = real ? nan_to_neg_inf(to_float(row[first_expert + i])) : -INFINITY;
+  }
+}
+
+// Top two of (a1 >= a2) and (b1 >= b2).
+__device__ __forceinline__ void merge_top2(float& a1, float& a2, float b1, float b2) {
+  const float hi = fmaxf(a1, b1);
+  const float lo = a1 >= b1 ? fmaxf(a2, b1) : fmaxf(a1, b2);
+  a1 = hi;
+  a2 = lo;
+}
+
+// Score of group `group` seen by this lane (lane-local layout: one group per lane, 2^n lanes per
+// group) — or, in the generic layout, of group `lane` computed by scanning shared memory.
+template <int kMaxVpt>
+__device__ __forceinline__ float group_score(const ForwardParams& p, const float (&sel)[kMaxVpt],
+                                             float* warp_smem, int lane) {
+  float best = -INFINITY, second = -INFINITY;
+  if (p.lane_local_groups) {
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      if (i < p.vpt) {
+        merge_top2(best, second, sel[i], -INFINITY);
+      }
+    }
+    const int lanes_per_group = p.group_size / p.vpt;
+    for (int offset = 1; offset < lanes_per_group; offset *= 2) {
+      const float other_best = __shfl_xor_sync(0xffffffffu, best, offset);
+      const float other_second = __shfl_xor_sync(0xffffffffu, second, offset);
+      merge_top2(best, second, other_best, other_second);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      if (i < p.vpt && lane * p.vpt + i < p.num_experts) {
+        warp_smem[lane * p.vpt + i] = sel[i];
+      }
+    }
+    __syncwarp();
+    if (lane < p.num_groups) {
+      const float* group = warp_smem + lane * p.group_size;
+      for (int j = 0; j < p.group_size; ++j) {
+        merge_top2(best, second, group[j], -INFINITY);
+      }
+    }
+    __syncwarp();  // the smem row is rewritten by the next token
+  }
+  return p.group_top2 ? nan_to_neg_inf(best + second) : best;
+}
+
+template <typename T, int kMaxVpt, bool kSigmoid>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(const ForwardParams p) {
+  extern __shared__ float group_smem[];  // [warps][E] in the generic group layout, else empty
+  __shared__ int32_t block_counts[kMaxExperts];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int first_expert = lane * p.vpt;
+  float* warp_smem = group_smem + warp * p.num_experts;
+  if (p.counts != nullptr) {
+    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+      block_counts[e] = 0;
+    }
+    __syncthreads();
+  }
+
+  // Per-lane constants, loaded once: the bias of the lane's experts and each slot's group.
+  float bias[kMaxVpt];
+  int slot_group[kMaxVpt];
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    const int e = first_expert + i;
+    const bool real = i < p.vpt && e < p.num_experts;
+    bias[i] = (p.bias != nullptr && real) ? p.bias[e] : 0.0f;
+    slot_group[i] = real ? e / p.group_size : 0;
+  }
+
+  const T* logits = static_cast<const T*>(p.logits);
+  for (int64_t t = blockIdx.x * int64_t(kWarpsPerBlock) + warp; t < p.num_tokens;
+       t += int64_t(gridDim.x) * kWarpsPerBlock) {
+    float score[kMaxVpt];
+    load_row<T, kMaxVpt>(logits + t * p.num_experts, p.vpt, first_expert, p.num_experts, p.vectorized, score);
+    if constexpr (kSigmoid) {
+#pragma unroll
+      for (int i = 0; i < kMaxVpt; ++i) {
+        score[i] = sigmoid(score[i]);
+      }
+    } else {
+      const SoftmaxStats stats = softmax_stats<kMaxVpt>(score, p.vpt, first_expert, p.num_experts);
+#pragma unroll
+      for (int i = 0; i < kMaxVpt; ++i) {
+        score[i] = softmax_score(score[i], stats);
+      }
+    }
+    float sel[kMaxVpt];
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      sel[i] = nan_to_neg_inf(score[i] + bias[i]);
+    }
+
+    if (p.num_groups > 1) {
+      // Rank each group against all others (ties to the lower group index); keep the best few.
+      const float my_score = group_score<kMaxVpt>(p, sel, warp_smem, lane);
+      const int lanes_per_group = p.lane_local_groups ? p.group_size / p.vpt : 1;
+      const int my_group = p.lane_local_groups ? lane / lanes_per_group : lane;
+      const uint32_t my_key = select_key(my_score);
+      int rank = 0;
+      for (int g = 0; g < p.num_groups; ++g) {
+        const uint32_t key = select_key(__shfl_sync(0xffffffffu, my_score, g * lanes_per_group));
+        rank += (key > my_key) || (key == my_key && g < my_group);
+      }
+      const bool kept = my_group < p.num_groups && rank < p.topk_groups;
+      if (p.lane_local_groups) {
+#pragma unroll
+        for (int i = 0; i < kMaxVpt; ++i) {
+          sel[i] = kept ? sel[i] : -INFINITY;
+        }
+      } else {
+        const uint32_t kept_groups = __ballot_sync(0xffffffffu, kept);
+#pragma unroll
+        for (int i = 0; i < kMaxVpt; ++i) {
+          sel[i] = (kept_groups >> slot_group[i]) & 1u ? sel[i] : -INFINITY;
+        }
+      }
+    }
+
+    uint32_t key[kMaxVpt];
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      key[i] = (i < p.vpt && first_expert + i < p.num_experts) ? select_key(sel[i]) : 0u;
+    }
+    // K rounds of warp argmax; lane k keeps the k-th pick.
+    int my_id = 0;
+    float my_weight = 0.0f;
+    for (int k = 0; k < p.top_k; ++k) {
+      uint32_t best = 0;
+      int best_slot = 0;
+      float best_score = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kMaxVpt; ++i) {
+        if (key[i] > best) {
+          best = key[i];
+          best_slot = i;
+          best_score = score[i];
+        }
+      }
+      const uint32_t warp_best = __reduce_max_sync(0xffffffffu, best);
+      const int winner = __ffs(__ballot_sync(0xffffffffu, best == warp_best)) - 1;
+      if (lane == winner) {
+#pragma unroll
+        for (int i = 0; i < kMaxVpt; ++i) {
+          key[i] = i == best_slot ? 0u : key[i];
+        }
+      }
+      const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
+      const float w = __shfl_sync(0xffffffffu, best_score, winner);
+      if (lane == k) {
+        my_id = id;
+        my_weight = w;
+      }
+    }
+    const bool writer = lane < p.top_k;
+    if (p.renormalize) {
+      my_weight = my_weight / (warp_sum(writer ? my_weight : 0.0f) + kRenormEps);
+    }
+    if (writer) {
+      p.weights[t * p.top_k + lane] = my_weight * p.scaling_factor;
+      p.ids[t * p.top_k + lane] = my_id;
+      if (p.counts != nullptr) {
+        atomicAdd(&block_counts[my_id], 1);
+      }
+    }
+  }
+  if (p.counts != nullptr) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+      if (block_counts[e] != 0) {
+        atomicAdd(&p.counts[e], block_counts[e]);
+      }
+    }
+  }
+}
+
+// d weights / d logits. With p_k the picked scores, D = sum_k p_k + eps:
+//   g_p_k = s * (g_w_k / D - sum_j g_w_j p_j / D^2)   (renormalised)   or   s * g_w_k
+//   sigmoid: g_l[id_k] = g_p_k p_k (1 - p_k), 0 elsewhere
+//   softmax: g_l_i = s_i (g_i - c), c = sum_k g_p_k p_k, g_i = g_p_k at i = id_k else 0
+template <typename T, int kMaxVpt, bool kSigmoid>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) router_backward_kernel(const BackwardParams p) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int first_expert = lane * p.vpt;
+  const T* logits = static_cast<const T*>(p.logits);
+  T* grad_logits = static_cast<T*>(p.grad_logits);
+  for (int64_t t = blockIdx.x * int64_t(kWarpsPerBlock) + warp; t < p.num_tokens;
+       t += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const T* row = logits + t * p.num_experts;
+    T* grad_row = grad_logits + t * p.num_experts;
+    const int loaded_id = lane < p.top_k ? p.ids[t * p.top_k + lane] : -1;
+    const bool picker = loaded_id >= 0 && loaded_id < p.num_experts;  // never index outside the row
+    const int id = picker ? loaded_id : 0;
+    const float grad_w = picker ? p.grad_weights[t * p.top_k + lane] : 0.0f;
+
+    // p_k on lane k, recomputed exactly as the forward computed it.
+    const float picked_logit = picker ? nan_to_neg_inf(to_float(row[id])) : 0.0f;
+    float picked = 0.0f;
+    float score[kMaxVpt];
+    if constexpr (kSigmoid) {
+      picked = picker ? sigmoid(picked_logit) : 0.0f;
+    } else {
+      load_row<T, kMaxVpt>(row, p.vpt, first_expert, p.num_experts, p.vectorized, score);
+      const SoftmaxStats stats = softmax_stats<kMaxVpt>(score, p.vpt, first_expert, p.num_experts);
+#pragma unroll
+      for (int i = 0; i < kMaxVpt; ++i) {
+        score[i] = softmax_score(score[i], stats);
+      }
+      picked = picker ? softmax_score(picked_logit, stats) : 0.0f;
+    }
+    float grad_p = p.scaling_factor * grad_w;
+    if (p.renormalize) {
+      const float denom = warp_sum(picked) + kRenormEps;
+      const float dot = warp_sum(grad_w * picked);
+      grad_p = p.scaling_factor * (grad_w / denom - dot / (denom * denom));
+    }
+    if constexpr (kSigmoid) {
+#pragma unroll
+      for (int i = 0; i < kMaxVpt; ++i) {
+        if (i < p.vpt && first_expert + i < p.num_experts) {
+          grad_row[first_expert + i] = from_float<T>(0.0f);
+        }
+      }
+      __syncwarp();  // orders the zeros before the picked entries below
+      if (picker) {
+        grad_row[id] = from_float<T>(grad_p * picked * (1.0f - picked));
+      }
+    } else {
+      const float c = warp_sum(grad_p * picked);
+#pragma unroll
+      for (int i = 0; i < kMaxVpt; ++i) {
+        if (i < p.vpt && first_expert + i < p.num_experts) {
+          grad_row[first_expert + i] = from_float<T>(-score[i] * c);
+        }
+      }
+      __syncwarp();
+      if (picker) {
+        grad_row[id] = from_float<T>(picked * (grad_p - c));
+      }
+    }
+    __syncwarp();  // the next token's lanes may write the same lines
+  }
+}
+
+}  // namespace router
+}  // namespace moe_kernels

@@ -1,0 +1,91 @@
+// Picks the instantiation of a router-family kernel: logits dtype x values per lane x score function.
+#pragma once
+
+#include "moe_kernels/router.cuh"
+#include "torch_utils.h"
+
+namespace moe_kernels {
+namespace router {
+
+enum class ScoreFunc { kSoftmax, kSigmoid };
+
+inline ScoreFunc parse_score_func(c10::string_view name, const char* op) {
+  if (name == "softmax") {
+    return ScoreFunc::kSoftmax;
+  }
+  MK_CHECK(name == "sigmoid", op, "score_func must be 'softmax' or 'sigmoid', got '", name, "'");
+  return ScoreFunc::kSigmoid;
+}
+
+// Experts per lane, ceil(E / 32), and whether a lane's experts can be read in 16-byte pieces.
+inline int values_per_lane(int64_t num_experts) {
+  return static_cast<int>((num_experts + 31) / 32);
+}
+
+inline bool rows_vectorizable(const at::Tensor& logits, int vpt) {
+  const int64_t bytes = vpt * logits.element_size();
+  return bytes % 16 == 0 && logits.size(1) % vpt == 0 &&
+         reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0;
+}
+
+// Calls f.template operator()<T, kMaxVpt, kSigmoid>() with kMaxVpt the power of two >= vpt.
+template <typename T, bool kSigmoid, typename F>
+void dispatch_vpt(int vpt, F&& f) {
+  if (vpt <= 2) {
+    f.template operator()<T, 2, kSigmoid>();
+  } else if (vpt <= 4) {
+    f.template operator()<T, 4, kSigmoid>();
+  } else if (vpt <= 8) {
+    f.template operator()<T, 8, kSigmoid>();
+  } else if (vpt <= 16) {
+    f.template operator()<T, 16, kSigmoid>();
+  } else {
+    f.template operator()<T, 32, kSigmoid>();
+  }
+}
+
+template <typename F>
+void dispatch_router_kernel(at::ScalarType dtype, int vpt, ScoreFunc score_func, const char* op, F&& f) {
+  auto by_score = [&]<typename T>() {
+    if (score_func == ScoreFunc::kSigmoid) {
+      dispatch_vpt<T, true>(vpt, f);
+    } else {
+      dispatch_vpt<T, false>(vpt, f);
+    }
+  };
+  switch (dtype) {
+    case at::ScalarType::BFloat16: {
+      by_score.template operator()<__nv_bfloat16>();
+      break;
+    }
+    case at::ScalarType::Half: {
+      by_score.template operator()<__half>();
+      break;
+    }
+    case at::ScalarType::Float: {
+      by_score.template operator()<float>();
+      break;
+    }
+    default: {
+      MK_CHECK(false, op, "logits must be bfloat16, float16 or float32, got ", dtype);
+    }
+  }
+}
+
+// Grid of a warp-per-token kernel: enough 8-warp blocks for every token, at most `waves` per SM.
+inline int warp_per_token_grid(int64_t num_tokens, int warps_per_block, int waves) {
+  const int64_t needed = (num_tokens + warps_per_block - 1) / warps_per_block;
+  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * waves;
+  return static_cast<int>(std::max<int64_t>(1, std::min(needed, cap)));
+}
+
+inline void check_logits(const at::Tensor& logits, const char* op) {
+  MK_CHECK_CUDA_TENSOR(logits, op, "logits");
+  MK_CHECK_DIM(logits, 2, op, "logits", "[tokens, experts]");
+  MK_CHECK(logits.size(1) >= 2 && logits.size(1) <= kMaxExperts, op,
+           "the number of experts (logits.shape[1]) must be in [2, 1024], got ", logits.size(1));
+  check_hopper(logits, op);
+}
+
+}  // namespace router
+}  // namespace moe_kernels
