@@ -59,6 +59,9 @@ def eager_router(
     return weights * scaling_factor, ids, counts
 
 
+# The backward baselines call autograd.grad with retain_graph=True to time the backward alone,
+# which torch.compile's donated buffers forbid.
+torch._functorch.config.donated_buffer = False
 _compiled_router = torch.compile(eager_router)
 
 

@@ -316,7 +316,7 @@ def test_balance_loss_cuda(score_func, num_devices, seq_lens, dtype, gen):
     (grad_ref,) = torch.autograd.grad(ref * 3.0, lg_ref)
     case = f"{score_func=} {num_devices=} {seq_lens=} {dtype=}"
     torch.testing.assert_close(
-        loss.cpu().double(), ref.detach(), rtol=1e-5, atol=1e-8, msg=lambda m: f"{case}: {m}"
+        loss.cpu().double(), ref.detach().double(), rtol=1e-5, atol=1e-8, msg=lambda m: f"{case}: {m}"
     )
     tol = dict(rtol=1e-4, atol=1e-9) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-8)
     torch.testing.assert_close(grad.cpu().double(), grad_ref, **tol, msg=lambda m: f"{case}: {m}")
