@@ -10,6 +10,7 @@ Tokens <= 128 are also timed by CUDA-graph replay (the decode setting of the <= 
 import argparse
 
 import torch
+import torch._functorch.config
 
 import moe_kernels
 from moe_kernels import PRESETS
