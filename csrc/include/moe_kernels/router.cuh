@@ -69,8 +69,9 @@ __device__ __forceinline__ float nan_to_neg_inf(float x) {
   return isnan(x) ? -INFINITY : x;
 }
 
+// 1 / (1 + e^-x) with the fast exponential and reciprocal (a few ulp; -inf -> 0, +inf -> 1).
 __device__ __forceinline__ float sigmoid(float x) {
-  return __frcp_rn(1.0f + __expf(-x));
+  return __fdividef(1.0f, 1.0f + __expf(-x));
 }
 
 // Softmax of a row held by the warp: exp(l - max) / sum; when the max is not finite (a +inf logit,
@@ -137,6 +138,35 @@ __device__ __forceinline__ void load_row(const T* row, int vpt, int first_expert
   }
 }
 
+// Stores the lane's slots of a row (the inverse of load_row).
+template <typename T, int kMaxVpt>
+__device__ __forceinline__ void store_row(T* row, int vpt, int first_expert, int num_experts, bool vectorized,
+                                          const float (&v)[kMaxVpt]) {
+  constexpr int kVec = Vec16<T>::kSize;
+  if constexpr (kMaxVpt % kVec == 0) {
+    if (vectorized) {
+#pragma unroll
+      for (int j = 0; j < kMaxVpt / kVec; ++j) {
+        if (j * kVec < vpt && first_expert < num_experts) {
+          Vec16<T> piece;
+#pragma unroll
+          for (int q = 0; q < kVec; ++q) {
+            piece.v[q] = from_float<T>(v[j * kVec + q]);
+          }
+          *reinterpret_cast<Vec16<T>*>(row + first_expert + j * kVec) = piece;
+        }
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    if (i < vpt && first_expert + i < num_experts) {
+      row[first_expert + i] = from_float<T>(v[i]);
+    }
+  }
+}
+
 // Top two of (a1 >= a2) and (b1 >= b2).
 __device__ __forceinline__ void merge_top2(float& a1, float& a2, float b1, float b2) {
   const float hi = fmaxf(a1, b1);
@@ -183,13 +213,152 @@ __device__ __forceinline__ float group_score(const ForwardParams& p, const float
   return p.group_top2 ? nan_to_neg_inf(best + second) : best;
 }
 
+// Masks every group but the best topk_groups to -inf. Group scores come from group_score; the
+// winners are drawn by topk_groups rounds of warp argmax (ties to the lower group = lower lane).
+template <int kMaxVpt>
+__device__ __forceinline__ void mask_groups(const ForwardParams& p, float (&sel)[kMaxVpt],
+                                            const int (&slot_group)[kMaxVpt], float* warp_smem, int lane) {
+  const int lanes_per_group = p.lane_local_groups ? p.group_size / p.vpt : 1;
+  const int my_group = lane / lanes_per_group;
+  const bool has_group = my_group < p.num_groups;
+  const float my_score = group_score<kMaxVpt>(p, sel, warp_smem, lane);
+  // Every real score, -inf included, has a key above 0, the key of lanes with no group.
+  uint32_t alive = has_group ? select_key(my_score) : 0u;
+  bool kept = false;
+  for (int r = 0; r < p.topk_groups; ++r) {
+    const uint32_t best = __reduce_max_sync(0xffffffffu, alive);
+    const int winner_group = (__ffs(__ballot_sync(0xffffffffu, alive == best)) - 1) / lanes_per_group;
+    if (my_group == winner_group) {
+      kept = true;
+      alive = 0;
+    }
+  }
+  if (p.lane_local_groups) {
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      sel[i] = kept ? sel[i] : -INFINITY;
+    }
+  } else {
+    const uint32_t kept_groups = __ballot_sync(0xffffffffu, kept);
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      sel[i] = (kept_groups >> slot_group[i]) & 1u ? sel[i] : -INFINITY;
+    }
+  }
+}
+
+struct Candidate {
+  uint32_t key;
+  int id;
+  float score;
+};
+
+// Top-K through a threshold: tau = the K-th largest of the 32 lane maxima. At least K experts reach
+// tau and none below it can be in the top K, so only the (usually few) experts >= tau are ranked:
+// compacted in expert order into shared memory, one per lane, each ranked against all the others.
+// Returns false, having done nothing, when more than 32 experts reach tau (ties, masked rows).
+template <int kMaxVpt>
+__device__ __forceinline__ bool select_from_candidates(int top_k, const uint32_t (&key)[kMaxVpt],
+                                                       const float (&score)[kMaxVpt], int first_expert,
+                                                       int lane, Candidate* warp_candidates, int& my_id,
+                                                       float& my_weight) {
+  uint32_t lane_max = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    lane_max = max(lane_max, key[i]);
+  }
+  uint32_t alive = lane_max, tau = 0;
+  for (int k = 0; k < top_k; ++k) {
+    tau = __reduce_max_sync(0xffffffffu, alive);
+    if (lane == __ffs(__ballot_sync(0xffffffffu, alive == tau)) - 1) {
+      alive = 0;
+    }
+  }
+  int count = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    count += key[i] >= tau && key[i] != 0u;
+  }
+  if (__reduce_add_sync(0xffffffffu, count) > 32) {
+    return false;
+  }
+  int position = count;  // inclusive prefix sum over lanes, then exclusive
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, position, offset);
+    position += lane >= offset ? other : 0;
+  }
+  const int num_candidates = __shfl_sync(0xffffffffu, position, 31);
+  position -= count;
+#pragma unroll
+  for (int i = 0; i < kMaxVpt; ++i) {
+    if (key[i] >= tau && key[i] != 0u) {
+      warp_candidates[position++] = {key[i], first_expert + i, score[i]};
+    }
+  }
+  __syncwarp();
+  const Candidate mine = lane < num_candidates ? warp_candidates[lane] : Candidate{0u, 0, 0.0f};
+  // Rank: candidates above, plus equal ones earlier in expert order (lower index wins ties).
+  int rank = 0;
+  for (int j = 0; j < num_candidates; ++j) {
+    const uint32_t other = __shfl_sync(0xffffffffu, mine.key, j);
+    rank += other > mine.key || (other == mine.key && j < lane);
+  }
+  __syncwarp();  // everyone has read its candidate: the slots now take the picks, in rank order
+  if (lane < num_candidates && rank < top_k) {
+    warp_candidates[rank] = mine;
+  }
+  __syncwarp();
+  const Candidate pick = warp_candidates[lane < top_k ? lane : 0];
+  my_id = pick.id;
+  my_weight = pick.score;
+  __syncwarp();  // the slots are rewritten by the next token
+  return true;
+}
+
+// Top-K by K rounds of warp argmax over every expert: the general path (heavy ties, -inf rows).
+template <int kMaxVpt>
+__device__ __forceinline__ void select_by_rounds(int top_k, uint32_t (&key)[kMaxVpt],
+                                                 const float (&score)[kMaxVpt], int first_expert, int lane,
+                                                 int& my_id, float& my_weight) {
+  for (int k = 0; k < top_k; ++k) {
+    uint32_t best = 0;
+    int best_slot = 0;
+    float best_score = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      if (key[i] > best) {
+        best = key[i];
+        best_slot = i;
+        best_score = score[i];
+      }
+    }
+    const uint32_t warp_best = __reduce_max_sync(0xffffffffu, best);
+    const int winner = __ffs(__ballot_sync(0xffffffffu, best == warp_best)) - 1;
+    if (lane == winner) {
+#pragma unroll
+      for (int i = 0; i < kMaxVpt; ++i) {
+        key[i] = i == best_slot ? 0u : key[i];
+      }
+    }
+    const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
+    const float w = __shfl_sync(0xffffffffu, best_score, winner);
+    if (lane == k) {
+      my_id = id;
+      my_weight = w;
+    }
+  }
+}
+
 template <typename T, int kMaxVpt, bool kSigmoid>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(const ForwardParams p) {
   extern __shared__ float group_smem[];  // [warps][E] in the generic group layout, else empty
   __shared__ int32_t block_counts[kMaxExperts];
+  __shared__ Candidate candidates[kWarpsPerBlock][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int first_expert = lane * p.vpt;
   float* warp_smem = group_smem + warp * p.num_experts;
+  Candidate* warp_candidates = candidates[warp];
   if (p.counts != nullptr) {
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
       block_counts[e] = 0;
@@ -232,29 +401,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(con
     }
 
     if (p.num_groups > 1) {
-      // Rank each group against all others (ties to the lower group index); keep the best few.
-      const float my_score = group_score<kMaxVpt>(p, sel, warp_smem, lane);
-      const int lanes_per_group = p.lane_local_groups ? p.group_size / p.vpt : 1;
-      const int my_group = p.lane_local_groups ? lane / lanes_per_group : lane;
-      const uint32_t my_key = select_key(my_score);
-      int rank = 0;
-      for (int g = 0; g < p.num_groups; ++g) {
-        const uint32_t key = select_key(__shfl_sync(0xffffffffu, my_score, g * lanes_per_group));
-        rank += (key > my_key) || (key == my_key && g < my_group);
-      }
-      const bool kept = my_group < p.num_groups && rank < p.topk_groups;
-      if (p.lane_local_groups) {
-#pragma unroll
-        for (int i = 0; i < kMaxVpt; ++i) {
-          sel[i] = kept ? sel[i] : -INFINITY;
-        }
-      } else {
-        const uint32_t kept_groups = __ballot_sync(0xffffffffu, kept);
-#pragma unroll
-        for (int i = 0; i < kMaxVpt; ++i) {
-          sel[i] = (kept_groups >> slot_group[i]) & 1u ? sel[i] : -INFINITY;
-        }
-      }
+      mask_groups<kMaxVpt>(p, sel, slot_group, warp_smem, lane);
     }
 
     uint32_t key[kMaxVpt];
@@ -262,35 +409,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(con
     for (int i = 0; i < kMaxVpt; ++i) {
       key[i] = (i < p.vpt && first_expert + i < p.num_experts) ? select_key(sel[i]) : 0u;
     }
-    // K rounds of warp argmax; lane k keeps the k-th pick.
+    // Lane k ends up with the k-th pick.
     int my_id = 0;
     float my_weight = 0.0f;
-    for (int k = 0; k < p.top_k; ++k) {
-      uint32_t best = 0;
-      int best_slot = 0;
-      float best_score = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kMaxVpt; ++i) {
-        if (key[i] > best) {
-          best = key[i];
-          best_slot = i;
-          best_score = score[i];
-        }
-      }
-      const uint32_t warp_best = __reduce_max_sync(0xffffffffu, best);
-      const int winner = __ffs(__ballot_sync(0xffffffffu, best == warp_best)) - 1;
-      if (lane == winner) {
-#pragma unroll
-        for (int i = 0; i < kMaxVpt; ++i) {
-          key[i] = i == best_slot ? 0u : key[i];
-        }
-      }
-      const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
-      const float w = __shfl_sync(0xffffffffu, best_score, winner);
-      if (lane == k) {
-        my_id = id;
-        my_weight = w;
-      }
+    if (!select_from_candidates<kMaxVpt>(p.top_k, key, score, first_expert, lane, warp_candidates, my_id,
+                                         my_weight)) {
+      select_by_rounds<kMaxVpt>(p.top_k, key, score, first_expert, lane, my_id, my_weight);
     }
     const bool writer = lane < p.top_k;
     if (p.renormalize) {
@@ -354,31 +478,22 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_backward_kernel(co
       const float dot = warp_sum(grad_w * picked);
       grad_p = p.scaling_factor * (grad_w / denom - dot / (denom * denom));
     }
-    if constexpr (kSigmoid) {
-#pragma unroll
-      for (int i = 0; i < kMaxVpt; ++i) {
-        if (i < p.vpt && first_expert + i < p.num_experts) {
-          grad_row[first_expert + i] = from_float<T>(0.0f);
-        }
-      }
-      __syncwarp();  // orders the zeros before the picked entries below
-      if (picker) {
-        grad_row[id] = from_float<T>(grad_p * picked * (1.0f - picked));
-      }
-    } else {
-      const float c = warp_sum(grad_p * picked);
-#pragma unroll
-      for (int i = 0; i < kMaxVpt; ++i) {
-        if (i < p.vpt && first_expert + i < p.num_experts) {
-          grad_row[first_expert + i] = from_float<T>(-score[i] * c);
-        }
-      }
-      __syncwarp();
-      if (picker) {
-        grad_row[id] = from_float<T>(picked * (grad_p - c));
-      }
+    // The dense part of the row (0 for sigmoid, -s_i c for softmax), then the picked entries.
+    float dense[kMaxVpt];
+    float c = 0.0f;
+    if constexpr (!kSigmoid) {
+      c = warp_sum(grad_p * picked);
     }
-    __syncwarp();  // the next token's lanes may write the same lines
+#pragma unroll
+    for (int i = 0; i < kMaxVpt; ++i) {
+      dense[i] = kSigmoid ? 0.0f : -score[i] * c;
+    }
+    store_row<T, kMaxVpt>(grad_row, p.vpt, first_expert, p.num_experts, p.vectorized, dense);
+    __syncwarp();  // orders the dense stores before the picked entries
+    if (picker) {
+      const float g = kSigmoid ? grad_p * picked * (1.0f - picked) : picked * (grad_p - c);
+      grad_row[id] = from_float<T>(g);
+    }
   }
 }
 
