@@ -97,16 +97,19 @@ def backward_case(name, dtype, t, copy_tbps):
     grad = torch.randn(t, k, device="cuda")
 
     def timed_backward(weights):
-        # Eager autograd costs ~0.1 ms of host time per call: T=65536 is GPU-bound, smaller T is
-        # timed by graph replay (inputs then sit in L2: an optimistic figure for every column).
-        backward = lambda: torch.autograd.grad(weights, logits, grad, retain_graph=True)
-        return time_cuda_us(backward) if t >= 65536 else time_cuda_graph_us(backward)
+        # Through autograd, as a training step runs it: at small T this is mostly host time.
+        return time_cuda_us(lambda: torch.autograd.grad(weights, logits, grad, retain_graph=True))
 
-    us = timed_backward(moe_kernels.router(logits, k, bias=bias, **kwargs).weights)
+    out = moe_kernels.router(logits, k, bias=bias, **kwargs)
+    us = timed_backward(out.weights)
+    # The kernel alone, replayed from a CUDA graph (no autograd host time).
+    config = (preset.score_func, preset.renormalize, preset.scaling_factor)
+    kernel = lambda: torch.ops.moe_kernels.router_backward(grad, logits.detach(), out.ids, *config)
     elt = logits.element_size()
     read_logits = t * e * elt if preset.score_func == "softmax" else t * k * elt
     nbytes = t * k * 8 + read_logits + t * e * elt
     row = {"op": "router bwd", "preset": name, "dtype": str(dtype).removeprefix("torch."), "T": t, "us": us}
+    row["graph us"] = time_cuda_graph_us(kernel)
     row["GB/s"] = nbytes / (us * 1e-6) / 1e9
     row["% of copy"] = 100 * row["GB/s"] / (copy_tbps * 1e3)
     row["eager us"] = timed_backward(eager_router(logits, bias, k, *kwargs.values())[0])
