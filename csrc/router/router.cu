@@ -70,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
   // One group per lane and 2^n lanes per group: group scores by shuffles instead of shared memory.
   p.lane_local_groups =
       lanes_per_group > 0 && lanes_per_group <= 32 && (lanes_per_group & (lanes_per_group - 1)) == 0;
+  p.group_lanes_log2 = p.lane_local_groups ? __builtin_ctz(lanes_per_group) : 0;
   p.renormalize = renormalize;
   p.vectorized = rows_vectorizable(logits, vpt);
   p.scaling_factor = static_cast<float>(scaling_factor);

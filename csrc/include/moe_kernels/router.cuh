@@ -32,6 +32,7 @@ struct ForwardParams {
   int num_groups, topk_groups, group_size;
   bool group_top2;         // group score: sum of the top two (DeepSeek-V3) or the max (V2)
   bool lane_local_groups;  // every lane's experts lie in one group and a group spans 2^n lanes
+  int group_lanes_log2;    // n above (lane-local groups), else 0: one group score per lane
   bool renormalize;
   bool vectorized;  // rows can be loaded in 16-byte pieces (see load_row)
   float scaling_factor;
@@ -188,8 +189,7 @@ __device__ __forceinline__ float group_score(const ForwardParams& p, const float
         merge_top2(best, second, sel[i], -INFINITY);
       }
     }
-    const int lanes_per_group = p.group_size / p.vpt;
-    for (int offset = 1; offset < lanes_per_group; offset *= 2) {
+    for (int offset = 1; offset < (1 << p.group_lanes_log2); offset *= 2) {
       const float other_best = __shfl_xor_sync(0xffffffffu, best, offset);
       const float other_second = __shfl_xor_sync(0xffffffffu, second, offset);
       merge_top2(best, second, other_best, other_second);
@@ -218,8 +218,7 @@ __device__ __forceinline__ float group_score(const ForwardParams& p, const float
 template <int kMaxVpt>
 __device__ __forceinline__ void mask_groups(const ForwardParams& p, float (&sel)[kMaxVpt],
                                             const int (&slot_group)[kMaxVpt], float* warp_smem, int lane) {
-  const int lanes_per_group = p.lane_local_groups ? p.group_size / p.vpt : 1;
-  const int my_group = lane / lanes_per_group;
+  const int my_group = lane >> p.group_lanes_log2;
   const bool has_group = my_group < p.num_groups;
   const float my_score = group_score<kMaxVpt>(p, sel, warp_smem, lane);
   // Every real score, -inf included, has a key above 0, the key of lanes with no group.
@@ -227,7 +226,7 @@ __device__ __forceinline__ void mask_groups(const ForwardParams& p, float (&sel)
   bool kept = false;
   for (int r = 0; r < p.topk_groups; ++r) {
     const uint32_t best = __reduce_max_sync(0xffffffffu, alive);
-    const int winner_group = (__ffs(__ballot_sync(0xffffffffu, alive == best)) - 1) / lanes_per_group;
+    const int winner_group = (__ffs(__ballot_sync(0xffffffffu, alive == best)) - 1) >> p.group_lanes_log2;
     if (my_group == winner_group) {
       kept = true;
       alive = 0;
