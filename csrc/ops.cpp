@@ -41,6 +41,16 @@ TORCH_LIBRARY(moe_kernels, m) {
       "Tensor? seq_offsets, str score_func) -> Tensor");
   m.def("update_expert_bias(Tensor(a!) bias, Tensor counts, float rate) -> ()");
 
+  // Expert GEMMs: grouped GEMM over permuted rows (CUTLASS, FP8 blockwise or BF16) and the fused
+  // SwiGLU activation between the two GEMMs of the expert MLP (csrc/gemm).
+  m.def(
+      "grouped_gemm(Tensor a, Tensor b, Tensor expert_offsets, Tensor? a_scales, Tensor? b_scales, "
+      "str config=\"auto\") -> Tensor");
+  m.def(
+      "grouped_gemm_out(Tensor a, Tensor b, Tensor expert_offsets, Tensor? a_scales, Tensor? b_scales, "
+      "Tensor(a!) out, str config=\"auto\") -> ()");
+  m.def("silu_mul(Tensor h, Tensor? expert_offsets, bool quantize, bool pow2_scale) -> (Tensor, Tensor)");
+
   // Build facts.
   m.def("nccl_version() -> int", &moe_kernels::nccl_version);
 }

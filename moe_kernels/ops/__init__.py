@@ -1,6 +1,7 @@
 """Typed front doors of the moe_kernels ops, with their fake (meta) kernels and CPU implementations."""
 
 from moe_kernels.ops.build_info import nccl_version
+from moe_kernels.ops.grouped_gemm import GEMM_CONFIGS, expert_mlp, grouped_gemm, silu_mul
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight
 from moe_kernels.ops.router import (
     RouterOutput,
@@ -14,6 +15,10 @@ from moe_kernels.ops.router import (
 )
 
 __all__ = [
+    "GEMM_CONFIGS",
+    "expert_mlp",
+    "grouped_gemm",
+    "silu_mul",
     "RouterOutput",
     "all_reduce_counts",
     "balance_loss",

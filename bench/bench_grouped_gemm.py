@@ -1,0 +1,187 @@
+"""Grouped GEMM benchmark: our CUTLASS kernels vs what a user would otherwise call.
+
+FP8 (ours: 1x128 / 128x128 blockwise scales, fp32 promotion every 128 of K) against
+torch._scaled_grouped_mm (FP8 rowwise, coarser scales) and a loop of torch._scaled_mm; BF16 against
+torch._grouped_mm. The ceiling is one dense cuBLAS GEMM with the same FLOPs (FP8 rowwise with fast
+accumulation for FP8, bf16 for BF16), measured in the same run. TFLOP/s count useful rows only.
+Decode rows also report GB/s of expert weights read (all their bytes must stream from HBM).
+"""
+
+import argparse
+import itertools
+
+import torch
+
+import moe_kernels
+from moe_kernels.testing import geomean, print_table, time_cuda_us, write_json
+
+FP8 = torch.float8_e4m3fn
+
+
+def balanced(rows, experts):
+    base = [rows // experts] * experts
+    for i in range(rows % experts):
+        base[i] += 1
+    return base
+
+
+def skewed(rows, experts, gen):
+    """Token counts from a skewed router: expert popularity ~ Zipf(1), drawn per token."""
+    weights = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64)
+    picks = torch.multinomial(weights, rows, replacement=True, generator=gen)
+    return torch.bincount(picks, minlength=experts).tolist()
+
+
+# (name, counts, N, K): DeepSeek-V3 H=7168, I=2048 (gate_up N=4096); Qwen3-30B-A3B H=2048, I=768.
+def cases(gen):
+    return [
+        ("EP8 gate_up E=32", balanced(32768, 32), 4096, 7168),
+        ("EP8 down E=32", balanced(32768, 32), 7168, 2048),
+        ("EP8 gate_up skewed", skewed(32768, 32, gen), 4096, 7168),
+        ("1 GPU gate_up E=256", balanced(32768, 256), 4096, 7168),
+        ("1 GPU down E=256", balanced(32768, 256), 7168, 2048),
+        ("decode gate_up E=256", balanced(2048, 256), 4096, 7168),
+        ("Qwen3 gate_up E=128", balanced(32768, 128), 1536, 2048),
+        ("Qwen3 down E=128", balanced(32768, 128), 2048, 768),
+    ]
+
+
+def rowwise_fp8(x):
+    """Per-row FP8 (what torch._scaled_grouped_mm takes): e4m3 values and fp32 scales per row."""
+    scale = x.float().abs().amax(-1).clamp_min(1e-12) / 448.0
+    return (x.float() / scale.unsqueeze(-1)).to(FP8), scale
+
+
+def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache):
+    """Ours (blockwise scales) vs torch rowwise FP8, and the dense FP8 ceiling."""
+    e, m = len(counts), sum(counts)
+    flops = 2.0 * m * n * k
+    a, a_scales = moe_kernels.quantize_fp8(a_bf16)
+    b, b_scales = moe_kernels.quantize_fp8_weight(b_bf16)
+    a_row, sa_row = rowwise_fp8(a_bf16)
+    b_row, sb_row = rowwise_fp8(b_bf16)
+    ends = offsets[1:].contiguous()
+    us = time_cuda_us(lambda: moe_kernels.grouped_gemm(a, b, offsets, a_scales=a_scales, b_scales=b_scales))
+    us_scaled = time_cuda_us(
+        lambda: torch._scaled_grouped_mm(
+            a_row, b_row.transpose(1, 2), sa_row, sb_row, offs=ends, out_dtype=torch.bfloat16
+        )
+    )
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(counts)]))
+
+    def scaled_mm_loop():
+        for i, (lo, hi) in enumerate(bounds):
+            if hi > lo:
+                torch._scaled_mm(
+                    a_row[lo:hi], b_row[i].T, sa_row[lo:hi, None], sb_row[i][None], out_dtype=torch.bfloat16
+                )
+
+    try:
+        us_loop = time_cuda_us(scaled_mm_loop, reps=10)
+    except RuntimeError:  # cuBLASLt rejects some row counts (e.g. not a multiple of 16)
+        us_loop = float("nan")
+    if (m, n, k) not in dense_cache:
+        dense_b = b_row[0].T
+        dense_cache[(m, n, k)] = time_cuda_us(
+            lambda: torch._scaled_mm(
+                a_row,
+                dense_b,
+                sa_row[:, None],
+                sb_row[0][None],
+                out_dtype=torch.bfloat16,
+                use_fast_accum=True,
+            )
+        )
+    us_dense = dense_cache[(m, n, k)]
+    weight_bytes = sum(1 for c in counts if c > 0) * n * k
+    return {
+        "case": name,
+        "dtype": "fp8",
+        "M": m,
+        "N": n,
+        "K": k,
+        "E": e,
+        "us": us,
+        "TFLOP/s": flops / (us * 1e-6) / 1e12,
+        "% of dense": 100 * us_dense / us,
+        "dense TFLOP/s": flops / (us_dense * 1e-6) / 1e12,
+        "x scaled_grouped_mm": us_scaled / us,
+        "x scaled_mm loop": us_loop / us,
+        "weights GB/s": weight_bytes / (us * 1e-6) / 1e9,
+    }
+
+
+def bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets):
+    """Ours vs torch._grouped_mm, and the dense bf16 ceiling."""
+    e, m = len(counts), sum(counts)
+    flops = 2.0 * m * n * k
+    ends = offsets[1:].contiguous()
+    us = time_cuda_us(lambda: moe_kernels.grouped_gemm(a_bf16, b_bf16, offsets))
+    us_torch = time_cuda_us(lambda: torch._grouped_mm(a_bf16, b_bf16.transpose(1, 2), offs=ends))
+    dense_b = b_bf16[0].T
+    us_dense = time_cuda_us(lambda: a_bf16 @ dense_b)
+    weight_bytes = 2 * sum(1 for c in counts if c > 0) * n * k
+    return {
+        "case": name,
+        "dtype": "bf16",
+        "M": m,
+        "N": n,
+        "K": k,
+        "E": e,
+        "us": us,
+        "TFLOP/s": flops / (us * 1e-6) / 1e12,
+        "% of dense": 100 * us_dense / us,
+        "dense TFLOP/s": flops / (us_dense * 1e-6) / 1e12,
+        "x grouped_mm": us_torch / us,
+        "weights GB/s": weight_bytes / (us * 1e-6) / 1e9,
+    }
+
+
+def bench_case(name, counts, n, k, dense_cache):
+    e, m = len(counts), sum(counts)
+    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
+    a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
+    b_bf16 = (torch.randn(e, n, k, device="cuda") / k**0.5).bfloat16()
+    rows = [bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache)]
+    torch.cuda.empty_cache()
+    rows.append(bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets))
+    return rows
+
+
+def main(out_dir="bench/results", copy_tbps=None):
+    gen = torch.Generator().manual_seed(0)
+    dense_cache = {}
+    rows = []
+    for case in cases(gen):
+        rows += bench_case(*case, dense_cache)
+        torch.cuda.empty_cache()
+    columns = [
+        "case",
+        "dtype",
+        "E",
+        "M",
+        "N",
+        "K",
+        "us",
+        "TFLOP/s",
+        "% of dense",
+        "x scaled_grouped_mm",
+        "x scaled_mm loop",
+        "x grouped_mm",
+        "weights GB/s",
+    ]
+    print_table("Grouped GEMM (ceiling: dense cuBLAS GEMM with the same FLOPs, same run)", rows, columns)
+    fp8 = [r for r in rows if r["dtype"] == "fp8"]
+    bf16 = [r for r in rows if r["dtype"] == "bf16"]
+    print(
+        f"geomean FP8 x scaled_grouped_mm {geomean([r['x scaled_grouped_mm'] for r in fp8]):.2f}, "
+        f"BF16 x grouped_mm {geomean([r['x grouped_mm'] for r in bf16]):.2f}"
+    )
+    write_json(f"{out_dir}/grouped_gemm.json", "grouped_gemm", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="bench/results", help="folder for grouped_gemm.json")
+    main(parser.parse_args().out)

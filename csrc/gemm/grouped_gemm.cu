@@ -1,0 +1,163 @@
+// Launcher of the grouped GEMMs: argument checks, the tile-configuration heuristic, the workspace
+// (from torch's caching allocator, so it is allocated once and graph-safe), the current stream.
+#include "moe_kernels/grouped_gemm.h"
+#include "torch_utils.h"
+
+namespace moe_kernels {
+namespace gemm {
+namespace {
+
+constexpr int kBlock = 128;
+
+// The heuristic: rows per expert, known on the host as M / E (never read from device counts).
+// Up to 64 rows per expert (decode, small batches) a 64-row Pingpong tile wastes less of each
+// expert's last tile and overlaps epilogues with MMAs; beyond, 128-row Cooperative tiles with a
+// 1x2 cluster sharing A by multicast reach higher MMA efficiency.
+GemmConfig choose_config(bool fp8, int64_t m_total, int64_t num_experts, c10::string_view requested) {
+  if (requested == "auto") {
+    const bool small = m_total <= 64 * num_experts;
+    if (fp8) {
+      return small ? GemmConfig::kFp8Pingpong64x128 : GemmConfig::kFp8Cooperative128x128;
+    }
+    return small ? GemmConfig::kBf16Pingpong64x128 : GemmConfig::kBf16Cooperative128x128;
+  }
+  for (GemmConfig c : {GemmConfig::kFp8Cooperative128x128, GemmConfig::kFp8Pingpong64x128,
+                       GemmConfig::kBf16Cooperative128x128, GemmConfig::kBf16Pingpong64x128}) {
+    if (requested == config_name(c)) {
+      MK_CHECK(fp8 == (c == GemmConfig::kFp8Cooperative128x128 || c == GemmConfig::kFp8Pingpong64x128),
+               "grouped_gemm", "config '", requested, "' does not match the operands' dtype");
+      return c;
+    }
+  }
+  MK_CHECK(false, "grouped_gemm",
+           "config must be 'auto' or one of fp8_cooperative_128x128, fp8_pingpong_64x128, ",
+           "bf16_cooperative_128x128, bf16_pingpong_64x128; got '", requested, "'");
+  return GemmConfig::kFp8Cooperative128x128;
+}
+
+size_t workspace_bytes(GemmConfig c, const GroupedGemmProblem& p, int sm_count) {
+  switch (c) {
+    case GemmConfig::kFp8Cooperative128x128: {
+      return fp8_cooperative_128x128_workspace_bytes(p, sm_count);
+    }
+    case GemmConfig::kFp8Pingpong64x128: {
+      return fp8_pingpong_64x128_workspace_bytes(p, sm_count);
+    }
+    case GemmConfig::kBf16Cooperative128x128: {
+      return bf16_cooperative_128x128_workspace_bytes(p, sm_count);
+    }
+    default: {
+      return bf16_pingpong_64x128_workspace_bytes(p, sm_count);
+    }
+  }
+}
+
+cudaError_t run(GemmConfig c, const GroupedGemmProblem& p, void* workspace, int sm_count,
+                cudaStream_t stream) {
+  switch (c) {
+    case GemmConfig::kFp8Cooperative128x128: {
+      return fp8_cooperative_128x128_run(p, workspace, sm_count, stream);
+    }
+    case GemmConfig::kFp8Pingpong64x128: {
+      return fp8_pingpong_64x128_run(p, workspace, sm_count, stream);
+    }
+    case GemmConfig::kBf16Cooperative128x128: {
+      return bf16_cooperative_128x128_run(p, workspace, sm_count, stream);
+    }
+    default: {
+      return bf16_pingpong_64x128_run(p, workspace, sm_count, stream);
+    }
+  }
+}
+
+void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
+                      const std::optional<at::Tensor>& a_scales, const std::optional<at::Tensor>& b_scales,
+                      at::Tensor& out, c10::string_view config) {
+  constexpr const char* op = "grouped_gemm";
+  MK_CHECK_CUDA_TENSOR(a, op, "a");
+  MK_CHECK_DIM(a, 2, op, "a", "[rows, K]");
+  MK_CHECK_DIM(b, 3, op, "b", "[experts, N, K]");
+  MK_CHECK_DIM(expert_offsets, 1, op, "expert_offsets", "[experts + 1]");
+  const bool fp8 = a.scalar_type() == at::kFloat8_e4m3fn;
+  MK_CHECK(fp8 || a.scalar_type() == at::kBFloat16, op, "a must be float8_e4m3fn or bfloat16, got ",
+           a.scalar_type());
+  MK_CHECK(b.scalar_type() == a.scalar_type(), op, "b must have a's dtype ", a.scalar_type(), ", got ",
+           b.scalar_type());
+  const int64_t m = a.size(0), k = a.size(1), num_experts = b.size(0), n = b.size(1);
+  MK_CHECK(b.size(2) == k, op, "b must be [experts, N, K=", k, "], got shape ", shape_str(b));
+  MK_CHECK(k % kBlock == 0 && k > 0, op, "K (a.shape[1]) must be a positive multiple of 128, got ", k);
+  MK_CHECK(n % kBlock == 0 && n > 0, op, "N (b.shape[1]) must be a positive multiple of 128, got ", n);
+  MK_CHECK(num_experts >= 1, op, "b must hold at least one expert");
+  MK_CHECK_DTYPE(expert_offsets, at::kInt, op, "expert_offsets");
+  MK_CHECK(expert_offsets.size(0) == num_experts + 1, op,
+           "expert_offsets must be [experts + 1 = ", num_experts + 1, "], got shape ",
+           shape_str(expert_offsets));
+  MK_CHECK(a.is_contiguous() && b.is_contiguous(), op, "a and b must be contiguous");
+  MK_CHECK_DTYPE(out, at::kBFloat16, op, "out");
+  MK_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.is_contiguous(), op,
+           "out must be a contiguous [rows=", m, ", N=", n, "] tensor, got shape ", shape_str(out));
+  MK_CHECK_SAME_DEVICE(b, a, op, "b", "a");
+  MK_CHECK_SAME_DEVICE(expert_offsets, a, op, "expert_offsets", "a");
+  MK_CHECK_SAME_DEVICE(out, a, op, "out", "a");
+  MK_CHECK(fp8 == a_scales.has_value() && fp8 == b_scales.has_value(), op,
+           fp8 ? "FP8 operands need a_scales and b_scales" : "bfloat16 operands take no scales");
+  at::Tensor sa, sb;
+  if (fp8) {
+    sa = a_scales->contiguous();
+    sb = b_scales->contiguous();
+    MK_CHECK_DTYPE(sa, at::kFloat, op, "a_scales");
+    MK_CHECK_DTYPE(sb, at::kFloat, op, "b_scales");
+    MK_CHECK(sa.dim() == 2 && sa.size(0) == m && sa.size(1) == k / kBlock, op, "a_scales must be [rows=", m,
+             ", K/128=", k / kBlock, "] (1x128 blocks), got shape ", shape_str(sa));
+    MK_CHECK(
+        sb.dim() == 3 && sb.size(0) == num_experts && sb.size(1) == n / kBlock && sb.size(2) == k / kBlock,
+        op, "b_scales must be [experts=", num_experts, ", N/128=", n / kBlock, ", K/128=", k / kBlock,
+        "] (128x128 blocks), got shape ", shape_str(sb));
+    MK_CHECK_SAME_DEVICE(sa, a, op, "a_scales", "a");
+    MK_CHECK_SAME_DEVICE(sb, a, op, "b_scales", "a");
+  }
+  check_hopper(a, op);
+  const GemmConfig cfg = choose_config(fp8, m, num_experts, config);
+  if (m == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(a.device());
+  GroupedGemmProblem p{};
+  p.a = a.data_ptr();
+  p.b = b.data_ptr();
+  p.out = out.data_ptr();
+  p.a_scales = fp8 ? sa.data_ptr<float>() : nullptr;
+  p.b_scales = fp8 ? sb.data_ptr<float>() : nullptr;
+  p.expert_offsets = expert_offsets.data_ptr<int32_t>();
+  p.m_total = m;
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_experts = static_cast<int>(num_experts);
+  p.device = a.get_device();
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_bytes(cfg, p, sm_count))}, a.options().dtype(at::kByte));
+  const cudaError_t err = run(cfg, p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUTLASS ", config_name(cfg), " failed: ", cudaGetErrorName(err),
+              " (", cudaGetErrorString(err), ")");
+}
+
+at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
+                        const std::optional<at::Tensor>& a_scales, const std::optional<at::Tensor>& b_scales,
+                        c10::string_view config) {
+  MK_CHECK(a.dim() == 2 && b.dim() == 3, "grouped_gemm", "a must be [rows, K] and b [experts, N, K], got ",
+           shape_str(a), " and ", shape_str(b));
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
+  grouped_gemm_out(a, b, expert_offsets, a_scales, b_scales, out, config);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
+  m.impl("grouped_gemm", &grouped_gemm);
+  m.impl("grouped_gemm_out", &grouped_gemm_out);
+}
+
+}  // namespace gemm
+}  // namespace moe_kernels

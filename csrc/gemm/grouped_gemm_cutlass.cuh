@@ -1,0 +1,231 @@
+// CUTLASS 3.x Hopper grouped ("pointer-array") GEMM for MoE experts, with every per-expert argument
+// written on the device from expert_offsets: no host sync, CUDA-graph capturable.
+//
+//   out[rows of e] = a[rows of e] @ b[e]^T,  rows of e = [offsets[e], offsets[e+1])
+//   a: [M, K] row-major (K contiguous), b: [E, N, K] (K contiguous), out: [M, N] bf16 row-major.
+//   FP8: e4m3 operands with fp32 scales, a 1x128 ([M, K/128], K-major), b 128x128
+//   ([E, N/128, K/128], K-major), applied to the fp32 accumulators after every 128 of K.
+//
+// Each config (tile, cluster, schedule) is instantiated in its own .cu so they build in parallel.
+// Framework-free: raw pointers and sizes in, cutlass::Status out.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/dispatch_policy.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#include "moe_kernels/grouped_gemm.h"
+
+namespace moe_kernels {
+namespace gemm {
+
+using namespace cute;
+
+// Tile configurations. Cooperative: two consumer warpgroups share one 128-row tile (large M per
+// expert). Pingpong: two consumer warpgroups alternate 64-row tiles, overlapping one tile's
+// epilogue with the other's MMAs (few rows per expert). Cluster 1x2: the two CTAs of a cluster
+// compute neighbouring N tiles of the same rows and share the A tile by TMA multicast.
+struct Fp8Cooperative128x128 {
+  using Element = cutlass::float_e4m3_t;
+  using Tile = Shape<_128, _128, _128>;
+  using Cluster = Shape<_1, _2, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr bool kBlockwise = true;
+};
+
+struct Fp8Pingpong64x128 {
+  using Element = cutlass::float_e4m3_t;
+  using Tile = Shape<_64, _128, _128>;
+  using Cluster = Shape<_1, _1, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpongFP8Blockwise;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  static constexpr bool kBlockwise = true;
+};
+
+struct Bf16Cooperative128x128 {
+  using Element = cutlass::bfloat16_t;
+  using Tile = Shape<_128, _128, _64>;
+  using Cluster = Shape<_1, _2, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr bool kBlockwise = false;
+};
+
+struct Bf16Pingpong64x128 {
+  using Element = cutlass::bfloat16_t;
+  using Tile = Shape<_64, _128, _64>;
+  using Cluster = Shape<_1, _1, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  static constexpr bool kBlockwise = false;
+};
+
+template <class Config>
+struct GroupedGemm {
+  using Element = typename Config::Element;
+  using ElementD = cutlass::bfloat16_t;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;  // [N, K] with K contiguous
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlignment = 16 / sizeof(Element);
+  static constexpr int kAlignmentD = 16 / sizeof(ElementD);
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, GMMA::Major::K, GMMA::Major::K>;
+  using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+  using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::Tile, typename Config::Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignmentD, ElementD,
+      LayoutD*, kAlignmentD, typename Config::EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<ElementD, float, void, float>>::CollectiveOp;
+
+  using OperandA = cute::conditional_t<Config::kBlockwise, cute::tuple<LayoutA*, LayoutSFA*>, LayoutA*>;
+  using OperandB = cute::conditional_t<Config::kBlockwise, cute::tuple<LayoutB*, LayoutSFB*>, LayoutB*>;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, OperandA, kAlignment, Element, OperandB,
+      kAlignment, float, typename Config::Tile, typename Config::Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Config::MainloopSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+
+  // The per-expert argument arrays, carved out of one device buffer.
+  struct DeviceArgs {
+    typename ProblemShape::UnderlyingProblemShape* problem_sizes;
+    const Element** ptr_a;
+    const Element** ptr_b;
+    ElementD** ptr_d;
+    const float** ptr_sfa;
+    const float** ptr_sfb;
+    StrideA* stride_a;
+    StrideB* stride_b;
+    StrideD* stride_d;
+    LayoutSFA* layout_sfa;
+    LayoutSFB* layout_sfb;
+  };
+
+  static size_t args_bytes(int num_experts) {
+    const size_t per_expert = sizeof(typename ProblemShape::UnderlyingProblemShape) + 5 * sizeof(void*) +
+                              sizeof(StrideA) + sizeof(StrideB) + sizeof(StrideD) + sizeof(LayoutSFA) +
+                              sizeof(LayoutSFB);
+    return (per_expert + 16) * num_experts + 11 * 16;
+  }
+
+  static DeviceArgs carve(void* buffer, int num_experts) {
+    char* cursor = static_cast<char*>(buffer);
+    auto take = [&](size_t bytes) {
+      char* p = cursor;
+      cursor += (bytes * num_experts + 15) / 16 * 16;
+      return p;
+    };
+    DeviceArgs d;
+    d.problem_sizes = reinterpret_cast<decltype(d.problem_sizes)>(
+        take(sizeof(typename ProblemShape::UnderlyingProblemShape)));
+    d.ptr_a = reinterpret_cast<const Element**>(take(sizeof(void*)));
+    d.ptr_b = reinterpret_cast<const Element**>(take(sizeof(void*)));
+    d.ptr_d = reinterpret_cast<ElementD**>(take(sizeof(void*)));
+    d.ptr_sfa = reinterpret_cast<const float**>(take(sizeof(void*)));
+    d.ptr_sfb = reinterpret_cast<const float**>(take(sizeof(void*)));
+    d.stride_a = reinterpret_cast<StrideA*>(take(sizeof(StrideA)));
+    d.stride_b = reinterpret_cast<StrideB*>(take(sizeof(StrideB)));
+    d.stride_d = reinterpret_cast<StrideD*>(take(sizeof(StrideD)));
+    d.layout_sfa = reinterpret_cast<LayoutSFA*>(take(sizeof(LayoutSFA)));
+    d.layout_sfb = reinterpret_cast<LayoutSFB*>(take(sizeof(LayoutSFB)));
+    return d;
+  }
+
+  static typename Gemm::Arguments arguments(const GroupedGemmProblem& p, const DeviceArgs& d, int sm_count) {
+    cutlass::KernelHardwareInfo hw_info;
+    hw_info.device_id = p.device;
+    hw_info.sm_count = sm_count;
+    typename CollectiveMainloop::Arguments mainloop;
+    if constexpr (Config::kBlockwise) {
+      mainloop = {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b, d.ptr_sfa, d.layout_sfa, d.ptr_sfb, d.layout_sfb};
+    } else {
+      mainloop = {d.ptr_a, d.stride_a, d.ptr_b, d.stride_b};
+    }
+    typename CollectiveEpilogue::Arguments epilogue{{}, nullptr, d.stride_d, d.ptr_d, d.stride_d};
+    epilogue.thread.alpha = 1.0f;
+    epilogue.thread.beta = 0.0f;
+    // Host problem shapes stay null: the shapes exist only on the device.
+    return {cutlass::gemm::GemmUniversalMode::kGrouped,
+            {p.num_experts, d.problem_sizes, nullptr},
+            mainloop,
+            epilogue,
+            hw_info};
+  }
+
+  // Bytes of device workspace run() needs: the argument arrays plus CUTLASS's own (TMA descriptors).
+  static size_t workspace_bytes(const GroupedGemmProblem& p, int sm_count) {
+    const DeviceArgs none{};
+    return args_bytes(p.num_experts) + 256 + Gemm::get_workspace_size(arguments(p, none, sm_count));
+  }
+
+  static cudaError_t run(const GroupedGemmProblem& p, void* workspace, int sm_count, cudaStream_t stream);
+};
+
+// Fills the per-expert arrays from the offsets. Offsets are clamped into [0, M] and made
+// non-decreasing, so corrupt offsets can never address memory outside a, out or the scales.
+template <class G>
+__global__ void setup_grouped_args(GroupedGemmProblem p, typename G::DeviceArgs d) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= p.num_experts) {
+    return;
+  }
+  const int64_t lo = min(max(int64_t(p.expert_offsets[e]), int64_t(0)), p.m_total);
+  const int64_t hi = min(max(int64_t(p.expert_offsets[e + 1]), lo), p.m_total);
+  const int m = static_cast<int>(hi - lo), n = p.n, k = p.k;
+  d.problem_sizes[e] = {m, n, k};
+  d.ptr_a[e] = static_cast<const typename G::Element*>(p.a) + lo * k;
+  d.ptr_b[e] = static_cast<const typename G::Element*>(p.b) + int64_t(e) * n * k;
+  d.ptr_d[e] = static_cast<typename G::ElementD*>(p.out) + lo * n;
+  d.stride_a[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {m, k, 1});
+  d.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1});
+  d.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {m, n, 1});
+  if (p.a_scales != nullptr) {
+    d.ptr_sfa[e] = p.a_scales + lo * (k / 128);
+    d.ptr_sfb[e] = p.b_scales + int64_t(e) * (n / 128) * (k / 128);
+    d.layout_sfa[e] = G::ScaleConfig::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
+    d.layout_sfb[e] = G::ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
+  }
+}
+
+template <class Config>
+cudaError_t GroupedGemm<Config>::run(const GroupedGemmProblem& p, void* workspace, int sm_count,
+                                     cudaStream_t stream) {
+  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(workspace) + 255) / 256 * 256);
+  const DeviceArgs d = carve(base, p.num_experts);
+  setup_grouped_args<GroupedGemm<Config>><<<(p.num_experts + 127) / 128, 128, 0, stream>>>(p, d);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return err;
+  }
+  Gemm gemm;
+  const auto args = arguments(p, d, sm_count);
+  void* cutlass_workspace = base + args_bytes(p.num_experts);
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess ||
+      gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess) {
+    return cudaErrorInvalidValue;
+  }
+  return gemm.run(stream) == cutlass::Status::kSuccess ? cudaGetLastError() : cudaErrorLaunchFailure;
+}
+
+}  // namespace gemm
+}  // namespace moe_kernels
