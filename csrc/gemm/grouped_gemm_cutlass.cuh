@@ -125,7 +125,8 @@ struct GroupedGemm {
     const size_t per_expert = sizeof(typename ProblemShape::UnderlyingProblemShape) + 5 * sizeof(void*) +
                               sizeof(StrideA) + sizeof(StrideB) + sizeof(StrideD) + sizeof(LayoutSFA) +
                               sizeof(LayoutSFB);
-    return (per_expert + 16) * num_experts + 11 * 16;
+    // Rounded to 256 bytes: CUTLASS's workspace follows and holds TMA descriptors (128-byte aligned).
+    return ((per_expert + 16) * num_experts + 11 * 16 + 255) / 256 * 256;
   }
 
   static DeviceArgs carve(void* buffer, int num_experts) {
