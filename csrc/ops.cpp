@@ -5,6 +5,8 @@
 #include <nccl.h>
 #include <torch/library.h>
 
+#include "common/device_error.h"
+
 namespace moe_kernels {
 
 // Version of the NCCL this extension links (torch's own), e.g. 22809 for 2.28.9.
@@ -23,6 +25,10 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("quantize_fp8(Tensor x, bool pow2_scale=False) -> (Tensor, Tensor)");
   m.def("quantize_fp8_weight(Tensor w, bool pow2_scale=False) -> (Tensor, Tensor)");
   m.def("dequantize_fp8(Tensor q, Tensor scales, ScalarType out_dtype) -> Tensor");
+
+  // Sticky device-side error flag (csrc/common/device_error.h): read and reset without a sync.
+  m.def("device_error_code() -> int", &moe_kernels::device_error_code);
+  m.def("clear_device_error() -> ()", &moe_kernels::clear_device_error);
 
   // Build facts.
   m.def("nccl_version() -> int", &moe_kernels::nccl_version);

@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch before our extension links against i
 
 from moe_kernels import _C  # noqa: F401, E402  (registers the op schemas and CUDA kernels)
 from moe_kernels.ops import (  # noqa: E402
+    check_device_errors,
     dequantize_fp8,
     nccl_version,
     quantize_fp8,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "RouterPreset",
+    "check_device_errors",
     "dequantize_fp8",
     "nccl_version",
     "quantize_fp8",
