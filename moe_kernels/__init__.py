@@ -8,11 +8,14 @@ import torch  # noqa: F401  (loads libtorch before our extension links against i
 
 from moe_kernels import _C  # noqa: F401, E402  (registers the op schemas and CUDA kernels)
 from moe_kernels.ops import (  # noqa: E402
+    PermuteResult,
     check_device_errors,
     dequantize_fp8,
     nccl_version,
+    permute,
     quantize_fp8,
     quantize_fp8_weight,
+    unpermute,
 )
 from moe_kernels.presets import PRESETS, RouterPreset  # noqa: E402
 
@@ -20,10 +23,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "PermuteResult",
     "RouterPreset",
     "check_device_errors",
     "dequantize_fp8",
     "nccl_version",
+    "permute",
     "quantize_fp8",
     "quantize_fp8_weight",
+    "unpermute",
 ]
