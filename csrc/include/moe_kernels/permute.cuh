@@ -29,6 +29,7 @@ constexpr int kPermuteChunkPairs = 4096;       // pairs per counting / ranking b
 constexpr int kPermuteIndexThreads = 256;      // threads of the count and rank blocks
 constexpr int kPermuteIndexWarps = kPermuteIndexThreads / 32;
 constexpr int kPermuteRankRounds = kPermuteChunkPairs / kPermuteIndexThreads;  // pairs per lane
+static_assert(kPermuteRankRounds * kPermuteIndexThreads == kPermuteChunkPairs);
 constexpr int kPermuteScanThreads = 1024;
 constexpr int kPermuteCopyMaxThreads = 256;
 constexpr int kPermutePadRowsPerBlock = 16;         // padding rows zeroed per block
@@ -66,22 +67,48 @@ __device__ __forceinline__ int local_expert(IdT id, const PermuteIndexParams& p,
   return v >= 0 && local >= 0 && local < p.num_local ? static_cast<int>(local) : -1;
 }
 
+// The count and rank kernels map pairs to threads the same way: warp w of a chunk's block owns the
+// kPermuteRankRounds * 32 consecutive pairs from w * kPermuteRankRounds * 32, lane l pair r * 32 + l
+// of them. All of a thread's ids are loaded first, so they are in flight together.
+struct ChunkPairs {
+  int64_t begin;  // first pair of the chunk
+  int count;      // pairs in the chunk
+  int first;      // index in the chunk of this thread's round-0 pair
+};
+
+__device__ __forceinline__ ChunkPairs chunk_pairs(const PermuteIndexParams& p) {
+  const int64_t begin = blockIdx.x * int64_t(p.pairs_per_chunk);
+  const int count = static_cast<int>(min(int64_t(p.pairs_per_chunk), p.num_pairs - begin));
+  return {begin, count, static_cast<int>(threadIdx.x / 32 * kPermuteRankRounds * 32 + threadIdx.x % 32)};
+}
+
+template <typename IdT>
+__device__ __forceinline__ void load_chunk_ids(const IdT* __restrict__ ids, const ChunkPairs& c,
+                                               IdT (&id)[kPermuteRankRounds]) {
+#pragma unroll
+  for (int r = 0; r < kPermuteRankRounds; ++r) {
+    const int j = c.first + r * 32;
+    id[r] = j < c.count ? ids[c.begin + j] : IdT(-1);
+  }
+}
+
 // 1. Per-chunk expert counts. Lanes with the same expert add once (warp match), so a chunk routed
 // to a single expert does not serialise on one shared-memory counter.
 template <typename IdT>
 __global__ void __launch_bounds__(kPermuteIndexThreads)
     permute_count_kernel(PermuteIndexParams p, const IdT* __restrict__ ids) {
   __shared__ int counts[kPermuteMaxLocalExperts];
+  const ChunkPairs chunk = chunk_pairs(p);
+  IdT id[kPermuteRankRounds];
+  load_chunk_ids(ids, chunk, id);
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
     counts[e] = 0;
   }
   __syncthreads();
-  const int64_t begin = blockIdx.x * int64_t(p.pairs_per_chunk);
-  const int chunk_pairs = static_cast<int>(min(int64_t(p.pairs_per_chunk), p.num_pairs - begin));
   bool bad = false;
-  for (int base = 0; base < chunk_pairs; base += blockDim.x) {  // uniform trip count: full warps
-    const int j = base + threadIdx.x;
-    const int e = j < chunk_pairs ? local_expert(ids[begin + j], p, bad) : -1;
+#pragma unroll
+  for (int r = 0; r < kPermuteRankRounds; ++r) {
+    const int e = local_expert(id[r], p, bad);
     const unsigned peers = __match_any_sync(0xffffffffu, e);
     if (e >= 0 && threadIdx.x % 32 == __ffs(peers) - 1) {
       atomicAdd(&counts[e], __popc(peers));
@@ -122,6 +149,17 @@ __device__ __forceinline__ int block_exclusive_sum(int x, int* warp_sums, int& t
   return (warp == 0 ? 0 : warp_sums[warp - 1]) + inclusive - x;
 }
 
+// Counts of expert e in chunks [c, c + kScanBatch) below `end` (0 past it), loaded together.
+constexpr int kScanBatch = 8;
+
+__device__ __forceinline__ void load_counts(const PermuteIndexParams& p, int c, int end, int e,
+                                            int (&count)[kScanBatch]) {
+#pragma unroll
+  for (int b = 0; b < kScanBatch; ++b) {
+    count[b] = c + b < end ? p.chunk_rows[(c + b) * p.num_local + e] : 0;
+  }
+}
+
 // 2. One block: per expert, the exclusive sum of its counts over chunks (each thread sums a slice of
 // chunks, so few chunks or few experts still use the whole block), the padded expert offsets, and
 // each chunk's first row per expert (in place over the counts).
@@ -140,9 +178,13 @@ __global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kernel(Permu
 
   if (active) {
     int sum = 0;
-#pragma unroll 4
-    for (int c = chunk_begin; c < chunk_end; ++c) {
-      sum += p.chunk_rows[c * num_local + e];
+    for (int c = chunk_begin; c < chunk_end; c += kScanBatch) {
+      int count[kScanBatch];
+      load_counts(p, c, chunk_end, e, count);
+#pragma unroll
+      for (int b = 0; b < kScanBatch; ++b) {
+        sum += count[b];
+      }
     }
     slice_rows[slice * num_local + e] = sum;
   }
@@ -174,11 +216,14 @@ __global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kernel(Permu
   __syncthreads();
   if (active) {
     int row = expert_start[e] + slice_rows[slice * num_local + e];
-#pragma unroll 4
-    for (int c = chunk_begin; c < chunk_end; ++c) {
-      const int count = p.chunk_rows[c * num_local + e];
-      p.chunk_rows[c * num_local + e] = row;
-      row += count;
+    for (int c = chunk_begin; c < chunk_end; c += kScanBatch) {
+      int count[kScanBatch];
+      load_counts(p, c, chunk_end, e, count);
+#pragma unroll
+      for (int b = 0; b < kScanBatch && c + b < chunk_end; ++b) {
+        p.chunk_rows[(c + b) * num_local + e] = row;
+        row += count[b];
+      }
     }
   }
 }
@@ -195,16 +240,9 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
     warp_rows[i] = 0;
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t chunk_begin = blockIdx.x * int64_t(p.pairs_per_chunk);
-  const int chunk_pairs = static_cast<int>(min(int64_t(p.pairs_per_chunk), p.num_pairs - chunk_begin));
-  const int warp_first = warp * kPermuteRankRounds * 32 + lane;
-
-  IdT id[kPermuteRankRounds];  // all loads first, so they are in flight together
-#pragma unroll
-  for (int r = 0; r < kPermuteRankRounds; ++r) {
-    const int j = warp_first + r * 32;
-    id[r] = j < chunk_pairs ? ids[chunk_begin + j] : IdT(-1);
-  }
+  const ChunkPairs chunk = chunk_pairs(p);
+  IdT id[kPermuteRankRounds];
+  load_chunk_ids(ids, chunk, id);
   __syncthreads();  // counters zeroed
 
   int* counters = warp_rows + warp * num_local;
@@ -236,14 +274,14 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
   bool overflow = false;
 #pragma unroll
   for (int r = 0; r < kPermuteRankRounds; ++r) {
-    const int j = warp_first + r * 32;
-    if (j < chunk_pairs) {
+    const int j = chunk.first + r * 32;
+    if (j < chunk.count) {
       int row = expert[r] >= 0 ? counters[expert[r]] + rank[r] : -1;
       if (row >= p.num_out_rows) {  // the pair does not fit: drop it rather than write past R
         row = -1;
         overflow = true;
       }
-      p.row_map[chunk_begin + j] = row;
+      p.row_map[chunk.begin + j] = row;
     }
   }
   if (__syncthreads_or(overflow) && threadIdx.x == 0) {
