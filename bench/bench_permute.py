@@ -1,7 +1,7 @@
 """Permute / unpermute benchmark: our kernels vs what a user writes in eager PyTorch, and torch.compile of it.
 
 Baselines (same process, same inputs):
-  permute    argsort of the flattened ids (stable) + index_select of the rows + bincount/cumsum
+  permute    stable sort of the flattened ids + index_select of the rows + searchsorted expert
              offsets; for FP8 the tokens are first quantised 1x128 in plain PyTorch
              (reference.quantize_fp8), then rows and scales are gathered.
   unpermute  index_select of the K rows of each token + fp32 weighted sum over k.
@@ -31,23 +31,24 @@ TARGET_UNPERMUTE_X_EAGER = 10.0
 TARGET_PERMUTE_X_EAGER = 1.5
 
 
+def eager_sort(ids, num_experts):
+    """Pairs sorted by expert (stable), the token of each sorted pair, and the expert offsets
+    (searchsorted rather than bincount, which would sync with the host)."""
+    sorted_ids, order = ids.flatten().sort(stable=True)
+    experts = torch.arange(num_experts + 1, device=ids.device, dtype=ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, experts).to(torch.int32)
+    return order, order // ids.shape[1], offsets
+
+
 def eager_permute(x, ids, num_experts):
-    flat = ids.flatten()
-    order = flat.argsort(stable=True)
-    rows = x.index_select(0, order // ids.shape[1])
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
-    offsets[1:] = torch.bincount(flat, minlength=num_experts).cumsum(0)
-    return rows, offsets, order
+    order, tokens, offsets = eager_sort(ids, num_experts)
+    return x.index_select(0, tokens), offsets, order
 
 
 def eager_permute_fp8(x, ids, num_experts):
     q, scales = reference.quantize_fp8(x)
-    flat = ids.flatten()
-    order = flat.argsort(stable=True)
-    tokens = order // ids.shape[1]
+    order, tokens, offsets = eager_sort(ids, num_experts)
     rows = q.view(torch.uint8).index_select(0, tokens).view(torch.float8_e4m3fn)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
-    offsets[1:] = torch.bincount(flat, minlength=num_experts).cumsum(0)
     return rows, scales.index_select(0, tokens), offsets, order
 
 
@@ -59,6 +60,17 @@ def eager_unpermute(y, row_map, weights):
 
 def router_ids(tokens, experts, top_k):
     return torch.rand(tokens, experts, device="cuda").topk(top_k, dim=1).indices.to(torch.int32)
+
+
+def check_same_rows(x, ids, num_experts):
+    """What is timed moves the same bytes as the baselines (bf16 and FP8 rows, scales, offsets)."""
+    ours = moe_kernels.permute(x, ids, num_experts)
+    rows, offsets, _ = eager_permute(x, ids, num_experts)
+    assert torch.equal(ours.out, rows) and torch.equal(ours.expert_offsets, offsets), "permute bf16 differs"
+    ours = moe_kernels.permute(x, ids, num_experts, quantize=True)
+    rows, scales, _, _ = eager_permute_fp8(x, ids, num_experts)
+    assert torch.equal(ours.out.view(torch.uint8), rows.view(torch.uint8)), "permute fp8 rows differ"
+    assert torch.equal(ours.out_scales, scales), "permute fp8 scales differ"
 
 
 def bench_op(op, shape, ours, eager, compiled, nbytes, copy_tbps):
@@ -90,6 +102,7 @@ def bench_shape(shape, copy_tbps):
     ids = router_ids(tokens, experts, top_k)
     pairs = tokens * top_k
     index_bytes = 2 * pairs * 4  # ids read, row_map written
+    check_same_rows(x, ids, experts)
     rows = []
 
     compiled = torch.compile(eager_permute, dynamic=False)
