@@ -67,10 +67,12 @@ def check_same_rows(x, ids, num_experts):
     ours = moe_kernels.permute(x, ids, num_experts)
     rows, offsets, _ = eager_permute(x, ids, num_experts)
     assert torch.equal(ours.out, rows) and torch.equal(ours.expert_offsets, offsets), "permute bf16 differs"
+    # FP8: the rows and scales of quantize_fp8 (bit-exact with the reference, tests/test_quant.py).
     ours = moe_kernels.permute(x, ids, num_experts, quantize=True)
-    rows, scales, _, _ = eager_permute_fp8(x, ids, num_experts)
-    assert torch.equal(ours.out.view(torch.uint8), rows.view(torch.uint8)), "permute fp8 rows differ"
-    assert torch.equal(ours.out_scales, scales), "permute fp8 scales differ"
+    q, scales = moe_kernels.quantize_fp8(x)
+    _, tokens, _ = eager_sort(ids, num_experts)
+    assert torch.equal(ours.out.view(torch.uint8), q.view(torch.uint8)[tokens]), "permute fp8 rows differ"
+    assert torch.equal(ours.out_scales, scales[tokens]), "permute fp8 scales differ"
 
 
 def bench_op(op, shape, ours, eager, compiled, nbytes, copy_tbps):
