@@ -52,13 +52,21 @@ def with_special_values(x):
     return x
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def make_input(mode, tokens, hidden, gen):
     """(x, x_scales, permute kwargs) for a mode: bf16 / fp16 / fp32 rows, e4m3 rows with scales, or
-    bf16 rows quantised by permute (optionally with power-of-two scales)."""
-    if mode in ("bf16", "fp16", "fp32"):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[mode]
-        return random_rows(tokens, hidden, dtype, gen), None, {}
-    x = with_special_values(random_rows(tokens, hidden, torch.bfloat16, gen))
+    rows quantised by permute: "quantize" (bf16), "quantize_pow2" (power-of-two scales),
+    "quantize_fp16", "quantize_fp32"."""
+    if mode in DTYPES:
+        return random_rows(tokens, hidden, DTYPES[mode], gen), None, {}
+    dtype = (
+        DTYPES[mode.removeprefix("quantize_")]
+        if mode in ("quantize_fp16", "quantize_fp32")
+        else torch.bfloat16
+    )
+    x = with_special_values(random_rows(tokens, hidden, dtype, gen))
     if mode == "fp8_in":
         q, s = reference.quantize_fp8(x)
         return q, s, {}
@@ -123,7 +131,7 @@ def test_exports():
         assert name in moe_kernels.__all__ and hasattr(moe_kernels, name), name
 
 
-@pytest.mark.parametrize("mode", ["bf16", "fp32", "fp8_in", "quantize", "quantize_pow2"])
+@pytest.mark.parametrize("mode", ["bf16", "fp32", "fp8_in", "quantize", "quantize_pow2", "quantize_fp32"])
 @pytest.mark.parametrize("align", ALIGNMENTS)
 def test_cpu_path_matches_reference(mode, align, gen):
     x, x_scales, kwargs = make_input(mode, 40, 256, gen)
@@ -488,7 +496,9 @@ def test_permute_cuda_no_tokens(mode, align, gen):
 
 
 @requires_sm90
-@pytest.mark.parametrize("mode", ["bf16", "fp16", "fp32", "fp8_in", "quantize", "quantize_pow2"])
+@pytest.mark.parametrize(
+    "mode", ["bf16", "fp16", "fp32", "fp8_in", "quantize", "quantize_pow2", "quantize_fp16", "quantize_fp32"]
+)
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_permute_cuda_dtypes_and_drops(mode, id_dtype, gen):
     """Every input dtype, both id dtypes, 30% of the pairs dropped (-1)."""
