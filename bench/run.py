@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_kernels.testing import measure_copy_tbps  # noqa: E402
 
-FAMILIES = ["bench_quant", "bench_router", "bench_grouped_gemm"]
+FAMILIES = ["bench_quant", "bench_router", "bench_permute", "bench_grouped_gemm"]
 
 
 def main() -> None:

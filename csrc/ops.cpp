@@ -5,6 +5,8 @@
 #include <nccl.h>
 #include <torch/library.h>
 
+#include "common/device_error.h"
+
 namespace moe_kernels {
 
 // Version of the NCCL this extension links (torch's own), e.g. 22809 for 2.28.9.
@@ -50,6 +52,23 @@ TORCH_LIBRARY(moe_kernels, m) {
       "grouped_gemm_out(Tensor a, Tensor b, Tensor expert_offsets, Tensor? a_scales, Tensor? b_scales, "
       "Tensor(a!) out, str config=\"auto\") -> ()");
   m.def("silu_mul(Tensor h, Tensor? expert_offsets, bool quantize, bool pow2_scale) -> (Tensor, Tensor)");
+
+  // Permute / unpermute (csrc/permute): rows grouped by local expert, padded to `align`; optional
+  // fused FP8 1x128 quantisation; weighted combine. Returns of permute: (out [R, H], out_scales
+  // [R, H/128] fp32 or [0] when not FP8, expert_offsets int32 [E_local + 1], row_map int32 [T, K]).
+  m.def(
+      "permute(Tensor x, Tensor? x_scales, Tensor expert_ids, int num_experts, int first_expert, "
+      "int num_local_experts, int align, bool quantize, bool pow2_scale, int num_out_rows) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("unpermute(Tensor y, Tensor row_map, Tensor? weights, Tensor? shared_output) -> Tensor");
+  // (grad_y [num_rows, H], grad_weights fp32 [T, K], or [0] when y is not given)
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor row_map, Tensor? weights, Tensor? y, int num_rows) "
+      "-> (Tensor, Tensor)");
+
+  // Sticky device-side error flag (csrc/common/device_error.h): read and reset without a sync.
+  m.def("device_error_code() -> int", &moe_kernels::device_error_code);
+  m.def("clear_device_error() -> ()", &moe_kernels::clear_device_error);
 
   // Build facts.
   m.def("nccl_version() -> int", &moe_kernels::nccl_version);

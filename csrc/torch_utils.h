@@ -1,5 +1,5 @@
 // Helpers for the launchers (the torch-facing side): argument checks whose messages name the op,
-// the argument, what was expected and what came; CUDA status checks; dtype names.
+// the argument, what was expected and what came; CUDA status checks; dtype dispatch; row alignment.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <sstream>
@@ -18,6 +20,36 @@ inline std::string shape_str(const at::Tensor& t) {
   std::ostringstream s;
   s << t.sizes();
   return s.str();
+}
+
+// The dtype as Python spells it ("bfloat16", "int32"), so C++ and Python messages read the same.
+inline std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16: {
+      return "bfloat16";
+    }
+    case at::kHalf: {
+      return "float16";
+    }
+    case at::kFloat: {
+      return "float32";
+    }
+    case at::kDouble: {
+      return "float64";
+    }
+    case at::kInt: {
+      return "int32";
+    }
+    case at::kLong: {
+      return "int64";
+    }
+    case at::ScalarType::Float8_e4m3fn: {
+      return "float8_e4m3fn";
+    }
+    default: {
+      return c10::toString(dtype);
+    }
+  }
 }
 
 // The kernels are built for sm_90a only; say so instead of failing with "no kernel image".
@@ -54,3 +86,41 @@ inline void check_hopper(const at::Tensor& t, const char* op) {
     TORCH_CHECK(mk_err_ == cudaSuccess, op, ": CUDA error ", cudaGetErrorName(mk_err_), " (", \
                 cudaGetErrorString(mk_err_), ") at " __FILE__ ":", __LINE__);                 \
   } while (0)
+
+namespace moe_kernels {
+
+constexpr auto kFp8 = at::ScalarType::Float8_e4m3fn;
+
+// Calls f with a null pointer of the C++ element type of `dtype` (bf16, fp16 or fp32).
+template <typename F>
+void dispatch_float_type(at::ScalarType dtype, const char* op, const char* name, F&& f) {
+  switch (dtype) {
+    case at::ScalarType::BFloat16: {
+      f(static_cast<__nv_bfloat16*>(nullptr));
+      break;
+    }
+    case at::ScalarType::Half: {
+      f(static_cast<__half*>(nullptr));
+      break;
+    }
+    case at::ScalarType::Float: {
+      f(static_cast<float*>(nullptr));
+      break;
+    }
+    default: {
+      MK_CHECK(false, op, name, " must be bfloat16, float16 or float32, got ", dtype);
+    }
+  }
+}
+
+// The vector kernels read 16 bytes at a time: a misaligned view is copied rather than misread.
+inline at::Tensor aligned_rows(const at::Tensor& x) {
+  const bool ok = x.stride(-1) == 1 && (x.stride(0) * x.element_size()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  if (ok) {
+    return x;
+  }
+  return x.is_contiguous() ? x.clone() : x.contiguous();
+}
+
+}  // namespace moe_kernels

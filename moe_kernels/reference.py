@@ -8,7 +8,7 @@ Contents
     FP8:            quantize_fp8, quantize_fp8_weight, dequantize_fp8
     Router:         router_scores, router, balance_loss (expert_balance_loss, device_balance_loss,
                     sequence_balance_loss), update_expert_bias
-    Data movement:  permute, unpermute
+    Data movement:  permute, unpermute, unpermute_backward
     Experts:        grouped_gemm, silu_and_mul, expert_mlp
     Expert parallel: ep_dispatch, ep_combine (torch.distributed.all_to_all_single)
 """
@@ -495,6 +495,34 @@ def unpermute(
     if shared_output is not None:
         acc = acc + shared_output.float()
     return acc.to(y.dtype)
+
+
+def unpermute_backward(
+    grad_out: torch.Tensor,
+    row_map: torch.Tensor,
+    weights: torch.Tensor | None,
+    y: torch.Tensor | None,
+    num_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of unpermute: (grad_y [num_rows, H] in grad_out's dtype, grad_weights fp32 [T, K]).
+
+    grad_y[row_map[t, k]] = weights[t, k] * grad_out[t] (one fp32 product, rounded), zero on rows no
+    pair maps to; grad_weights[t, k] = dot(y[row_map[t, k]], grad_out[t]) in fp32, 0 for dropped
+    pairs; an empty [0] tensor when y is None (the weights' gradient is not wanted).
+    """
+    t, k = row_map.shape
+    h = grad_out.shape[1]
+    valid = row_map >= 0
+    rows = row_map.long()[valid]
+    g = grad_out.float().unsqueeze(1).expand(t, k, h)[valid]
+    w = weights.float()[valid].unsqueeze(1) if weights is not None else 1.0
+    grad_y = torch.zeros(num_rows, h, dtype=grad_out.dtype, device=grad_out.device)
+    grad_y[rows] = (g * w).to(grad_out.dtype)
+    if y is None:
+        return grad_y, torch.empty(0, dtype=torch.float32, device=grad_out.device)
+    grad_weights = torch.zeros(t, k, dtype=torch.float32, device=grad_out.device)
+    grad_weights[valid] = (y[rows].float() * g).sum(-1)
+    return grad_y, grad_weights
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,37 +5,6 @@
 namespace moe_kernels {
 namespace {
 
-constexpr auto kFp8 = at::ScalarType::Float8_e4m3fn;
-
-// Calls f with a null pointer of the C++ element type of `dtype` (bf16, fp16 or fp32).
-template <typename F>
-void dispatch_float_type(at::ScalarType dtype, const char* op, const char* name, F&& f) {
-  switch (dtype) {
-    case at::ScalarType::BFloat16: {
-      f(static_cast<__nv_bfloat16*>(nullptr));
-      break;
-    }
-    case at::ScalarType::Half: {
-      f(static_cast<__half*>(nullptr));
-      break;
-    }
-    case at::ScalarType::Float: {
-      f(static_cast<float*>(nullptr));
-      break;
-    }
-    default: {
-      MK_CHECK(false, op, name, " must be bfloat16, float16 or float32, got ", dtype);
-    }
-  }
-}
-
-// The vector kernels read 16 bytes at a time: a misaligned view is copied rather than misread.
-at::Tensor aligned_rows(const at::Tensor& x) {
-  const bool ok = x.stride(-1) == 1 && (x.stride(0) * x.element_size()) % 16 == 0 &&
-                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  return ok ? x : x.contiguous().clone();
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x_in, bool pow2_scale) {
   constexpr const char* op = "quantize_fp8";
   MK_CHECK_CUDA_TENSOR(x_in, op, "x");

@@ -1,7 +1,9 @@
 """Typed front doors of the moe_kernels ops, with their fake (meta) kernels and CPU implementations."""
 
 from moe_kernels.ops.build_info import nccl_version
+from moe_kernels.ops.device_error import check_device_errors
 from moe_kernels.ops.grouped_gemm import GEMM_CONFIGS, expert_mlp, grouped_gemm, silu_mul
+from moe_kernels.ops.permute import PermuteResult, permute, unpermute
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight
 from moe_kernels.ops.router import (
     RouterOutput,
@@ -16,19 +18,23 @@ from moe_kernels.ops.router import (
 
 __all__ = [
     "GEMM_CONFIGS",
-    "expert_mlp",
-    "grouped_gemm",
-    "silu_mul",
+    "PermuteResult",
     "RouterOutput",
     "all_reduce_counts",
     "balance_loss",
+    "check_device_errors",
     "dequantize_fp8",
     "device_balance_loss",
     "expert_balance_loss",
+    "expert_mlp",
+    "grouped_gemm",
     "nccl_version",
+    "permute",
     "quantize_fp8",
     "quantize_fp8_weight",
     "router",
     "router_preset",
+    "silu_mul",
+    "unpermute",
     "update_expert_bias_",
 ]
