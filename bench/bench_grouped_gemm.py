@@ -47,7 +47,11 @@ def cases(gen):
 
 
 def rowwise_fp8(x):
-    """Per-row FP8 (what torch._scaled_grouped_mm takes): e4m3 values and fp32 scales per row."""
+    """Per-row FP8 (what torch._scaled_grouped_mm takes): e4m3 values and fp32 scales per row.
+    A 3-D tensor is converted one expert at a time (all 256 experts' weights are 15 GB in bf16)."""
+    if x.dim() == 3:
+        parts = [rowwise_fp8(w) for w in x]
+        return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
     scale = x.float().abs().amax(-1).clamp_min(1e-12) / 448.0
     return (x.float() / scale.unsqueeze(-1)).to(FP8), scale
 
