@@ -15,8 +15,8 @@ from moe_kernels import reference
 from moe_kernels.testing import BF16_ERROR_FACTOR, FP8_GEMM_CALC_DIFF, calc_diff, rel_error
 
 FP8 = torch.float8_e4m3fn
-FP8_CONFIGS = ["auto", "fp8_cooperative_128x128", "fp8_pingpong_64x128"]
-BF16_CONFIGS = ["auto", "bf16_cooperative_128x128", "bf16_pingpong_64x128"]
+FP8_CONFIGS = [c for c in moe_kernels.GEMM_CONFIGS if c == "auto" or c.startswith("fp8")]
+BF16_CONFIGS = [c for c in moe_kernels.GEMM_CONFIGS if c == "auto" or c.startswith("bf16")]
 
 
 def offsets_from_counts(counts, head=0):

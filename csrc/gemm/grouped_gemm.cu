@@ -9,65 +9,51 @@ namespace {
 
 constexpr int kBlock = 128;
 
+// Every tile configuration, each compiled in its own translation unit.
+struct GemmConfig {
+  const char* name;
+  bool fp8;
+  size_t (*workspace_bytes)(const GroupedGemmProblem&, int);
+  cudaError_t (*run)(const GroupedGemmProblem&, void*, int, cudaStream_t);
+};
+
+#define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
+constexpr GemmConfig kConfigs[] = {
+    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_cooperative_128x256, true),
+    MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),       MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),
+    MOE_GEMM_CONFIG(bf16_cooperative_128x256, false), MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
+};
+#undef MOE_GEMM_CONFIG
+
+const GemmConfig& config_named(c10::string_view name) {
+  for (const GemmConfig& c : kConfigs) {
+    if (name == c.name) {
+      return c;
+    }
+  }
+  MK_CHECK(
+      false, "grouped_gemm",
+      "config must be 'auto' or one of fp8_cooperative_128x128, fp8_cooperative_128x256, ",
+      "fp8_pingpong_64x128, bf16_cooperative_128x128, bf16_cooperative_128x256, bf16_pingpong_64x128; got '",
+      name, "'");
+  return kConfigs[0];
+}
+
 // The heuristic: rows per expert, known on the host as M / E (never read from device counts).
 // Up to 64 rows per expert (decode, small batches) a 64-row Pingpong tile wastes less of each
 // expert's last tile and overlaps epilogues with MMAs; beyond, 128-row Cooperative tiles with a
 // 1x2 cluster sharing A by multicast reach higher MMA efficiency.
-GemmConfig choose_config(bool fp8, int64_t m_total, int64_t num_experts, c10::string_view requested) {
-  if (requested == "auto") {
-    const bool small = m_total <= 64 * num_experts;
-    if (fp8) {
-      return small ? GemmConfig::kFp8Pingpong64x128 : GemmConfig::kFp8Cooperative128x128;
-    }
-    return small ? GemmConfig::kBf16Pingpong64x128 : GemmConfig::kBf16Cooperative128x128;
+const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t num_experts, c10::string_view requested) {
+  if (requested != "auto") {
+    const GemmConfig& c = config_named(requested);
+    MK_CHECK(c.fp8 == fp8, "grouped_gemm", "config '", requested, "' does not match the operands' dtype");
+    return c;
   }
-  for (GemmConfig c : {GemmConfig::kFp8Cooperative128x128, GemmConfig::kFp8Pingpong64x128,
-                       GemmConfig::kBf16Cooperative128x128, GemmConfig::kBf16Pingpong64x128}) {
-    if (requested == config_name(c)) {
-      MK_CHECK(fp8 == (c == GemmConfig::kFp8Cooperative128x128 || c == GemmConfig::kFp8Pingpong64x128),
-               "grouped_gemm", "config '", requested, "' does not match the operands' dtype");
-      return c;
-    }
+  const bool small = m_total <= 64 * num_experts;
+  if (fp8) {
+    return config_named(small ? "fp8_pingpong_64x128" : "fp8_cooperative_128x128");
   }
-  MK_CHECK(false, "grouped_gemm",
-           "config must be 'auto' or one of fp8_cooperative_128x128, fp8_pingpong_64x128, ",
-           "bf16_cooperative_128x128, bf16_pingpong_64x128; got '", requested, "'");
-  return GemmConfig::kFp8Cooperative128x128;
-}
-
-size_t workspace_bytes(GemmConfig c, const GroupedGemmProblem& p, int sm_count) {
-  switch (c) {
-    case GemmConfig::kFp8Cooperative128x128: {
-      return fp8_cooperative_128x128_workspace_bytes(p, sm_count);
-    }
-    case GemmConfig::kFp8Pingpong64x128: {
-      return fp8_pingpong_64x128_workspace_bytes(p, sm_count);
-    }
-    case GemmConfig::kBf16Cooperative128x128: {
-      return bf16_cooperative_128x128_workspace_bytes(p, sm_count);
-    }
-    default: {
-      return bf16_pingpong_64x128_workspace_bytes(p, sm_count);
-    }
-  }
-}
-
-cudaError_t run(GemmConfig c, const GroupedGemmProblem& p, void* workspace, int sm_count,
-                cudaStream_t stream) {
-  switch (c) {
-    case GemmConfig::kFp8Cooperative128x128: {
-      return fp8_cooperative_128x128_run(p, workspace, sm_count, stream);
-    }
-    case GemmConfig::kFp8Pingpong64x128: {
-      return fp8_pingpong_64x128_run(p, workspace, sm_count, stream);
-    }
-    case GemmConfig::kBf16Cooperative128x128: {
-      return bf16_cooperative_128x128_run(p, workspace, sm_count, stream);
-    }
-    default: {
-      return bf16_pingpong_64x128_run(p, workspace, sm_count, stream);
-    }
-  }
+  return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x128");
 }
 
 void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
@@ -117,7 +103,7 @@ void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor
     MK_CHECK_SAME_DEVICE(sb, a, op, "b_scales", "a");
   }
   check_hopper(a, op);
-  const GemmConfig cfg = choose_config(fp8, m, num_experts, config);
+  const GemmConfig& cfg = choose_config(fp8, m, num_experts, config);
   if (m == 0) {
     return;
   }
@@ -136,10 +122,10 @@ void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   p.device = a.get_device();
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   at::Tensor workspace =
-      at::empty({static_cast<int64_t>(workspace_bytes(cfg, p, sm_count))}, a.options().dtype(at::kByte));
-  const cudaError_t err = run(cfg, p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUTLASS ", config_name(cfg), " failed: ", cudaGetErrorName(err),
-              " (", cudaGetErrorString(err), ")");
+      at::empty({static_cast<int64_t>(cfg.workspace_bytes(p, sm_count))}, a.options().dtype(at::kByte));
+  const cudaError_t err = cfg.run(p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUTLASS ", cfg.name, " failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
 }
 
 at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,

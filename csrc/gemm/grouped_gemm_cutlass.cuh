@@ -44,6 +44,15 @@ struct Fp8Cooperative128x128 {
   static constexpr bool kBlockwise = true;
 };
 
+struct Fp8Cooperative128x256 {
+  using Element = cutlass::float_e4m3_t;
+  using Tile = Shape<_128, _256, _128>;
+  using Cluster = Shape<_1, _2, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr bool kBlockwise = true;
+};
+
 struct Fp8Pingpong64x128 {
   using Element = cutlass::float_e4m3_t;
   using Tile = Shape<_64, _128, _128>;
@@ -56,6 +65,15 @@ struct Fp8Pingpong64x128 {
 struct Bf16Cooperative128x128 {
   using Element = cutlass::bfloat16_t;
   using Tile = Shape<_128, _128, _64>;
+  using Cluster = Shape<_1, _2, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  static constexpr bool kBlockwise = false;
+};
+
+struct Bf16Cooperative128x256 {
+  using Element = cutlass::bfloat16_t;
+  using Tile = Shape<_128, _256, _64>;
   using Cluster = Shape<_1, _2, _1>;
   using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;

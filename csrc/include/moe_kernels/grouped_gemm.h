@@ -20,37 +20,15 @@ struct GroupedGemmProblem {
   int n, k, num_experts, device;
 };
 
-enum class GemmConfig {
-  kFp8Cooperative128x128,
-  kFp8Pingpong64x128,
-  kBf16Cooperative128x128,
-  kBf16Pingpong64x128
-};
-
-inline const char* config_name(GemmConfig c) {
-  switch (c) {
-    case GemmConfig::kFp8Cooperative128x128: {
-      return "fp8_cooperative_128x128";
-    }
-    case GemmConfig::kFp8Pingpong64x128: {
-      return "fp8_pingpong_64x128";
-    }
-    case GemmConfig::kBf16Cooperative128x128: {
-      return "bf16_cooperative_128x128";
-    }
-    default: {
-      return "bf16_pingpong_64x128";
-    }
-  }
-}
-
 // One pair per configuration, each defined in its own translation unit.
 #define MOE_DECLARE_GROUPED_GEMM(name)                                      \
   size_t name##_workspace_bytes(const GroupedGemmProblem& p, int sm_count); \
   cudaError_t name##_run(const GroupedGemmProblem& p, void* workspace, int sm_count, cudaStream_t stream);
 MOE_DECLARE_GROUPED_GEMM(fp8_cooperative_128x128)
+MOE_DECLARE_GROUPED_GEMM(fp8_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(fp8_pingpong_64x128)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x128)
+MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(bf16_pingpong_64x128)
 #undef MOE_DECLARE_GROUPED_GEMM
 

@@ -17,7 +17,7 @@
 namespace moe_kernels {
 
 constexpr int kUnpermuteMaxTopK = 32;
-constexpr int kUnpermuteMaxThreads = 256;
+constexpr int kUnpermuteThreads = 128;
 constexpr int kUnpermuteBatch = 8;  // rows loaded together, so 8 x 16 bytes per thread are in flight
 
 template <typename T, typename W>
@@ -53,18 +53,11 @@ __device__ __forceinline__ void unpermute_load_pairs(const UnpermuteParams<T, W>
   __syncthreads();
 }
 
-// Grid: x = token, y = column group; each thread owns one 16-byte vector of the output row.
+// out[token] vector i: the K rows' vectors loaded kUnpermuteBatch at a time, summed in k order.
 template <typename T, typename W>
-__global__ void __launch_bounds__(kUnpermuteMaxThreads) unpermute_kernel(UnpermuteParams<T, W> p) {
+__device__ __forceinline__ void unpermute_vector(const UnpermuteParams<T, W>& p, int64_t token, int64_t i,
+                                                 const int* rows, const float* weights) {
   constexpr int kElems = Vec16<T>::kSize;
-  __shared__ int rows[kUnpermuteMaxTopK];
-  __shared__ float weights[kUnpermuteMaxTopK];
-  const int64_t token = blockIdx.x;
-  unpermute_load_pairs(p, token, rows, weights);
-  const int64_t i = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= p.row_vecs) {
-    return;
-  }
   float acc[kElems] = {};
   for (int k0 = 0; k0 < p.top_k; k0 += kUnpermuteBatch) {
     Vec16<T> v[kUnpermuteBatch];
@@ -101,18 +94,22 @@ __global__ void __launch_bounds__(kUnpermuteMaxThreads) unpermute_kernel(Unpermu
   reinterpret_cast<Vec16<T>*>(p.out + token * p.row_vecs * kElems)[i] = result;
 }
 
-inline dim3 unpermute_grid(int64_t tokens, int64_t row_vecs, int& threads) {
-  const int64_t column_groups = (row_vecs + kUnpermuteMaxThreads - 1) / kUnpermuteMaxThreads;
-  const int64_t per_group = (row_vecs + column_groups - 1) / column_groups;
-  threads = static_cast<int>((per_group + 31) / 32 * 32);
-  return dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(column_groups));
+// One block per token: its pairs are loaded once, then each thread walks the row's 16-byte vectors
+// with kUnpermuteBatch row loads in flight. The register cap keeps 8 blocks (32 warps) per SM.
+template <typename T, typename W>
+__global__ void __launch_bounds__(kUnpermuteThreads, 8) unpermute_kernel(UnpermuteParams<T, W> p) {
+  __shared__ int rows[kUnpermuteMaxTopK];
+  __shared__ float weights[kUnpermuteMaxTopK];
+  const int64_t token = blockIdx.x;
+  unpermute_load_pairs(p, token, rows, weights);
+  for (int64_t i = threadIdx.x; i < p.row_vecs; i += blockDim.x) {
+    unpermute_vector(p, token, i, rows, weights);
+  }
 }
 
 template <typename T, typename W>
 cudaError_t launch_unpermute(const UnpermuteParams<T, W>& p, int64_t tokens, cudaStream_t stream) {
-  int threads = 0;
-  const dim3 grid = unpermute_grid(tokens, p.row_vecs, threads);
-  unpermute_kernel<T, W><<<grid, threads, 0, stream>>>(p);
+  unpermute_kernel<T, W><<<static_cast<unsigned>(tokens), kUnpermuteThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
