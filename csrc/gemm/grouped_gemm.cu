@@ -19,9 +19,9 @@ struct GemmConfig {
 
 #define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
 constexpr GemmConfig kConfigs[] = {
-    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_cooperative_128x256, true),
-    MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),       MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),
-    MOE_GEMM_CONFIG(bf16_cooperative_128x256, false), MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
+    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
+    MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
+    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
 };
 #undef MOE_GEMM_CONFIG
 
@@ -32,8 +32,7 @@ const GemmConfig& config_named(c10::string_view name) {
     }
   }
   MK_CHECK(
-      false, "grouped_gemm",
-      "config must be 'auto' or one of fp8_cooperative_128x128, fp8_cooperative_128x256, ",
+      false, "grouped_gemm", "config must be 'auto' or one of fp8_cooperative_128x128, ",
       "fp8_pingpong_64x128, bf16_cooperative_128x128, bf16_cooperative_128x256, bf16_pingpong_64x128; got '",
       name, "'");
   return kConfigs[0];

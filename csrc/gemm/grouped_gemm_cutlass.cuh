@@ -44,15 +44,6 @@ struct Fp8Cooperative128x128 {
   static constexpr bool kBlockwise = true;
 };
 
-struct Fp8Cooperative128x256 {
-  using Element = cutlass::float_e4m3_t;
-  using Tile = Shape<_128, _256, _128>;
-  using Cluster = Shape<_1, _2, _1>;
-  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  static constexpr bool kBlockwise = true;
-};
-
 struct Fp8Pingpong64x128 {
   using Element = cutlass::float_e4m3_t;
   using Tile = Shape<_64, _128, _128>;

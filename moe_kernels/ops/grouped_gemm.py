@@ -14,7 +14,6 @@ FP8 = torch.float8_e4m3fn
 GEMM_CONFIGS = (
     "auto",
     "fp8_cooperative_128x128",
-    "fp8_cooperative_128x256",
     "fp8_pingpong_64x128",
     "bf16_cooperative_128x128",
     "bf16_cooperative_128x256",

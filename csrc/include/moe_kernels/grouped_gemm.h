@@ -25,7 +25,6 @@ struct GroupedGemmProblem {
   size_t name##_workspace_bytes(const GroupedGemmProblem& p, int sm_count); \
   cudaError_t name##_run(const GroupedGemmProblem& p, void* workspace, int sm_count, cudaStream_t stream);
 MOE_DECLARE_GROUPED_GEMM(fp8_cooperative_128x128)
-MOE_DECLARE_GROUPED_GEMM(fp8_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(fp8_pingpong_64x128)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x128)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x256)
