@@ -40,8 +40,9 @@ const GemmConfig& config_named(c10::string_view name) {
 
 // The heuristic: rows per expert, known on the host as M / E (never read from device counts).
 // Up to 64 rows per expert (decode, small batches) a 64-row Pingpong tile wastes less of each
-// expert's last tile and overlaps epilogues with MMAs; beyond, 128-row Cooperative tiles with a
-// 1x2 cluster sharing A by multicast reach higher MMA efficiency.
+// expert's last tile and overlaps epilogues with MMAs; beyond, Cooperative tiles with a 1x2 cluster
+// sharing A by multicast: 128x128 for FP8 (CUTLASS's blockwise scaling takes one N scale per tile)
+// and 128x256 for BF16 (fastest in bench/results/grouped_gemm.json's per-config timings).
 const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t num_experts, c10::string_view requested) {
   if (requested != "auto") {
     const GemmConfig& c = config_named(requested);
@@ -52,7 +53,7 @@ const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t num_experts, 
   if (fp8) {
     return config_named(small ? "fp8_pingpong_64x128" : "fp8_cooperative_128x128");
   }
-  return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x128");
+  return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x256");
 }
 
 void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,

@@ -102,8 +102,15 @@ __global__ void __launch_bounds__(kUnpermuteThreads, 8) unpermute_kernel(Unpermu
   __shared__ float weights[kUnpermuteMaxTopK];
   const int64_t token = blockIdx.x;
   unpermute_load_pairs(p, token, rows, weights);
-  for (int64_t i = threadIdx.x; i < p.row_vecs; i += blockDim.x) {
-    unpermute_vector(p, token, i, rows, weights);
+  // Blocks start at different chunks of the row, so the blocks in flight do not all read the same
+  // column offsets of their rows at once (rows are a multiple of 2 KB apart: same DRAM channels).
+  const int chunks = static_cast<int>((p.row_vecs + blockDim.x - 1) / blockDim.x);
+  int chunk = static_cast<int>(token % chunks);
+  for (int c = 0; c < chunks; ++c, chunk = chunk + 1 == chunks ? 0 : chunk + 1) {
+    const int64_t i = int64_t(chunk) * blockDim.x + threadIdx.x;
+    if (i < p.row_vecs) {
+      unpermute_vector(p, token, i, rows, weights);
+    }
   }
 }
 
