@@ -9,7 +9,6 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "moe_kernels/device_error.cuh"
@@ -19,7 +18,6 @@ namespace moe_kernels {
 
 constexpr int kUnpermuteMaxTopK = 32;
 constexpr int kUnpermuteThreads = 128;
-constexpr int kUnpermuteBlocksPerSm = 8;
 constexpr int kUnpermuteBatch = 8;  // rows loaded together, so 8 x 16 bytes per thread are in flight
 
 template <typename T, typename W>
@@ -37,18 +35,22 @@ struct UnpermuteParams {
   int* error_flag;
 };
 
-// Pair k (= thread k < K) of a token: its row, -1 if dropped (rows past y are flagged, never read),
-// and its weight.
+// Loads the token's rows and weights into shared memory (threads < K). Rows past y are skipped
+// and flagged rather than read out of bounds.
 template <typename T, typename W>
-__device__ __forceinline__ void read_pair(const UnpermuteParams<T, W>& p, int64_t token, int& row,
-                                          float& weight) {
-  const int64_t pair = token * p.top_k + threadIdx.x;
-  row = p.row_map[pair];
-  if (row >= p.y_rows) {
-    report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
-    row = -1;
+__device__ __forceinline__ void unpermute_load_pairs(const UnpermuteParams<T, W>& p, int64_t token, int* rows,
+                                                     float* weights) {
+  if (threadIdx.x < p.top_k) {
+    const int64_t pair = token * p.top_k + threadIdx.x;
+    int row = p.row_map[pair];
+    if (row >= p.y_rows) {
+      report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
+      row = -1;
+    }
+    rows[threadIdx.x] = row;
+    weights[threadIdx.x] = p.weights != nullptr ? to_float(p.weights[pair]) : 1.0f;
   }
-  weight = p.weights != nullptr ? to_float(p.weights[pair]) : 1.0f;
+  __syncthreads();
 }
 
 // out[token] vector i: the K rows' vectors loaded kUnpermuteBatch at a time, summed in k order.
@@ -92,51 +94,29 @@ __device__ __forceinline__ void unpermute_vector(const UnpermuteParams<T, W>& p,
   reinterpret_cast<Vec16<T>*>(p.out + token * p.row_vecs * kElems)[i] = result;
 }
 
-// A persistent grid: each block takes every gridDim.x-th token. A token's pairs sit in shared memory
-// (double-buffered); the next token's are loaded into registers while this one is summed, so their
-// latency is hidden. Each thread walks the row's 16-byte vectors with kUnpermuteBatch row loads in
-// flight; the register cap keeps 8 blocks (32 warps) per SM.
+// One block per token: its pairs are loaded once, then each thread walks the row's 16-byte vectors
+// with kUnpermuteBatch row loads in flight. The register cap keeps 8 blocks (32 warps) per SM.
 template <typename T, typename W>
-__global__ void __launch_bounds__(kUnpermuteThreads, kUnpermuteBlocksPerSm)
-    unpermute_kernel(UnpermuteParams<T, W> p, int64_t tokens) {
-  __shared__ int rows[2][kUnpermuteMaxTopK];
-  __shared__ float weights[2][kUnpermuteMaxTopK];
-  const bool pair_reader = threadIdx.x < p.top_k;
-  int64_t token = blockIdx.x;
-  if (pair_reader && token < tokens) {
-    read_pair(p, token, rows[0][threadIdx.x], weights[0][threadIdx.x]);
-  }
-  __syncthreads();
+__global__ void __launch_bounds__(kUnpermuteThreads, 8) unpermute_kernel(UnpermuteParams<T, W> p) {
+  __shared__ int rows[kUnpermuteMaxTopK];
+  __shared__ float weights[kUnpermuteMaxTopK];
+  const int64_t token = blockIdx.x;
+  unpermute_load_pairs(p, token, rows, weights);
+  // Blocks start at different chunks of the row, so the blocks in flight do not all read the same
+  // column offsets of their rows at once (rows are a multiple of 2 KB apart: same DRAM channels).
   const int chunks = static_cast<int>((p.row_vecs + blockDim.x - 1) / blockDim.x);
-  for (int buffer = 0; token < tokens; token += gridDim.x, buffer ^= 1) {
-    const int64_t next = token + gridDim.x;
-    int next_row = -1;
-    float next_weight = 0.0f;
-    if (pair_reader && next < tokens) {
-      read_pair(p, next, next_row, next_weight);
+  int chunk = static_cast<int>(token % chunks);
+  for (int c = 0; c < chunks; ++c, chunk = chunk + 1 == chunks ? 0 : chunk + 1) {
+    const int64_t i = int64_t(chunk) * blockDim.x + threadIdx.x;
+    if (i < p.row_vecs) {
+      unpermute_vector(p, token, i, rows, weights);
     }
-    // Tokens start at different chunks of their rows, so the blocks in flight do not all read the
-    // same column offsets at once (rows are a multiple of 2 KB apart: the same DRAM channels).
-    int chunk = static_cast<int>(token % chunks);
-    for (int c = 0; c < chunks; ++c, chunk = chunk + 1 == chunks ? 0 : chunk + 1) {
-      const int64_t i = int64_t(chunk) * blockDim.x + threadIdx.x;
-      if (i < p.row_vecs) {
-        unpermute_vector(p, token, i, rows[buffer], weights[buffer]);
-      }
-    }
-    if (pair_reader) {
-      rows[buffer ^ 1][threadIdx.x] = next_row;
-      weights[buffer ^ 1][threadIdx.x] = next_weight;
-    }
-    __syncthreads();
   }
 }
 
 template <typename T, typename W>
-cudaError_t launch_unpermute(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count,
-                             cudaStream_t stream) {
-  const int64_t blocks = std::min<int64_t>(tokens, int64_t(sm_count) * kUnpermuteBlocksPerSm);
-  unpermute_kernel<T, W><<<static_cast<unsigned>(blocks), kUnpermuteThreads, 0, stream>>>(p, tokens);
+cudaError_t launch_unpermute(const UnpermuteParams<T, W>& p, int64_t tokens, cudaStream_t stream) {
+  unpermute_kernel<T, W><<<static_cast<unsigned>(tokens), kUnpermuteThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -168,10 +148,7 @@ __global__ void __launch_bounds__(kUnpermuteBackwardThreads)
   __shared__ float warp_dots[kWarps][kUnpermuteMaxTopK];
   const UnpermuteParams<T, W>& f = p.fwd;
   const int64_t token = blockIdx.x;
-  if (threadIdx.x < f.top_k) {
-    read_pair(f, token, rows[threadIdx.x], weights[threadIdx.x]);
-  }
-  __syncthreads();
+  unpermute_load_pairs(f, token, rows, weights);
   const bool want_dots = p.grad_weights != nullptr;
   float dot[kUnpermuteMaxTopK] = {};  // indices are compile-time after unrolling: registers
   for (int64_t i = threadIdx.x; i < f.row_vecs; i += blockDim.x) {
