@@ -13,7 +13,7 @@ import itertools
 import torch
 
 import moe_kernels
-from moe_kernels.testing import geomean, print_table, time_cuda_us, write_json
+from moe_kernels.testing import report, time_cuda_us
 
 FP8 = torch.float8_e4m3fn
 # "auto" is what users get; the named configurations are timed too, to keep the heuristic honest.
@@ -61,10 +61,32 @@ def rowwise_fp8(x):
     return (x.float() / scale.unsqueeze(-1)).to(FP8), scale
 
 
+def gemm_row(name, dtype, counts, n, k, per_config, us_dense, baselines):
+    """One result row: "auto" timings against the dense ceiling and each baseline (name -> µs)."""
+    m, us = sum(counts), per_config["auto"]
+    flops = 2.0 * m * n * k
+    weight_bytes = (1 if dtype == "fp8" else 2) * sum(1 for c in counts if c > 0) * n * k
+    return {
+        "case": name,
+        "dtype": dtype,
+        "M": m,
+        "N": n,
+        "K": k,
+        "E": len(counts),
+        "us": us,
+        "TFLOP/s": flops / (us * 1e-6) / 1e12,
+        "% of dense": 100 * us_dense / us,
+        "dense TFLOP/s": flops / (us_dense * 1e-6) / 1e12,
+        **{ratio: baseline_us / us for ratio, baseline_us in baselines.items()},
+        "weights GB/s": weight_bytes / (us * 1e-6) / 1e9,
+        "best config": min(per_config, key=per_config.get),
+        "us per config": per_config,
+    }
+
+
 def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache):
     """Ours (blockwise scales) vs torch rowwise FP8, and the dense FP8 ceiling."""
-    e, m = len(counts), sum(counts)
-    flops = 2.0 * m * n * k
+    m = sum(counts)
     a, a_scales = moe_kernels.quantize_fp8(a_bf16)
     b, b_scales = moe_kernels.quantize_fp8_weight(b_bf16)
     a_row, sa_row = rowwise_fp8(a_bf16)
@@ -78,7 +100,6 @@ def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache):
         )
         for c in CONFIGS["fp8"]
     }
-    us = per_config["auto"]
     us_scaled = time_cuda_us(
         lambda: torch._scaled_grouped_mm(
             a_row, b_row.transpose(1, 2), sa_row, sb_row, offs=ends, out_dtype=torch.bfloat16
@@ -110,56 +131,21 @@ def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache):
             )
         )
     us_dense = dense_cache[(m, n, k)]
-    weight_bytes = sum(1 for c in counts if c > 0) * n * k
-    return {
-        "case": name,
-        "dtype": "fp8",
-        "M": m,
-        "N": n,
-        "K": k,
-        "E": e,
-        "us": us,
-        "TFLOP/s": flops / (us * 1e-6) / 1e12,
-        "% of dense": 100 * us_dense / us,
-        "dense TFLOP/s": flops / (us_dense * 1e-6) / 1e12,
-        "x scaled_grouped_mm": us_scaled / us,
-        "x scaled_mm loop": us_loop / us,
-        "weights GB/s": weight_bytes / (us * 1e-6) / 1e9,
-        "best config": min(per_config, key=per_config.get),
-        "us per config": per_config,
-    }
+    baselines = {"x scaled_grouped_mm": us_scaled, "x scaled_mm loop": us_loop}
+    return gemm_row(name, "fp8", counts, n, k, per_config, us_dense, baselines)
 
 
 def bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets):
     """Ours vs torch._grouped_mm, and the dense bf16 ceiling."""
-    e, m = len(counts), sum(counts)
-    flops = 2.0 * m * n * k
     ends = offsets[1:].contiguous()
     per_config = {
         c: time_cuda_us(lambda c=c: moe_kernels.grouped_gemm(a_bf16, b_bf16, offsets, config=c))
         for c in CONFIGS["bf16"]
     }
-    us = per_config["auto"]
     us_torch = time_cuda_us(lambda: torch._grouped_mm(a_bf16, b_bf16.transpose(1, 2), offs=ends))
     dense_b = b_bf16[0].T
     us_dense = time_cuda_us(lambda: a_bf16 @ dense_b)
-    weight_bytes = 2 * sum(1 for c in counts if c > 0) * n * k
-    return {
-        "case": name,
-        "dtype": "bf16",
-        "M": m,
-        "N": n,
-        "K": k,
-        "E": e,
-        "us": us,
-        "TFLOP/s": flops / (us * 1e-6) / 1e12,
-        "% of dense": 100 * us_dense / us,
-        "dense TFLOP/s": flops / (us_dense * 1e-6) / 1e12,
-        "x grouped_mm": us_torch / us,
-        "weights GB/s": weight_bytes / (us * 1e-6) / 1e9,
-        "best config": min(per_config, key=per_config.get),
-        "us per config": per_config,
-    }
+    return gemm_row(name, "bf16", counts, n, k, per_config, us_dense, {"x grouped_mm": us_torch})
 
 
 def bench_case(name, counts, n, k, dense_cache):
@@ -196,14 +182,8 @@ def main(out_dir="bench/results", copy_tbps=None):
         "weights GB/s",
         "best config",
     ]
-    print_table("Grouped GEMM (ceiling: dense cuBLAS GEMM with the same FLOPs, same run)", rows, columns)
-    fp8 = [r for r in rows if r["dtype"] == "fp8"]
-    bf16 = [r for r in rows if r["dtype"] == "bf16"]
-    print(
-        f"geomean FP8 x scaled_grouped_mm {geomean([r['x scaled_grouped_mm'] for r in fp8]):.2f}, "
-        f"BF16 x grouped_mm {geomean([r['x grouped_mm'] for r in bf16]):.2f}"
-    )
-    write_json(f"{out_dir}/grouped_gemm.json", "grouped_gemm", rows)
+    title = "Grouped GEMM (ceiling: dense cuBLAS GEMM with the same FLOPs, same run)"
+    report(title, "grouped_gemm", rows, columns, out_dir, ["x scaled_grouped_mm", "x grouped_mm"])
     return rows
 
 

@@ -17,7 +17,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import reference
-from moe_kernels.testing import geomean, measure_copy_tbps, print_table, time_cuda_us, write_json
+from moe_kernels.testing import measure_copy_tbps, report, time_cuda_us
 
 # (model, tokens, hidden, experts, top_k)
 SHAPES = [
@@ -174,13 +174,9 @@ def main(out_dir="bench/results", copy_tbps=None):
         torch.cuda.empty_cache()
     columns = ["op", "model", "T", "H", "E", "K", "us", "GB/s", "% of copy", "eager us", "x eager"]
     columns += ["compiled us", "x compiled"]
-    print_table(f"Permute / unpermute (copy ceiling {copy_tbps:.2f} TB/s measured)", rows, columns)
-    print(
-        f"geomean x eager {geomean([r['x eager'] for r in rows]):.2f}, "
-        f"x compiled {geomean([r['x compiled'] for r in rows]):.2f}"
-    )
+    title = f"Permute / unpermute (copy ceiling {copy_tbps:.2f} TB/s measured)"
+    report(title, "permute", rows, columns, out_dir, ["x eager", "x compiled"], {"copy_tbps": copy_tbps})
     report_targets(rows)
-    write_json(f"{out_dir}/permute.json", "permute", rows, {"copy_tbps": copy_tbps})
     return rows
 
 

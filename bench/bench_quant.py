@@ -10,7 +10,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import reference
-from moe_kernels.testing import geomean, measure_copy_tbps, print_table, time_cuda_us, write_json
+from moe_kernels.testing import measure_copy_tbps, report, time_cuda_us
 
 # DeepSeek-V3: hidden 7168, routed intermediate 2048; tokens per GPU from decode to prefill.
 ACTIVATION_SHAPES = [(128, 7168), (4096, 7168), (32768, 7168), (32768, 2048)]
@@ -67,12 +67,8 @@ def main(out_dir="bench/results", copy_tbps=None):
         "compiled us",
         "x compiled",
     ]
-    print_table(f"FP8 quantisation (copy ceiling {copy_tbps:.2f} TB/s measured)", rows, columns)
-    print(
-        f"geomean x eager {geomean([r['x eager'] for r in rows]):.2f}, "
-        f"x compiled {geomean([r['x compiled'] for r in rows]):.2f}"
-    )
-    write_json(f"{out_dir}/quant.json", "quant", rows, {"copy_tbps": copy_tbps})
+    title = f"FP8 quantisation (copy ceiling {copy_tbps:.2f} TB/s measured)"
+    report(title, "quant", rows, columns, out_dir, ["x eager", "x compiled"], {"copy_tbps": copy_tbps})
     return rows
 
 

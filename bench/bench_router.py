@@ -14,14 +14,7 @@ import torch._functorch.config
 
 import moe_kernels
 from moe_kernels import PRESETS
-from moe_kernels.testing import (
-    geomean,
-    measure_copy_tbps,
-    print_table,
-    time_cuda_graph_us,
-    time_cuda_us,
-    write_json,
-)
+from moe_kernels.testing import measure_copy_tbps, report, time_cuda_graph_us, time_cuda_us
 
 # (preset, logits dtype, tokens): DeepSeek-V3 and Kimi-K2 compute router logits in fp32, Qwen3 in bf16.
 CASES = [
@@ -137,12 +130,8 @@ def main(out_dir="bench/results", copy_tbps=None):
         "compiled us",
         "x compiled",
     ]
-    print_table(f"Router (copy ceiling {copy_tbps:.2f} TB/s measured)", rows, columns)
-    print(
-        f"geomean x eager {geomean([r['x eager'] for r in rows]):.1f}, "
-        f"x compiled {geomean([r['x compiled'] for r in rows]):.1f}"
-    )
-    write_json(f"{out_dir}/router.json", "router", rows, {"copy_tbps": copy_tbps})
+    title = f"Router (copy ceiling {copy_tbps:.2f} TB/s measured)"
+    report(title, "router", rows, columns, out_dir, ["x eager", "x compiled"], {"copy_tbps": copy_tbps})
     return rows
 
 

@@ -34,6 +34,20 @@ def check_quant_channels(channels: int, op: str, name: str) -> None:
     )
 
 
+def check_quantize_fp8_args(x: torch.Tensor) -> None:
+    op = "quantize_fp8"
+    check_dim(x, 2, op, "x", "[rows, channels]")
+    check_dtype(x, FLOAT_DTYPES, op, "x")
+    check_quant_channels(x.shape[1], op, "x")
+
+
+def check_quantize_fp8_weight_args(w: torch.Tensor) -> None:
+    op = "quantize_fp8_weight"
+    check(w.dim() in (2, 3), op, f"w must be [N, K] or [experts, N, K], got shape {list(w.shape)}")
+    check_dtype(w, FLOAT_DTYPES, op, "w")
+    check(w.shape[-1] % QUANT_BLOCK == 0, op, f"w's last dim K must be a multiple of 128, got {w.shape[-1]}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Permute / unpermute (the CUDA launchers in csrc/permute check the same things, with the same words)
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_kernels._checks import FLOAT_DTYPES, QUANT_BLOCK, check, check_dim, check_dtype, check_quant_channels
+from moe_kernels._checks import (
+    FLOAT_DTYPES,
+    QUANT_BLOCK,
+    check,
+    check_dim,
+    check_dtype,
+    check_quant_channels,
+    check_quantize_fp8_args,
+    check_quantize_fp8_weight_args,
+)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -66,10 +75,7 @@ def quantize_fp8(x: torch.Tensor, pow2_scale: bool = False) -> tuple[torch.Tenso
     rounded to e4m3 (saturating). NaN stays NaN, +-inf become +-448 (times the group's scale).
     The CUDA kernel is bit-exact with this (NaN bit patterns aside).
     """
-    op = "quantize_fp8"
-    check_dim(x, 2, op, "x", "[rows, channels]")
-    check_dtype(x, FLOAT_DTYPES, op, "x")
-    check_quant_channels(x.shape[1], op, "x")
+    check_quantize_fp8_args(x)
     m, k = x.shape
     groups = x.float().reshape(m, k // QUANT_BLOCK, QUANT_BLOCK)
     scales = fp8_scale(_finite_abs(groups).amax(-1), pow2_scale)
@@ -84,10 +90,7 @@ def quantize_fp8_weight(w: torch.Tensor, pow2_scale: bool = False) -> tuple[torc
     Same scale and rounding rules as quantize_fp8, one scale per block; the last row block may be
     partial. The CUDA kernel is bit-exact with this.
     """
-    op = "quantize_fp8_weight"
-    check(w.dim() in (2, 3), op, f"w must be [N, K] or [experts, N, K], got shape {list(w.shape)}")
-    check_dtype(w, FLOAT_DTYPES, op, "w")
-    check(w.shape[-1] % QUANT_BLOCK == 0, op, f"w's last dim K must be a multiple of 128, got {w.shape[-1]}")
+    check_quantize_fp8_weight_args(w)
     e = w.shape[0] if w.dim() == 3 else 1
     w3 = w.float().reshape(e, *w.shape[-2:])
     n, k = w3.shape[1:]

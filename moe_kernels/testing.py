@@ -23,12 +23,6 @@ BF16_ERROR_FACTOR = 2.0
 ROUTER_WEIGHT_RTOL = 1e-5
 ROUTER_WEIGHT_ATOL = 1e-6
 
-# Measured anchors of DESIGN.md §5 (H100 80GB HBM3): the ceilings benchmarks report against when
-# they do not measure their own.
-H100_COPY_TBPS = 3.02
-H100_DENSE_FP8_TFLOPS = 1343.0
-H100_DENSE_BF16_TFLOPS = 736.0
-
 # ------------------------------------------------------------------------------------------------
 # Error metrics
 # ------------------------------------------------------------------------------------------------
@@ -72,13 +66,6 @@ def _raw_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def _byte_mask(nan: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return nan.unsqueeze(-1).expand(*t.shape, t.element_size())
-
-
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill an output buffer with NaN (floats) or a sentinel (ints, bytes) before a kernel writes it."""
-    if t.dtype.is_floating_point and t.dtype.itemsize > 1:
-        return t.fill_(float("nan"))
-    return t.view(torch.uint8).fill_(0x7F) if t.dtype.itemsize == 1 else t.fill_(-12345)
 
 
 def poison_allocator_(device: str = "cuda", nbytes: int = 64 << 20) -> None:
@@ -154,21 +141,6 @@ def measure_copy_tbps(nbytes: int = 2 << 30) -> float:
     return nbytes / (us * 1e-6) / 1e12
 
 
-def measure_dense_tflops(dtype: torch.dtype, size: int = 8192) -> float:
-    """Dense GEMM rate (size^3) through cuBLAS: bf16 torch.mm, or FP8 rowwise torch._scaled_mm."""
-    a = torch.randn(size, size, device="cuda").to(dtype)
-    b = torch.randn(size, size, device="cuda").to(dtype)
-    if dtype == torch.float8_e4m3fn:
-        sa = torch.ones(size, 1, device="cuda")
-        sb = torch.ones(1, size, device="cuda")
-        bt = b.T.contiguous().T
-        fn = lambda: torch._scaled_mm(a, bt, sa, sb, out_dtype=torch.bfloat16, use_fast_accum=True)
-    else:
-        fn = lambda: a @ b
-    us = time_cuda_us(fn, flush_l2=False, reps=20)
-    return 2 * size**3 / (us * 1e-6) / 1e12
-
-
 # ------------------------------------------------------------------------------------------------
 # Reporting
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +166,23 @@ def print_table(title: str, rows: Sequence[dict], columns: Sequence[str]) -> Non
 def geomean(values: Sequence[float]) -> float:
     values = [v for v in values if v > 0]
     return float(torch.tensor(values, dtype=torch.float64).log().mean().exp()) if values else float("nan")
+
+
+def report(
+    title: str,
+    benchmark: str,
+    rows: Sequence[dict],
+    columns: Sequence[str],
+    out_dir: str | Path,
+    ratio_columns: Sequence[str],
+    extra: dict | None = None,
+) -> None:
+    """What every benchmark ends with: the table, the geometric mean of each ratio column (over
+    the rows that have it), and out_dir/<benchmark>.json."""
+    print_table(title, rows, columns)
+    means = [f"{c} {geomean([r[c] for r in rows if c in r]):.2f}" for c in ratio_columns]
+    print("geomean " + ", ".join(means))
+    write_json(Path(out_dir) / f"{benchmark}.json", benchmark, rows, extra)
 
 
 def git_commit() -> str:

@@ -3,7 +3,13 @@
 import torch
 
 from moe_kernels import reference
-from moe_kernels._checks import FLOAT_DTYPES, QUANT_BLOCK, check, check_dim, check_dtype, check_quant_channels
+from moe_kernels._checks import (
+    FLOAT_DTYPES,
+    QUANT_BLOCK,
+    check_dtype,
+    check_quantize_fp8_args,
+    check_quantize_fp8_weight_args,
+)
 from moe_kernels.ops._library import register_cpu, register_fake
 
 FP8 = torch.float8_e4m3fn
@@ -59,10 +65,7 @@ register_cpu("dequantize_fp8")(reference.dequantize_fp8)
 
 @register_fake("quantize_fp8")
 def _quantize_fp8_fake(x, pow2_scale=False):
-    op = "quantize_fp8"
-    check_dim(x, 2, op, "x", "[rows, channels]")
-    check_dtype(x, FLOAT_DTYPES, op, "x")
-    check_quant_channels(x.shape[1], op, "x")
+    check_quantize_fp8_args(x)
     return x.new_empty(x.shape, dtype=FP8), x.new_empty(
         (x.shape[0], x.shape[1] // QUANT_BLOCK), dtype=torch.float32
     )
@@ -70,10 +73,7 @@ def _quantize_fp8_fake(x, pow2_scale=False):
 
 @register_fake("quantize_fp8_weight")
 def _quantize_fp8_weight_fake(w, pow2_scale=False):
-    op = "quantize_fp8_weight"
-    check(w.dim() in (2, 3), op, f"w must be [N, K] or [experts, N, K], got shape {list(w.shape)}")
-    check_dtype(w, FLOAT_DTYPES, op, "w")
-    check(w.shape[-1] % QUANT_BLOCK == 0, op, f"w's last dim K must be a multiple of 128, got {w.shape[-1]}")
+    check_quantize_fp8_weight_args(w)
     n, k = w.shape[-2], w.shape[-1]
     scales_shape = (*w.shape[:-2], (n + QUANT_BLOCK - 1) // QUANT_BLOCK, k // QUANT_BLOCK)
     return w.new_empty(w.shape, dtype=FP8), w.new_empty(scales_shape, dtype=torch.float32)
