@@ -99,6 +99,20 @@ def test_bad_arguments_raise(change, message, gen):
         moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=change.get("config", "auto"))
 
 
+@pytest.mark.parametrize(
+    "offsets, where",
+    [([0, 5, 3], r"\[2\] = 3 after 5"), ([-1, 4, 8], r"\[0\] = -1"), ([0, 4, 9], r"\[2\] = 9 after 4")],
+)
+def test_bad_offset_values_raise_on_cpu(offsets, where, gen):
+    a, b, _, sa, sb = make_problem([4, 4], 256, 256, True, gen)
+    offsets = torch.tensor(offsets, dtype=torch.int32)
+    message = r"expert_offsets must be non-decreasing within \[0, rows of a = 8\], got expert_offsets" + where
+    with pytest.raises(ValueError, match=message):
+        moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb)
+    with pytest.raises(ValueError, match=message):
+        moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, out=torch.empty(8, 256))
+
+
 def test_fake_kernels():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -215,6 +229,50 @@ def test_cuda_graph_replay_with_new_offsets(fp8, gen):
         ref = run_reference(a, b, offsets, sa, sb)
         err = calc_diff(out.float(), ref) if fp8 else rel_error(out, ref)
         assert err < (FP8_GEMM_CALC_DIFF if fp8 else 1e-2), f"{counts=}: error {err}"
+
+
+def kernel_rows(offsets, rows):
+    """Rows each expert gets from corrupt offsets, as setup_grouped_args clamps them."""
+    clamped = [min(max(o, 0), rows) for o in offsets]
+    return [(lo, max(hi, lo)) for lo, hi in itertools.pairwise(clamped)]
+
+
+@requires_sm90
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(
+    "offsets", [[0, 100, 200, 150, 400], [-50, 100, 200, 300, 400], [0, 100, 200, 300, 4000]]
+)
+def test_bad_offsets_are_clamped_and_reported(offsets, fp8, gen):
+    """Corrupt device offsets: rows are clamped into [0, M] (nothing outside the tensors is
+    touched), experts whose clamped rows overlap no other's are still right, and the error is raised
+    by check_device_errors() or, without a sync, by the next call."""
+    moe_kernels.check_device_errors()
+    a, b, good_offsets, sa, sb = make_problem([100] * 4, 256, 256, fp8, gen, device="cuda")
+    bad = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    out = moe_kernels.grouped_gemm(a, b, bad, a_scales=sa, b_scales=sb)  # no raise: found on the device
+    ranges = kernel_rows(offsets, a.shape[0])
+    overlaps = lambda r, s: max(r[0], s[0]) < min(r[1], s[1])
+    alone = [
+        e
+        for e, r in enumerate(ranges)
+        if r[1] > r[0] and not any(overlaps(r, s) for f, s in enumerate(ranges) if f != e)
+    ]
+    assert alone, f"test setup: {offsets=} leaves no expert alone"
+    for e in alone:
+        lo, hi = ranges[e]
+        only_e = torch.tensor([lo] * (e + 1) + [hi] * (len(ranges) - e), dtype=torch.int32)
+        ref = run_reference(a, b, only_e.cuda(), sa, sb)[lo:hi]
+        err = calc_diff(out[lo:hi].float(), ref) if fp8 else rel_error(out[lo:hi], ref)
+        assert err < (FP8_GEMM_CALC_DIFF if fp8 else 1e-2), f"{offsets=} {fp8=} expert {e}: error {err}"
+    message = r"grouped_gemm: expert_offsets were not non-decreasing.*\(detected on the device during"
+    with pytest.raises(RuntimeError, match=message):
+        moe_kernels.check_device_errors()
+    moe_kernels.grouped_gemm(a, b, bad, a_scales=sa, b_scales=sb)
+    torch.cuda.synchronize()
+    with pytest.raises(RuntimeError, match=message):  # the next call raises, without a sync
+        moe_kernels.grouped_gemm(a, b, good_offsets, a_scales=sa, b_scales=sb)
+    moe_kernels.grouped_gemm(a, b, good_offsets, a_scales=sa, b_scales=sb)  # reported once, then clear
+    moe_kernels.check_device_errors()
 
 
 @requires_sm90

@@ -1,5 +1,6 @@
 // Launcher of the grouped GEMMs: argument checks, the tile-configuration heuristic, the workspace
 // (from torch's caching allocator, so it is allocated once and graph-safe), the current stream.
+#include "common/device_error.h"
 #include "moe_kernels/grouped_gemm.h"
 #include "torch_utils.h"
 
@@ -115,6 +116,7 @@ void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   p.a_scales = fp8 ? sa.data_ptr<float>() : nullptr;
   p.b_scales = fp8 ? sb.data_ptr<float>() : nullptr;
   p.expert_offsets = expert_offsets.data_ptr<int32_t>();
+  p.error_flag = device_error_flag();
   p.m_total = m;
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);

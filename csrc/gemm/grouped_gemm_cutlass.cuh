@@ -24,6 +24,7 @@
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
+#include "moe_kernels/device_error.cuh"
 #include "moe_kernels/grouped_gemm.h"
 
 namespace moe_kernels {
@@ -192,15 +193,20 @@ struct GroupedGemm {
 };
 
 // Fills the per-expert arrays from the offsets. Offsets are clamped into [0, M] and made
-// non-decreasing, so corrupt offsets can never address memory outside a, out or the scales.
+// non-decreasing, so corrupt offsets can never address memory outside a, out or the scales; such
+// offsets are reported through the sticky device-error flag (thread e checks offsets[e..e+1]).
 template <class G>
 __global__ void setup_grouped_args(GroupedGemmProblem p, typename G::DeviceArgs d) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= p.num_experts) {
     return;
   }
-  const int64_t lo = min(max(int64_t(p.expert_offsets[e]), int64_t(0)), p.m_total);
-  const int64_t hi = min(max(int64_t(p.expert_offsets[e + 1]), lo), p.m_total);
+  const int64_t first = p.expert_offsets[e], last = p.expert_offsets[e + 1];
+  if (first < 0 || last < first || last > p.m_total) {
+    report_device_error(p.error_flag, kGroupedGemmBadOffsets);
+  }
+  const int64_t lo = min(max(first, int64_t(0)), p.m_total);
+  const int64_t hi = min(max(last, lo), p.m_total);
   const int m = static_cast<int>(hi - lo), n = p.n, k = p.k;
   d.problem_sizes[e] = {m, n, k};
   d.ptr_a[e] = static_cast<const typename G::Element*>(p.a) + lo * k;

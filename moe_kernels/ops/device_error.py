@@ -1,10 +1,11 @@
 """Errors that only device data can reveal, reported without a host sync on the hot path.
 
-A kernel that meets such an error (an expert id out of range, more rows than num_out_rows) handles
-the element safely (drops the pair) and stores a code into one int of pinned host-mapped memory
-(csrc/common/device_error.h). The front doors of permute and unpermute read that int with a plain
-host load at the start of every call and raise the error of an earlier call, so nothing waits on the
-GPU; ``check_device_errors()`` synchronises first, for a prompt and certain answer.
+A kernel that meets such an error (an expert id out of range, more rows than num_out_rows, corrupt
+expert offsets) handles it safely (drops the pair, clamps the offsets) and stores a code into one
+int of pinned host-mapped memory (csrc/common/device_error.h). The front doors of permute,
+unpermute and grouped_gemm (so expert_mlp too) read that int with a plain host load at the start of
+every call and raise the error of an earlier call, so nothing waits on the GPU;
+``check_device_errors()`` synchronises first, for a prompt and certain answer.
 """
 
 import torch
@@ -17,6 +18,10 @@ _MESSAGES = {
         "were dropped (row_map -1) and expert_offsets clamped to num_out_rows"
     ),
     3: "unpermute: row_map had rows >= the rows of y; those pairs were skipped",
+    4: (
+        "grouped_gemm: expert_offsets were not non-decreasing within [0, rows of a]; they were clamped "
+        "into that range, so the outputs of the experts concerned are wrong"
+    ),
 }
 
 

@@ -9,6 +9,7 @@ import torch
 from moe_kernels import reference
 from moe_kernels._checks import QUANT_BLOCK, check, check_dim, check_dtype
 from moe_kernels.ops._library import register_cpu, register_fake
+from moe_kernels.ops.device_error import raise_pending_device_error
 
 FP8 = torch.float8_e4m3fn
 GEMM_CONFIGS = (
@@ -46,7 +47,14 @@ def grouped_gemm(
     Returns:
         bf16 [M, N]. Rows outside [offsets[0], offsets[E]) are left untouched: uninitialised when the
         op allocates ``out``. FP8 accumulates in fp32 with the block scales applied every 128 of K.
+
+    Offsets that are not non-decreasing within [0, M] are clamped into that range on the device (no
+    memory outside the tensors is touched) and reported like permute's device-detected errors: the
+    next permute / unpermute / grouped_gemm call raises RuntimeError("grouped_gemm: expert_offsets
+    were not non-decreasing ..."), ``moe_kernels.check_device_errors()`` at once. (The CPU
+    implementation raises ValueError immediately.)
     """
+    raise_pending_device_error()
     if out is None:
         return torch.ops.moe_kernels.grouped_gemm(a, b, expert_offsets, a_scales, b_scales, config)
     torch.ops.moe_kernels.grouped_gemm_out(a, b, expert_offsets, a_scales, b_scales, out, config)
@@ -136,15 +144,33 @@ def _grouped_gemm_out_fake(a, b, expert_offsets, a_scales, b_scales, out, config
     _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config)
 
 
+def _check_offset_values(a, expert_offsets):
+    """What the CUDA kernel can only clamp and report: offsets non-decreasing within [0, M]."""
+    offsets = expert_offsets.long()
+    rows = a.shape[0]
+    bad = (offsets < 0) | (offsets > rows)
+    bad[1:] |= offsets[1:] < offsets[:-1]
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        check(
+            False,
+            "grouped_gemm",
+            f"expert_offsets must be non-decreasing within [0, rows of a = {rows}], got "
+            f"expert_offsets[{i}] = {int(offsets[i])}" + (f" after {int(offsets[i - 1])}" if i > 0 else ""),
+        )
+
+
 @register_cpu("grouped_gemm")
 def _grouped_gemm_cpu(a, b, expert_offsets, a_scales, b_scales, config="auto"):
     _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config)
+    _check_offset_values(a, expert_offsets)
     return reference.grouped_gemm(a, b, expert_offsets, a_scales=a_scales, b_scales=b_scales)
 
 
 @register_cpu("grouped_gemm_out")
 def _grouped_gemm_out_cpu(a, b, expert_offsets, a_scales, b_scales, out, config="auto"):
     _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config)
+    _check_offset_values(a, expert_offsets)
     result = reference.grouped_gemm(a, b, expert_offsets, a_scales=a_scales, b_scales=b_scales)
     lo, hi = int(expert_offsets[0]), int(expert_offsets[-1])
     out[lo:hi] = result[lo:hi]

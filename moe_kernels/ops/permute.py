@@ -74,9 +74,9 @@ def permute(
     Errors found in device data do not sync: an id outside [-1, E) is dropped, and when the rows
     need more than R, the pairs that do not fit are dropped (row_map -1; expert_offsets clamped to
     R; nothing is written past R). Either stores a code in a sticky device-error flag; the next
-    permute or unpermute call raises RuntimeError("permute: ... (detected on the device during an
-    earlier call)"), and ``moe_kernels.check_device_errors()`` synchronises and raises at once. (The
-    CPU implementation raises ValueError immediately.)
+    permute, unpermute or grouped_gemm call raises RuntimeError("permute: ... (detected on the
+    device during an earlier call)"), and ``moe_kernels.check_device_errors()`` synchronises and
+    raises at once. (The CPU implementation raises ValueError immediately.)
 
     Autograd: the gradient of x is the unweighted unpermute of the gradient of out (bfloat16,
     float16, float32). FP8 outputs are not differentiable: with quantize=True, x must not require grad.

@@ -14,6 +14,7 @@ enum DeviceError : int {
   kPermuteExpertIdOutOfRange = 1,  // permute: an id outside [-1, num_experts); the pair was dropped
   kPermuteRowsOverflow = 2,        // permute: num_out_rows too small; pairs past it were dropped
   kUnpermuteRowOutOfRange = 3,     // unpermute: a row_map entry >= y's rows; the pair was skipped
+  kGroupedGemmBadOffsets = 4,      // grouped_gemm: offsets not non-decreasing in [0, rows]; clamped
 };
 
 // A plain system-scope store: no atomics over PCIe (not every host supports them), and any

@@ -16,6 +16,7 @@ struct GroupedGemmProblem {
   const float* a_scales;          // FP8: [M, K/128]; BF16: nullptr
   const float* b_scales;          // FP8: [E, N/128, K/128]; BF16: nullptr
   const int32_t* expert_offsets;  // [E + 1], on the device
+  int* error_flag;                // the sticky device-error flag (moe_kernels/device_error.cuh)
   int64_t m_total;
   int n, k, num_experts, device;
 };
