@@ -260,7 +260,7 @@ def test_bad_offsets_are_clamped_and_reported(offsets, fp8, gen):
     assert alone, f"test setup: {offsets=} leaves no expert alone"
     for e in alone:
         lo, hi = ranges[e]
-        only_e = torch.tensor([lo] * (e + 1) + [hi] * (len(ranges) - e), dtype=torch.int32)
+        only_e = offsets_from_counts([hi - lo if f == e else 0 for f in range(len(ranges))], head=lo)
         ref = run_reference(a, b, only_e.cuda(), sa, sb)[lo:hi]
         err = calc_diff(out[lo:hi].float(), ref) if fp8 else rel_error(out[lo:hi], ref)
         assert err < (FP8_GEMM_CALC_DIFF if fp8 else 1e-2), f"{offsets=} {fp8=} expert {e}: error {err}"

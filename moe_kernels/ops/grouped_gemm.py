@@ -146,17 +146,14 @@ def _grouped_gemm_out_fake(a, b, expert_offsets, a_scales, b_scales, out, config
 
 def _check_offset_values(a, expert_offsets):
     """What the CUDA kernel can only clamp and report: offsets non-decreasing within [0, M]."""
-    offsets = expert_offsets.long()
-    rows = a.shape[0]
-    bad = (offsets < 0) | (offsets > rows)
-    bad[1:] |= offsets[1:] < offsets[:-1]
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
+    rows, offsets = a.shape[0], expert_offsets.tolist()
+    lows = [0, *offsets[:-1]]  # each entry's lower bound: 0, then the entry before it
+    for i, (low, offset) in enumerate(zip(lows, offsets, strict=True)):
         check(
-            False,
+            low <= offset <= rows,
             "grouped_gemm",
             f"expert_offsets must be non-decreasing within [0, rows of a = {rows}], got "
-            f"expert_offsets[{i}] = {int(offsets[i])}" + (f" after {int(offsets[i - 1])}" if i > 0 else ""),
+            f"expert_offsets[{i}] = {offset}" + (f" after {low}" if i > 0 else ""),
         )
 
 
