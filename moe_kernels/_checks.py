@@ -7,6 +7,7 @@ They raise ValueError (the C++ side raises it too, through TORCH_CHECK_VALUE).
 
 import torch
 
+FP8 = torch.float8_e4m3fn  # the one FP8 format of the package (e4m3, DESIGN.md §3)
 QUANT_BLOCK = 128
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -52,7 +53,6 @@ def check_quantize_fp8_weight_args(w: torch.Tensor) -> None:
 # Permute / unpermute (the CUDA launchers in csrc/permute check the same things, with the same words)
 # ------------------------------------------------------------------------------------------------
 
-FP8 = torch.float8_e4m3fn
 PERMUTE_ALIGNMENTS = (1, 16, 64, 128)
 PERMUTE_MAX_TOP_K = 32
 PERMUTE_MAX_LOCAL_EXPERTS = 1024

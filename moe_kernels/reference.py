@@ -10,6 +10,7 @@ Contents
                     sequence_balance_loss), update_expert_bias
     Data movement:  permute, unpermute, unpermute_backward
     Experts:        grouped_gemm, silu_and_mul, expert_mlp
+    Layer:          moe_layer (the MoE module chained from the references above)
     Expert parallel: ep_dispatch, ep_combine (torch.distributed.all_to_all_single)
 """
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from moe_kernels._checks import (
     FLOAT_DTYPES,
+    FP8,
     QUANT_BLOCK,
     check,
     check_dim,
@@ -29,7 +31,6 @@ from moe_kernels._checks import (
     check_quantize_fp8_weight_args,
 )
 
-FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FLT_MIN = torch.finfo(torch.float32).tiny
 RENORM_EPS = 1e-20
@@ -587,6 +588,43 @@ def expert_mlp(
         act_q, act_scales = quantize_fp8(act, pow2_scale)
         return grouped_gemm(act_q, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
     return grouped_gemm(act.to(torch.bfloat16), w_down, expert_offsets)
+
+
+def moe_layer(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    top_k: int,
+    *,
+    w_gate_up_scales: torch.Tensor | None = None,
+    w_down_scales: torch.Tensor | None = None,
+    shared_output: torch.Tensor | None = None,
+    logits_fp32: bool = True,
+    weights_dtype: torch.dtype | None = None,
+    **router_kwargs,
+) -> torch.Tensor:
+    """The DeepSeekMoE layer (``moe_kernels.MoE``) chained from these references, x bf16 [T, H] ->
+    bf16 [T, H]: gate logits x @ gate_weight^T (in fp32, or in x's dtype), router (router_kwargs:
+    bias, score_func, groups, renormalize, scaling_factor), routing weights optionally rounded to
+    weights_dtype, permute (quantised 1x128 when the weights are FP8), expert_mlp, and unpermute
+    with the shared experts' output added."""
+    logits = F.linear(x.float(), gate_weight.float()) if logits_fp32 else F.linear(x, gate_weight.to(x.dtype))
+    weights, ids, _ = router(logits, top_k, **router_kwargs)
+    if weights_dtype is not None:
+        weights = weights.to(weights_dtype)
+    fp8 = w_gate_up.dtype == FP8
+    rows, row_scales, offsets, row_map = permute(x, ids, w_gate_up.shape[0], quantize=fp8)
+    y = expert_mlp(
+        rows,
+        offsets,
+        w_gate_up,
+        w_down,
+        x_scales=row_scales,
+        w_gate_up_scales=w_gate_up_scales,
+        w_down_scales=w_down_scales,
+    )
+    return unpermute(y, row_map, weights, shared_output=shared_output)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from moe_kernels.ops.build_info import nccl_version
 from moe_kernels.ops.device_error import check_device_errors
-from moe_kernels.ops.grouped_gemm import GEMM_CONFIGS, expert_mlp, grouped_gemm, silu_mul
+from moe_kernels.ops.grouped_gemm import GEMM_CONFIGS, grouped_gemm, silu_mul
 from moe_kernels.ops.permute import PermuteResult, permute, unpermute
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight
 from moe_kernels.ops.router import (
@@ -26,7 +26,6 @@ __all__ = [
     "dequantize_fp8",
     "device_balance_loss",
     "expert_balance_loss",
-    "expert_mlp",
     "grouped_gemm",
     "nccl_version",
     "permute",

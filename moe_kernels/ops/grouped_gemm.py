@@ -7,11 +7,10 @@ and are never read on the host, so every op here is CUDA-graph capturable.
 import torch
 
 from moe_kernels import reference
-from moe_kernels._checks import QUANT_BLOCK, check, check_dim, check_dtype
+from moe_kernels._checks import FP8, QUANT_BLOCK, check, check_dim, check_dtype
 from moe_kernels.ops._library import register_cpu, register_fake
 from moe_kernels.ops.device_error import raise_pending_device_error
 
-FP8 = torch.float8_e4m3fn
 GEMM_CONFIGS = (
     "auto",
     "fp8_cooperative_128x128",
@@ -73,34 +72,6 @@ def silu_mul(
     expert_offsets only rows in [offsets[0], offsets[E]) are computed (the others are unspecified)."""
     act, scales = torch.ops.moe_kernels.silu_mul(h, expert_offsets, quantize, pow2_scale)
     return act, scales if quantize else None
-
-
-def expert_mlp(
-    x: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    *,
-    x_scales: torch.Tensor | None = None,
-    w_gate_up_scales: torch.Tensor | None = None,
-    w_down_scales: torch.Tensor | None = None,
-    pow2_scale: bool = False,
-) -> torch.Tensor:
-    """The DeepSeekMoE expert MLP on permuted rows: down(SiLU(gate) * up), three kernels.
-
-    Args:
-        x: permuted rows [M, H], bf16 (BF16 path) or e4m3 with x_scales [M, H/128] (FP8 path;
-            ``permute(..., quantize=True)`` produces both).
-        expert_offsets: int32 [E + 1] on the device.
-        w_gate_up: [E, 2I, H] (first I rows gate, next I up); w_down: [E, H, I]. bf16, or e4m3 with
-            w_*_scales in 128x128 blocks (DeepSeek-V3 FP8 checkpoints' weight + weight_scale_inv).
-    Returns:
-        bf16 [M, H]; rows outside the experts are unspecified. Matches ``reference.expert_mlp``.
-    """
-    fp8 = x.dtype == FP8
-    h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
-    act, act_scales = silu_mul(h, expert_offsets, quantize=fp8, pow2_scale=pow2_scale)
-    return grouped_gemm(act, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
 
 
 # ------------------------------------------------------------------------------------------------

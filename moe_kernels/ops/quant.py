@@ -5,14 +5,13 @@ import torch
 from moe_kernels import reference
 from moe_kernels._checks import (
     FLOAT_DTYPES,
+    FP8,
     QUANT_BLOCK,
     check_dtype,
     check_quantize_fp8_args,
     check_quantize_fp8_weight_args,
 )
 from moe_kernels.ops._library import register_cpu, register_fake
-
-FP8 = torch.float8_e4m3fn
 
 
 def quantize_fp8(x: torch.Tensor, *, pow2_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

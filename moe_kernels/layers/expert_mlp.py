@@ -1,0 +1,34 @@
+"""The expert MLP on permuted rows, chained from the grouped GEMM and SwiGLU ops."""
+
+import torch
+
+from moe_kernels._checks import FP8
+from moe_kernels.ops.grouped_gemm import grouped_gemm, silu_mul
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    x_scales: torch.Tensor | None = None,
+    w_gate_up_scales: torch.Tensor | None = None,
+    w_down_scales: torch.Tensor | None = None,
+    pow2_scale: bool = False,
+) -> torch.Tensor:
+    """The DeepSeekMoE expert MLP on permuted rows: down(SiLU(gate) * up), three kernels.
+
+    Args:
+        x: permuted rows [M, H], bf16 (BF16 path) or e4m3 with x_scales [M, H/128] (FP8 path;
+            ``permute(..., quantize=True)`` produces both).
+        expert_offsets: int32 [E + 1] on the device.
+        w_gate_up: [E, 2I, H] (first I rows gate, next I up); w_down: [E, H, I]. bf16, or e4m3 with
+            w_*_scales in 128x128 blocks (DeepSeek-V3 FP8 checkpoints' weight + weight_scale_inv).
+    Returns:
+        bf16 [M, H]; rows outside the experts are unspecified. Matches ``reference.expert_mlp``.
+    """
+    fp8 = x.dtype == FP8
+    h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
+    act, act_scales = silu_mul(h, expert_offsets, quantize=fp8, pow2_scale=pow2_scale)
+    return grouped_gemm(act, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
