@@ -11,6 +11,7 @@ from conftest import requires_sm90
 
 import moe_kernels
 from moe_kernels import MODEL_PRESETS, BalanceLoss, MoE, RouterPreset, reference
+from moe_kernels.layers import FP8SwiGLUMLP
 from moe_kernels.testing import calc_diff, poison_allocator_, rel_error
 
 # Small routers with the semantics of the model families (DESIGN.md §2), E = 16 or 8.
@@ -160,6 +161,63 @@ def test_quantize_is_quantize_fp8_weight():
         "experts.gate_up_proj_scale_inv",
         "experts.down_proj_scale_inv",
     }
+
+
+def fp8_shared_reference(mlp, x):
+    """The FP8 shared experts from the references: 1x128 tokens, one expert, [0, T] offsets."""
+    x_q, x_s = reference.quantize_fp8(x)
+    offsets = torch.tensor([0, x.shape[0]], dtype=torch.int32)
+    return reference.expert_mlp(
+        x_q,
+        offsets,
+        mlp.gate_up_proj,
+        mlp.down_proj,
+        x_scales=x_s,
+        w_gate_up_scales=mlp.gate_up_proj_scale_inv,
+        w_down_scales=mlp.down_proj_scale_inv,
+    )
+
+
+def test_fp8_shared_experts(gen):
+    """quantize_() turns the shared MLP into FP8: weights bit-exact with quantize_fp8_weight of the
+    concatenated gate/up rows, output equal to the reference chain."""
+    moe = make_moe(shared=256)
+    bf16_shared = moe.shared_experts
+    moe.quantize_()
+    fp8 = moe.shared_experts
+    assert isinstance(fp8, FP8SwiGLUMLP) and fp8 is not bf16_shared
+    gate_up = torch.cat([bf16_shared.gate_proj.weight, bf16_shared.up_proj.weight])[None]
+    q, s = reference.quantize_fp8_weight(gate_up)
+    assert torch.equal(fp8.gate_up_proj.view(torch.uint8), q.view(torch.uint8)) and torch.equal(
+        fp8.gate_up_proj_scale_inv, s
+    )
+    x = randn(21, HIDDEN, gen=gen)
+    with torch.no_grad():
+        assert torch.equal(fp8(x), fp8_shared_reference(fp8, x))
+        assert fp8(x[:0]).shape == (0, HIDDEN)
+    assert make_moe(shared=256).quantize_(shared_experts=False).shared_experts.__class__ is not FP8SwiGLUMLP
+
+
+def test_fp8_shared_experts_from_fp8_linears(gen):
+    """transformers' FP8Linear layout (e4m3 weight + weight_scale_inv) is taken as it is."""
+    mlp = torch.nn.Module()
+    for name, shape in (
+        ("gate_proj", (256, HIDDEN)),
+        ("up_proj", (256, HIDDEN)),
+        ("down_proj", (HIDDEN, 256)),
+    ):
+        lin = torch.nn.Module()
+        lin.weight, lin.weight_scale_inv = reference.quantize_fp8_weight(
+            torch.randn(shape, generator=gen) * 0.05
+        )
+        lin.bias, lin.block_size = None, (128, 128)
+        setattr(mlp, name, lin)
+    fp8 = FP8SwiGLUMLP.from_mlp(mlp)
+    assert torch.equal(fp8.gate_up_proj[0, :256].view(torch.uint8), mlp.gate_proj.weight.view(torch.uint8))
+    assert torch.equal(fp8.gate_up_proj_scale_inv[0, 2:], mlp.up_proj.weight_scale_inv)
+    x = randn(5, HIDDEN, gen=gen)
+    with torch.no_grad():
+        assert torch.equal(fp8(x), fp8_shared_reference(fp8, x))
 
 
 def test_training_counts_and_bias_update(gen):
@@ -334,6 +392,19 @@ def test_gpu_matches_reference(router, fp8, tokens, gen):
     if tokens:
         err = calc_diff(out.cpu().float(), ref.float())
         assert err < (2e-3 if fp8 else 1e-4), f"{router=} {fp8=} {tokens=}: calc_diff {err}"
+
+
+@requires_sm90
+@pytest.mark.parametrize("tokens", [0, 1, 300])
+def test_gpu_fp8_shared_experts(tokens, gen):
+    fp8 = make_moe(shared=256, device="cuda").quantize_().shared_experts
+    x = randn(tokens, HIDDEN, gen=gen, device="cuda")
+    with torch.no_grad():
+        out = fp8(x)
+        ref = fp8_shared_reference(fp8.cpu(), x.cpu())
+    assert out.shape == (tokens, HIDDEN)
+    if tokens:
+        assert calc_diff(out.cpu().float(), ref.float()) < 2e-3
 
 
 @requires_sm90

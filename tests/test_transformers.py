@@ -192,6 +192,16 @@ def test_moe_from_transformers_shares_weights_and_matches(family):
     assert_close_to_unpatched(ours.float(), theirs.float(), fp32.float(), family)
 
 
+def test_quantize_leaves_the_transformers_block_alone():
+    block = moe_blocks(tiny_model("deepseek_v3"))[-1]
+    moe = MoE.from_transformers(block).quantize_()
+    assert moe.is_fp8 and type(moe.shared_experts).__name__ == "FP8SwiGLUMLP"
+    assert (
+        block.experts.gate_up_proj.dtype == torch.bfloat16
+        and block.shared_experts.gate_proj.weight.dtype == torch.bfloat16
+    )
+
+
 def test_moe_from_transformers_rejects_gpt_oss():
     with pytest.raises(Unsupported, match="GPT-OSS"):
         MoE.from_transformers(moe_blocks(tiny_model("gpt_oss"))[0])

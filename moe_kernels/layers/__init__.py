@@ -4,6 +4,7 @@ Import rule: integrations -> layers -> {ops, distributed} -> _C (reference, _che
 import nothing above them)."""
 
 from moe_kernels.layers.expert_mlp import expert_mlp
-from moe_kernels.layers.moe import BalanceLoss, MoE, SwiGLUMLP
+from moe_kernels.layers.moe import BalanceLoss, MoE
+from moe_kernels.layers.parts import FP8SwiGLUMLP, SwiGLUMLP
 
-__all__ = ["BalanceLoss", "MoE", "SwiGLUMLP", "expert_mlp"]
+__all__ = ["BalanceLoss", "FP8SwiGLUMLP", "MoE", "SwiGLUMLP", "expert_mlp"]

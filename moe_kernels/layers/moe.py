@@ -20,6 +20,7 @@ from torch import nn
 from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK, check
 from moe_kernels.layers.expert_mlp import expert_mlp
+from moe_kernels.layers.parts import Experts, FP8SwiGLUMLP, SwiGLUMLP, TopKGate
 from moe_kernels.layers.transformers_blocks import describe_block, fp32_scales
 from moe_kernels.ops.permute import permute, unpermute
 from moe_kernels.ops.quant import quantize_fp8_weight
@@ -41,72 +42,6 @@ class BalanceLoss:
     device: float = 0.0
     num_devices: int = 0
     sequence: float = 0.0
-
-
-class SwiGLUMLP(nn.Module):
-    """down(SiLU(gate(x)) * up(x)): the shared experts (transformers' DeepseekV3MLP layout)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype=None, device=None):
-        super().__init__()
-        kw = dict(bias=False, dtype=dtype, device=device)
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class TopKGate(nn.Module):
-    """The router's parameters: ``weight`` [E, H] and, for bias-balanced models, the fp32 expert
-    bias ``e_score_correction_bias`` [E] (added to the scores for selection only)."""
-
-    def __init__(self, hidden_size: int, num_experts: int, expert_bias: bool, *, dtype=None, device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
-        bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if expert_bias else None
-        self.register_buffer("e_score_correction_bias", bias)
-
-
-class Experts(nn.Module):
-    """Routed expert weights: gate_up_proj [E, 2I, H], down_proj [E, H, I]; bf16, or e4m3 with
-    ``*_scale_inv`` fp32 128x128 block scales (DeepSeek-V3 checkpoints, transformers' FP8Experts)."""
-
-    def __init__(self, num_experts, hidden_size, intermediate_size, *, dtype=None, device=None):
-        super().__init__()
-        kw = dict(dtype=dtype, device=device)
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
-        self.gate_up_proj_scale_inv: torch.Tensor | None = None
-        self.down_proj_scale_inv: torch.Tensor | None = None
-
-    @property
-    def is_fp8(self) -> bool:
-        return self.gate_up_proj.dtype == FP8
-
-    def mlp_kwargs(self) -> dict:
-        """The weight arguments of ``expert_mlp``."""
-        scales = {}
-        if self.is_fp8:
-            scales = dict(
-                w_gate_up_scales=self.gate_up_proj_scale_inv, w_down_scales=self.down_proj_scale_inv
-            )
-        return dict(w_gate_up=self.gate_up_proj, w_down=self.down_proj, **scales)
-
-    def set_fp8(self, gate_up, gate_up_scales, down, down_scales) -> None:
-        """Hold FP8 weights (e4m3 + fp32 128x128 scales) in place of the current ones."""
-        for name, value in (
-            ("gate_up_proj", gate_up),
-            ("gate_up_proj_scale_inv", gate_up_scales),
-            ("down_proj", down),
-            ("down_proj_scale_inv", down_scales),
-        ):
-            if name in self._parameters:
-                del self._parameters[name]
-            elif hasattr(self, name):
-                delattr(self, name)
-            param = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
-            self.register_parameter(name, param)
 
 
 class MoE(nn.Module):
@@ -166,6 +101,7 @@ class MoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = preset.num_experts, preset.top_k
         self.router_preset = preset
+        self._router_kwargs = preset.router_kwargs()  # asdict() once, not per forward
         self.logits_fp32, self.weights_dtype = logits_fp32, weights_dtype
         self.balance = balance_loss or BalanceLoss()
         kw = dict(dtype=dtype, device=device)
@@ -254,7 +190,11 @@ class MoE(nn.Module):
             )
         else:
             moe.experts.gate_up_proj, moe.experts.down_proj = experts.gate_up_proj, experts.down_proj
-        moe.shared_experts = spec.shared_experts
+        shared = spec.shared_experts
+        if shared is not None and getattr(getattr(shared, "gate_proj", None), "weight", None) is not None:
+            if shared.gate_proj.weight.dtype == FP8:  # transformers' FP8Linear: run on our FP8 GEMMs
+                shared = FP8SwiGLUMLP.from_mlp(shared)
+        moe.shared_experts = shared
         moe.shared_expert_gate = spec.shared_expert_gate
         moe.routed_counts = torch.zeros(spec.router.preset.num_experts, dtype=torch.int64, device=device)
         left = [n for n, t in [*moe.named_parameters(), *moe.named_buffers()] if t.is_meta]
@@ -262,13 +202,21 @@ class MoE(nn.Module):
         return moe
 
     @torch.no_grad()
-    def quantize_(self, *, pow2_scale: bool = False) -> "MoE":
-        """Turn the routed experts' bf16 weights into FP8 e4m3 with 128x128 fp32 scales (in place;
-        bit-exact with ``quantize_fp8_weight``). The gate and shared experts stay as they are."""
+    def quantize_(self, *, shared_experts: bool = True, pow2_scale: bool = False) -> "MoE":
+        """FP8 in place, DeepSeek-V3's recipe: the routed experts' bf16 weights become e4m3 with fp32
+        128x128 scales (bit-exact with ``quantize_fp8_weight``), and so do the shared experts' (an
+        FP8SwiGLUMLP replaces them; a module shared with transformers is not modified). The gate (and
+        Qwen2-MoE's shared-expert gate) stay as they are."""
         if not self.is_fp8:
             gate_up = quantize_fp8_weight(self.experts.gate_up_proj.detach(), pow2_scale=pow2_scale)
             down = quantize_fp8_weight(self.experts.down_proj.detach(), pow2_scale=pow2_scale)
             self.experts.set_fp8(*gate_up, *down)
+        if (
+            shared_experts
+            and self.shared_experts is not None
+            and not isinstance(self.shared_experts, FP8SwiGLUMLP)
+        ):
+            self.shared_experts = FP8SwiGLUMLP.from_mlp(self.shared_experts, pow2_scale=pow2_scale)
         return self
 
     @property
@@ -335,7 +283,7 @@ class MoE(nn.Module):
             p.top_k,
             bias=None if bias is None else bias.float(),  # a shared transformers bias may be bf16
             return_counts=track and self.expert_bias is not None,
-            **p.router_kwargs(),
+            **self._router_kwargs,
         )
         if track:
             self._record_training_stats(logits, ids, counts, x, seq_offsets)

@@ -13,6 +13,7 @@ from torch import nn
 
 from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK
+from moe_kernels.layers.parts import is_silu
 from moe_kernels.presets import RouterPreset
 
 
@@ -111,10 +112,6 @@ def describe_router(gate: nn.Module) -> RouterSpec:
     return spec
 
 
-def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def describe_experts(experts: nn.Module) -> str:
     """ "bf16" or "fp8" when the grouped GEMMs compute ``experts`` exactly (gate_up [E, 2I, H] with
     gate rows first, down [E, H, I], SiLU, no biases, dims multiples of 128); else Unsupported."""
@@ -125,7 +122,7 @@ def describe_experts(experts: nn.Module) -> str:
             raise Unsupported(
                 f"{name}: {attr}={getattr(experts, attr)} (the grouped GEMMs need {attr}={want})"
             )
-    if not _is_silu(getattr(experts, "act_fn", None)):
+    if not is_silu(getattr(experts, "act_fn", None)):
         raise Unsupported(f"{name}: activation {type(getattr(experts, 'act_fn', None)).__name__} is not SiLU")
     if any(getattr(experts, a, None) is not None for a in ("swiglu_limit", "swiglu_alpha", "limit")):
         raise Unsupported(f"{name}: clamped SwiGLU (swiglu_limit / swiglu_alpha) is not fused")
