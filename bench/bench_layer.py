@@ -10,8 +10,9 @@ tensors) and after quantize_() (FP8 routed experts, 1x128 / 128x128 scales). Als
 the same ops chained by hand in one stream (the module's overhead over the raw ops).
 Decode (T = 128) also reports the bandwidth over the weight bytes read (experts hit + shared + gate)
 as a % of the copy bandwidth measured in the same run. "graph ms" is ours replayed from a CUDA graph
-(the GPU time without launch gaps, as a serving engine runs it). FP8 = routed and shared experts in
-FP8 (quantize_()). Writes layer.json and layer.png (speed-ups).
+(the GPU time without launch gaps, as a serving engine runs it). "ours FP8" is quantize_(): routed
+experts in FP8, shared experts bf16; "ours FP8 + shared" (DeepSeek-V3) quantises the shared experts
+too. Writes layer.json and layer.png (speed-ups).
 """
 
 import argparse
@@ -54,6 +55,8 @@ def raw_chain(moe: MoE):
         weights, ids, _ = moe_kernels.router(
             logits, p.top_k, bias=None if bias is None else bias.float(), **p.router_kwargs()
         )
+        if moe.weights_dtype is not None:
+            weights = weights.to(moe.weights_dtype)
         r = moe_kernels.permute(x, ids, p.num_experts, quantize=moe.is_fp8)
         y = moe_kernels.expert_mlp(r.out, r.expert_offsets, x_scales=r.out_scales, **e.mlp_kwargs())
         shared = moe.shared_experts(x) if moe.shared_experts is not None else None
@@ -90,13 +93,15 @@ def bench_family(family, copy_tbps, rows):
     block = real_block(family)
     ours_bf16 = MoE.from_transformers(block)
     ours_fp8 = MoE.from_transformers(block).quantize_()
+    ours = {"ours bf16": ours_bf16, "ours FP8": ours_fp8}
+    if ours_bf16.shared_experts is not None:
+        ours["ours FP8 + shared"] = MoE.from_transformers(block).quantize_(shared_experts=True)
     hidden = block.experts.gate_up_proj.shape[2]
     gen = torch.Generator(device="cuda").manual_seed(0)
     impls = {
         "transformers grouped_mm": transformers_forward(block, "grouped_mm"),
         "transformers eager": transformers_forward(block, "eager"),
-        "ours bf16": ours_bf16,
-        "ours FP8": ours_fp8,
+        **ours,
     }
     for tokens in TOKENS:
         x = torch.randn(tokens, hidden, generator=gen, device="cuda").bfloat16()
@@ -114,19 +119,16 @@ def bench_family(family, copy_tbps, rows):
                     chain = raw_chain(moe)
                     times[name] = time_cuda_us(lambda chain=chain, x=x: chain(x), warmup=3, reps=20)
                     log(f"{family} T={tokens}: {name} {times[name] / 1e3:.3f} ms")
-            for name in ("ours bf16", "ours FP8"):  # the GPU time alone: no launch gaps
+            for name in ours:  # the GPU time alone: no launch gaps
                 fn = impls[name]
                 calls = 10 if tokens <= 4096 else 2
                 times[f"{name} graph"] = time_cuda_graph_us(
                     lambda fn=fn, x=x: fn(x), calls_per_graph=calls, reps=5
                 )
                 log(f"{family} T={tokens}: {name} in a CUDA graph {times[f'{name} graph'] / 1e3:.3f} ms")
-            errors = {
-                name: rel_error(impls[name](x).float(), reference_out) for name in ("ours bf16", "ours FP8")
-            }
+            errors = {name: rel_error(impls[name](x).float(), reference_out) for name in ours}
         base, eager = times["transformers grouped_mm"], times["transformers eager"]
-        for name in ("ours bf16", "ours FP8"):
-            moe = ours_bf16 if name == "ours bf16" else ours_fp8
+        for name, moe in ours.items():
             us = times[name]
             row = {
                 "layer": family,
@@ -140,7 +142,7 @@ def bench_family(family, copy_tbps, rows):
                 "x eager": eager / us,
                 "rel err vs grouped_mm": errors[name],
             }
-            raw = times.get(f"raw ops {name.split()[-1]}")
+            raw = times.get({"ours bf16": "raw ops bf16", "ours FP8": "raw ops FP8"}.get(name))
             if raw is not None:
                 row["raw ops ms"] = raw / 1e3
                 row["module overhead %"] = 100 * (us / raw - 1)
@@ -149,8 +151,9 @@ def bench_family(family, copy_tbps, rows):
                 row["experts hit"] = hit
                 row["weights GB/s"] = nbytes / (us * 1e-6) / 1e9
                 row["% of copy"] = 100 * nbytes / (us * 1e-6) / (copy_tbps * 1e12)
+                row["% of copy (graph)"] = 100 * nbytes / (times[f"{name} graph"] * 1e-6) / (copy_tbps * 1e12)
             rows.append(row)
-    del impls, ours_bf16, ours_fp8, block
+    del impls, ours, ours_bf16, ours_fp8, block
     torch.cuda.empty_cache()
 
 
@@ -202,6 +205,7 @@ def main(out_dir="bench/results", copy_tbps=None):
         "experts hit",
         "weights GB/s",
         "% of copy",
+        "% of copy (graph)",
     ]
     title = f"MoE layer forward vs transformers (copy {copy_tbps:.2f} TB/s, same run)"
     report(

@@ -42,6 +42,7 @@ HIDDEN, INTER = 256, 128
 
 
 def make_moe(router="deepseek_v3", *, shared=128, shared_gate=False, fp8=False, device="cpu", **kw):
+    """A small MoE with random weights and bias; fp8: routed and shared experts quantised."""
     torch.manual_seed(0)
     moe = MoE(
         HIDDEN,
@@ -55,7 +56,7 @@ def make_moe(router="deepseek_v3", *, shared=128, shared_gate=False, fp8=False, 
     ).eval()
     if moe.expert_bias is not None:
         moe.expert_bias.copy_(torch.randn(moe.num_experts) * 0.1)
-    return moe.quantize_() if fp8 else moe
+    return moe.quantize_(shared_experts=True) if fp8 else moe
 
 
 def reference_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,7 @@ def test_fp8_shared_experts(gen):
     concatenated gate/up rows, output equal to the reference chain."""
     moe = make_moe(shared=256)
     bf16_shared = moe.shared_experts
-    moe.quantize_()
+    moe.quantize_(shared_experts=True)
     fp8 = moe.shared_experts
     assert isinstance(fp8, FP8SwiGLUMLP) and fp8 is not bf16_shared
     gate_up = torch.cat([bf16_shared.gate_proj.weight, bf16_shared.up_proj.weight])[None]
@@ -195,7 +196,7 @@ def test_fp8_shared_experts(gen):
     with torch.no_grad():
         assert torch.equal(fp8(x), fp8_shared_reference(fp8, x))
         assert fp8(x[:0]).shape == (0, HIDDEN)
-    assert make_moe(shared=256).quantize_(shared_experts=False).shared_experts.__class__ is not FP8SwiGLUMLP
+    assert make_moe(shared=256).quantize_().shared_experts.__class__ is not FP8SwiGLUMLP  # bf16 by default
 
 
 def test_fp8_shared_experts_from_fp8_linears(gen):
@@ -397,7 +398,7 @@ def test_gpu_matches_reference(router, fp8, tokens, gen):
 @requires_sm90
 @pytest.mark.parametrize("tokens", [0, 1, 300])
 def test_gpu_fp8_shared_experts(tokens, gen):
-    fp8 = make_moe(shared=256, device="cuda").quantize_().shared_experts
+    fp8 = make_moe(shared=256, device="cuda").quantize_(shared_experts=True).shared_experts
     x = randn(tokens, HIDDEN, gen=gen, device="cuda")
     with torch.no_grad():
         out = fp8(x)

@@ -194,7 +194,7 @@ def test_moe_from_transformers_shares_weights_and_matches(family):
 
 def test_quantize_leaves_the_transformers_block_alone():
     block = moe_blocks(tiny_model("deepseek_v3"))[-1]
-    moe = MoE.from_transformers(block).quantize_()
+    moe = MoE.from_transformers(block).quantize_(shared_experts=True)
     assert moe.is_fp8 and type(moe.shared_experts).__name__ == "FP8SwiGLUMLP"
     assert (
         block.experts.gate_up_proj.dtype == torch.bfloat16

@@ -119,7 +119,7 @@ class MoE(nn.Module):
         )
         self.balance_losses: dict[str, torch.Tensor] = {}
         self.aux_loss: torch.Tensor | None = None
-        self._side_streams: dict[int, torch.cuda.Stream] = {}
+        self._side_streams: dict[int, tuple] = {}  # device index -> (stream, fork event, join event)
         self._warned_fallback = False
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters(init_std)
@@ -202,11 +202,12 @@ class MoE(nn.Module):
         return moe
 
     @torch.no_grad()
-    def quantize_(self, *, shared_experts: bool = True, pow2_scale: bool = False) -> "MoE":
-        """FP8 in place, DeepSeek-V3's recipe: the routed experts' bf16 weights become e4m3 with fp32
-        128x128 scales (bit-exact with ``quantize_fp8_weight``), and so do the shared experts' (an
-        FP8SwiGLUMLP replaces them; a module shared with transformers is not modified). The gate (and
-        Qwen2-MoE's shared-expert gate) stay as they are."""
+    def quantize_(self, *, shared_experts: bool = False, pow2_scale: bool = False) -> "MoE":
+        """FP8 in place: the routed experts' bf16 weights become e4m3 with fp32 128x128 scales
+        (bit-exact with ``quantize_fp8_weight``). With shared_experts=True the shared experts too
+        (DeepSeek-V3's recipe: an FP8SwiGLUMLP replaces them; a module shared with transformers is
+        not modified); measured on DeepSeek-V3 at T = 4096 this takes the layer's error against bf16
+        from 4.2% to 6.4% for 4% less time. The gate (and Qwen2-MoE's shared-expert gate) stay."""
         if not self.is_fp8:
             gate_up = quantize_fp8_weight(self.experts.gate_up_proj.detach(), pow2_scale=pow2_scale)
             down = quantize_fp8_weight(self.experts.down_proj.detach(), pow2_scale=pow2_scale)
@@ -351,11 +352,9 @@ class MoE(nn.Module):
             return None
         if not tokens.is_cuda:
             return self._shared(tokens)
-        current = torch.cuda.current_stream(tokens.device)
-        side = self._side_streams.get(tokens.device.index)
-        if side is None:
-            side = self._side_streams[tokens.device.index] = torch.cuda.Stream(tokens.device)
-        side.wait_stream(current)
+        side, fork, _ = self._side_stream(tokens.device)
+        fork.record(torch.cuda.current_stream(tokens.device))
+        side.wait_event(fork)
         with torch.cuda.stream(side):
             return self._shared(tokens)
 
@@ -364,8 +363,22 @@ class MoE(nn.Module):
         reuse there once freed because the side stream's next work waits for the current stream."""
         if shared is None or not tokens.is_cuda:
             return shared
-        torch.cuda.current_stream(tokens.device).wait_stream(self._side_streams[tokens.device.index])
+        side, _, join = self._side_stream(tokens.device)
+        join.record(side)
+        torch.cuda.current_stream(tokens.device).wait_event(join)
         return shared
+
+    def _side_stream(self, device: torch.device):
+        """(stream, fork event, join event) of a device, made once: reusing the events saves host
+        time per call (an event's wait uses its latest record, also inside a graph capture)."""
+        entry = self._side_streams.get(device.index)
+        if entry is None:
+            entry = self._side_streams[device.index] = (
+                torch.cuda.Stream(device),
+                torch.cuda.Event(),
+                torch.cuda.Event(),
+            )
+        return entry
 
 
 def gate_logits(tokens: torch.Tensor, weight: torch.Tensor, fp32: bool) -> torch.Tensor:
