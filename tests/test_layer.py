@@ -12,7 +12,7 @@ from conftest import requires_sm90
 import moe_kernels
 from moe_kernels import MODEL_PRESETS, BalanceLoss, MoE, RouterPreset, reference
 from moe_kernels.layers import FP8SwiGLUMLP
-from moe_kernels.testing import calc_diff, poison_allocator_, rel_error
+from moe_kernels.testing import calc_diff, capture_cuda_graph, poison_allocator_, rel_error
 
 # Small routers with the semantics of the model families (DESIGN.md §2), E = 16 or 8.
 ROUTERS = {
@@ -431,14 +431,7 @@ def test_cuda_graph_replay_with_new_routing(fp8, gen):
     static_x = randn(64, HIDDEN, gen=gen, device="cuda").abs()
     with torch.no_grad():
         moe.gate.weight[5] = -1.0  # with x >= 0 expert 5 is idle at capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            moe(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = moe(static_x)
+        graph, static_out = capture_cuda_graph(lambda: moe(static_x))
         for step in range(3):
             static_x.copy_(randn(64, HIDDEN, gen=gen, device="cuda").abs())
             if step == 2:

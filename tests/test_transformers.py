@@ -20,7 +20,7 @@ import transformers  # noqa: E402
 from moe_kernels import MoE  # noqa: E402
 from moe_kernels.integrations import transformers as mkt  # noqa: E402
 from moe_kernels.layers.transformers_blocks import Unsupported  # noqa: E402
-from moe_kernels.testing import BF16_ERROR_FACTOR, rel_error  # noqa: E402
+from moe_kernels.testing import BF16_ERROR_FACTOR, capture_cuda_graph, rel_error  # noqa: E402
 from moe_kernels.testing.transformers_models import (  # noqa: E402
     SUPPORTED_FAMILIES,
     RoutingRecorder,
@@ -275,14 +275,7 @@ def test_gpu_zero_tokens_and_graph_capture(family):
         empty = block(torch.empty(1, 0, 128, dtype=torch.bfloat16, device="cuda"))
         assert empty.shape == (1, 0, 128)
         static = torch.randn(1, 16, 128, dtype=torch.bfloat16, device="cuda")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            block(static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = block(static)
+        graph, out = capture_cuda_graph(lambda: block(static))
         for seed in range(3):
             static.copy_(
                 torch.randn(1, 16, 128, generator=torch.Generator().manual_seed(seed)).bfloat16().cuda()

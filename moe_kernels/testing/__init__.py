@@ -3,6 +3,7 @@
 imported on demand: it needs transformers)."""
 
 from moe_kernels.testing.bench import (
+    capture_cuda_graph,
     environment,
     geomean,
     git_commit,
@@ -34,6 +35,7 @@ __all__ = [
     "assert_bitwise_equal",
     "assert_router_matches_reference",
     "calc_diff",
+    "capture_cuda_graph",
     "environment",
     "geomean",
     "git_commit",

@@ -39,19 +39,26 @@ def time_cuda_us(
     return statistics.median(times)
 
 
-def time_cuda_graph_us(fn: Callable[[], object], *, calls_per_graph: int = 20, reps: int = 20) -> float:
-    """Median µs per call of fn() replayed from a CUDA graph holding calls_per_graph calls: the
-    launch gaps of eager mode are gone, as in a graph-captured decode step."""
+def capture_cuda_graph(fn: Callable[[], object], *, calls: int = 1, warmup: int = 3):
+    """(graph, output of the last captured call) of fn() captured `calls` times, after `warmup`
+    eager calls on a side stream (as torch.cuda.graph wants: allocator and lazy init settled)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
+        for _ in range(calls):
+            out = fn()
+    return graph, out
+
+
+def time_cuda_graph_us(fn: Callable[[], object], *, calls_per_graph: int = 20, reps: int = 20) -> float:
+    """Median µs per call of fn() replayed from a CUDA graph holding calls_per_graph calls: the
+    launch gaps of eager mode are gone, as in a graph-captured decode step."""
+    graph, _ = capture_cuda_graph(fn, calls=calls_per_graph)
     graph.replay()
     torch.cuda.synchronize()
     times = []
