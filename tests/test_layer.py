@@ -423,6 +423,28 @@ def test_gpu_shared_gate_on_a_user_stream(gen):
 
 
 @requires_sm90
+def test_gpu_training_fallback_gradients(gen):
+    """While a gradient is needed the bf16 experts run through torch._grouped_mm: the forward
+    agrees with the kernels' and the gradients with the reference's autograd."""
+    moe = make_moe("deepseek_v3", shared=128, device="cuda").train()
+    x = randn(300, HIDDEN, gen=gen, device="cuda")
+    with torch.no_grad():
+        fused = moe(x)
+    x.requires_grad_(True)
+    with pytest.warns(UserWarning, match="no backward yet"):
+        out = moe(x)
+    assert rel_error(out, fused) < 1e-2
+    grad_out = randn(300, HIDDEN, gen=gen, device="cuda")
+    params = [x, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
+    got = torch.autograd.grad(out, params, grad_out)
+    cpu = moe.cpu()
+    cpu_params = [x.detach().cpu().requires_grad_(True), *params[1:]]
+    want = torch.autograd.grad(reference_forward(cpu, cpu_params[0]), cpu_params, grad_out.cpu())
+    for name, g, w in zip(("x", "gate", "gate_up", "down"), got, want, strict=True):
+        assert rel_error(g.cpu(), w) < 2e-2, f"{name}: {rel_error(g.cpu(), w)}"
+
+
+@requires_sm90
 @pytest.mark.parametrize("fp8", [False, True])
 def test_cuda_graph_replay_with_new_routing(fp8, gen):
     """Captured once, replayed with new tokens and a new gate: every expert's load changes, one
