@@ -2,12 +2,17 @@
 
 Layers: DeepSeek-V3 (H 7168, I 2048, 256 routed + 1 shared, K 8, sigmoid + bias + groups) and
 Qwen3-30B-A3B (H 2048, I 768, 128 experts, K 8), at T = 128, 4096 and 16384 tokens. Weights ~
-N(0, 0.02) with a non-zero expert bias and random tokens: the router's load is uneven, as in use.
+N(0, 0.02) with a non-zero expert bias and random tokens: every row's load is what the layer's own
+router draws, uneven as in use ("max/mean load": the fullest expert's rows over the mean). There is
+no balanced row: the layer routes its tokens itself.
 
 Baselines, in the same process: the transformers 5.x block with its fastest experts implementation
-(`grouped_mm`) and with `eager`. Ours: MoE.from_transformers(block) in bf16 (sharing the block's
-tensors) and after quantize_() (FP8 routed experts, 1x128 / 128x128 scales). Also timed at T = 4096:
-the same ops chained by hand in one stream (the module's overhead over the raw ops).
+(`grouped_mm`) and with `eager`. transformers' third, `batched_mm`, gathers one copy of the expert
+weights per (token, expert) pair (60 GB for DeepSeek-V3 at T = 128), so it is slower than
+`grouped_mm` at every T here; generate() picks it only for decode steps of a few tokens. Ours:
+MoE.from_transformers(block) in bf16 (sharing the block's tensors) and after quantize_() (FP8 routed
+experts, 1x128 / 128x128 scales). Also timed at T = 4096: the same ops chained by hand in one stream
+(the module's overhead over the raw ops).
 Decode (T = 128) also reports the bandwidth over the weight bytes read (experts hit + shared + gate)
 as a % of the copy bandwidth measured in the same run. "graph ms" is ours replayed from a CUDA graph
 (the GPU time without launch gaps, as a serving engine runs it). "ours FP8" is quantize_(): routed
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 
 import moe_kernels
-from moe_kernels import MoE, reference
+from moe_kernels import MoE
 from moe_kernels.layers.moe import gate_logits
 from moe_kernels.testing import measure_copy_tbps, rel_error, report, time_cuda_graph_us, time_cuda_us
 from moe_kernels.testing.transformers_models import real_block
@@ -65,16 +70,21 @@ def raw_chain(moe: MoE):
     return run
 
 
-def weight_bytes_read(moe: MoE, x: torch.Tensor) -> tuple[int, int]:
-    """Bytes of weights a forward must read: the experts that receive a token, the shared experts
-    and the gate (the floor of decode, where the weights dominate the traffic); and the experts hit."""
-    logits = torch.nn.functional.linear(x.float(), moe.gate.weight.float())
+@torch.no_grad()
+def expert_counts(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Rows each expert receives from the layer's own router on x (the load the GEMMs see)."""
+    logits = gate_logits(x, moe.gate.weight, moe.logits_fp32)
     bias = moe.expert_bias
     p = moe.router_preset
-    _, ids, _ = reference.router(
-        logits, p.top_k, bias=None if bias is None else bias.float(), **p.router_kwargs()
+    _, _, counts = moe_kernels.router(
+        logits, p.top_k, bias=None if bias is None else bias.float(), return_counts=True, **p.router_kwargs()
     )
-    hit = int(torch.unique(ids).numel())
+    return counts
+
+
+def weight_bytes_read(moe: MoE, hit: int) -> int:
+    """Bytes of weights a forward with `hit` experts receiving tokens must read: those experts, the
+    shared experts and the gate (the floor of decode, where the weights dominate the traffic)."""
     e = moe.experts
     per_expert = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
     if e.is_fp8:
@@ -85,7 +95,7 @@ def weight_bytes_read(moe: MoE, x: torch.Tensor) -> tuple[int, int]:
         else 0
     )
     gate = moe.gate.weight.numel() * moe.gate.weight.element_size()
-    return hit * per_expert + shared + gate, hit
+    return hit * per_expert + shared + gate
 
 
 def bench_family(family, copy_tbps, rows):
@@ -128,6 +138,8 @@ def bench_family(family, copy_tbps, rows):
                 log(f"{family} T={tokens}: {name} in a CUDA graph {times[f'{name} graph'] / 1e3:.3f} ms")
             errors = {name: rel_error(impls[name](x).float(), reference_out) for name in ours}
         base, eager = times["transformers grouped_mm"], times["transformers eager"]
+        counts = expert_counts(ours_bf16, x).float()
+        hit = int((counts > 0).sum())
         for name, moe in ours.items():
             us = times[name]
             row = {
@@ -141,13 +153,14 @@ def bench_family(family, copy_tbps, rows):
                 "x grouped_mm": base / us,
                 "x eager": eager / us,
                 "rel err vs grouped_mm": errors[name],
+                "max/mean load": float(counts.max() / counts.mean()),
             }
             raw = times.get({"ours bf16": "raw ops bf16", "ours FP8": "raw ops FP8"}.get(name))
             if raw is not None:
                 row["raw ops ms"] = raw / 1e3
                 row["module overhead %"] = 100 * (us / raw - 1)
             if tokens <= 128:
-                nbytes, hit = weight_bytes_read(moe, x)
+                nbytes = weight_bytes_read(moe, hit)
                 row["experts hit"] = hit
                 row["weights GB/s"] = nbytes / (us * 1e-6) / 1e9
                 row["% of copy"] = 100 * nbytes / (us * 1e-6) / (copy_tbps * 1e12)
@@ -201,6 +214,7 @@ def main(out_dir="bench/results", copy_tbps=None):
         "x grouped_mm",
         "x eager",
         "rel err vs grouped_mm",
+        "max/mean load",
         "module overhead %",
         "experts hit",
         "weights GB/s",

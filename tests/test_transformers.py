@@ -100,8 +100,8 @@ def test_patch_matches_and_unpatch_restores(family):
 def test_patched_experts_run_the_kernels(monkeypatch):
     model = mkt.patch(tiny_model("qwen3_moe"))
     calls = []
-    real = mkt.expert_mlp
-    monkeypatch.setattr(mkt, "expert_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mkt.routed_expert_mlp
+    monkeypatch.setattr(mkt, "routed_expert_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
     logits(model, prompt())
     assert len(calls) == len(moe_blocks(model))
 
@@ -200,6 +200,20 @@ def test_quantize_leaves_the_transformers_block_alone():
         block.experts.gate_up_proj.dtype == torch.bfloat16
         and block.shared_experts.gate_proj.weight.dtype == torch.bfloat16
     )
+
+
+def test_ue8m0_scales_are_converted_once_per_weight_version():
+    """ue8m0 weight_scale_inv (DeepSeek-V3.1's scale format) is converted to fp32 once, not per call."""
+    experts = torch.nn.Module()
+    experts.gate_up_proj_scale_inv = torch.nn.Parameter(
+        torch.tensor([[[0.5, 2.0]]]).to(torch.float8_e8m0fnu), requires_grad=False
+    )
+    first = mkt._fp32_scales(experts, "gate_up")
+    assert first.dtype == torch.float32 and first.tolist() == [[[0.5, 2.0]]]
+    assert mkt._fp32_scales(experts, "gate_up") is first
+    with torch.no_grad():  # as load_state_dict writes a weight
+        experts.gate_up_proj_scale_inv.copy_(torch.tensor([[[4.0, 8.0]]]).to(torch.float8_e8m0fnu))
+    assert mkt._fp32_scales(experts, "gate_up").tolist() == [[[4.0, 8.0]]]  # a new weight version
 
 
 def test_moe_from_transformers_rejects_gpt_oss():

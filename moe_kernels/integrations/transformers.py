@@ -25,7 +25,7 @@ from torch import nn
 from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8ExpertsInterface
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from moe_kernels.layers.expert_mlp import expert_mlp
+from moe_kernels.layers.expert_mlp import routed_expert_mlp
 from moe_kernels.layers.moe import gate_logits
 from moe_kernels.layers.transformers_blocks import (
     UNSUPPORTED_FAMILIES,
@@ -35,7 +35,7 @@ from moe_kernels.layers.transformers_blocks import (
     describe_router,
     fp32_scales,
 )
-from moe_kernels.ops.permute import permute, unpermute
+from moe_kernels.ops.permute import unpermute
 from moe_kernels.ops.router import router as fused_router
 
 IMPLEMENTATION = "moe_kernels"
@@ -120,18 +120,35 @@ def experts_forward(
     if reason is not None:
         return _fallback(self, reason, hidden_states, top_k_index, top_k_weights)
     num_experts = self.gate_up_proj.shape[0]
-    fp8 = kind == "fp8"
-    # Ids are validated against E + 1 experts with E local ones: the sentinel E is dropped.
-    r = permute(hidden_states, top_k_index, num_experts + 1, num_local_experts=num_experts, quantize=fp8)
     scales = {}
-    if fp8:
+    if kind == "fp8":
         scales = dict(
-            x_scales=r.out_scales,
-            w_gate_up_scales=fp32_scales(self.gate_up_proj_scale_inv),
-            w_down_scales=fp32_scales(self.down_proj_scale_inv),
+            w_gate_up_scales=_fp32_scales(self, "gate_up"), w_down_scales=_fp32_scales(self, "down")
         )
-    y = expert_mlp(r.out, r.expert_offsets, self.gate_up_proj, self.down_proj, **scales)
-    return unpermute(y, r.row_map, top_k_weights)
+    # Ids are validated against E + 1 experts with E local ones: the sentinel E is dropped.
+    y, row_map = routed_expert_mlp(
+        hidden_states,
+        top_k_index,
+        num_experts + 1,
+        self.gate_up_proj,
+        self.down_proj,
+        num_local_experts=num_experts,
+        **scales,
+    )
+    return unpermute(y, row_map, top_k_weights)
+
+
+def _fp32_scales(experts: nn.Module, proj: str) -> torch.Tensor:
+    """experts.<proj>_proj_scale_inv as fp32. fp32 scales are used as they are; ue8m0 ones are
+    converted once per weight version and cached on the module, not once per call."""
+    scales = getattr(experts, f"{proj}_proj_scale_inv")
+    if scales.dtype == torch.float32:
+        return scales
+    key = (scales.data_ptr(), scales._version)
+    cached = experts.__dict__.setdefault("_moe_kernels_fp32_scales", {})
+    if cached.get(proj, (None,))[0] != key:
+        cached[proj] = (key, fp32_scales(scales))
+    return cached[proj][1]
 
 
 def register() -> None:

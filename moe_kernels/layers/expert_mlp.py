@@ -1,9 +1,10 @@
-"""The expert MLP on permuted rows, chained from the grouped GEMM and SwiGLU ops."""
+"""The expert MLP on permuted rows (grouped GEMM + SwiGLU ops), and the routed path around it."""
 
 import torch
 
 from moe_kernels._checks import FP8
 from moe_kernels.ops.grouped_gemm import grouped_gemm, silu_mul
+from moe_kernels.ops.permute import permute
 
 
 def expert_mlp(
@@ -32,3 +33,32 @@ def expert_mlp(
     h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
     act, act_scales = silu_mul(h, expert_offsets, quantize=fp8, pow2_scale=pow2_scale)
     return grouped_gemm(act, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
+
+
+def routed_expert_mlp(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    w_gate_up_scales: torch.Tensor | None = None,
+    w_down_scales: torch.Tensor | None = None,
+    num_local_experts: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens to expert outputs: permute (quantised 1x128 in the same pass when the weights are
+    FP8), then expert_mlp. Returns (y bf16 [R, H] in permuted order, row_map int32 [T, K]), what
+    ``unpermute`` combines. Ids of experts outside [0, num_local_experts) are dropped (permute)."""
+    r = permute(
+        x, expert_ids, num_experts, quantize=w_gate_up.dtype == FP8, num_local_experts=num_local_experts
+    )
+    y = expert_mlp(
+        r.out,
+        r.expert_offsets,
+        w_gate_up,
+        w_down,
+        x_scales=r.out_scales,
+        w_gate_up_scales=w_gate_up_scales,
+        w_down_scales=w_down_scales,
+    )
+    return y, r.row_map

@@ -19,7 +19,7 @@ from torch import nn
 
 from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK, check
-from moe_kernels.layers.expert_mlp import expert_mlp
+from moe_kernels.layers.expert_mlp import routed_expert_mlp
 from moe_kernels.layers.parts import Experts, FP8SwiGLUMLP, SwiGLUMLP, TopKGate
 from moe_kernels.layers.transformers_blocks import describe_block, fp32_scales
 from moe_kernels.ops.permute import permute, unpermute
@@ -101,7 +101,6 @@ class MoE(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = preset.num_experts, preset.top_k
         self.router_preset = preset
-        self._router_kwargs = preset.router_kwargs()  # asdict() once, not per forward
         self.logits_fp32, self.weights_dtype = logits_fp32, weights_dtype
         self.balance = balance_loss or BalanceLoss()
         kw = dict(dtype=dtype, device=device)
@@ -191,9 +190,9 @@ class MoE(nn.Module):
         else:
             moe.experts.gate_up_proj, moe.experts.down_proj = experts.gate_up_proj, experts.down_proj
         shared = spec.shared_experts
-        if shared is not None and getattr(getattr(shared, "gate_proj", None), "weight", None) is not None:
-            if shared.gate_proj.weight.dtype == FP8:  # transformers' FP8Linear: run on our FP8 GEMMs
-                shared = FP8SwiGLUMLP.from_mlp(shared)
+        gate_proj = getattr(shared, "gate_proj", None)
+        if gate_proj is not None and gate_proj.weight.dtype == FP8:  # transformers' FP8Linear: our GEMMs
+            shared = FP8SwiGLUMLP.from_mlp(shared)
         moe.shared_experts = shared
         moe.shared_expert_gate = spec.shared_expert_gate
         moe.routed_counts = torch.zeros(spec.router.preset.num_experts, dtype=torch.int64, device=device)
@@ -284,7 +283,7 @@ class MoE(nn.Module):
             p.top_k,
             bias=None if bias is None else bias.float(),  # a shared transformers bias may be bf16
             return_counts=track and self.expert_bias is not None,
-            **self._router_kwargs,
+            **p.router_kwargs(),
         )
         if track:
             self._record_training_stats(logits, ids, counts, x, seq_offsets)
@@ -301,11 +300,8 @@ class MoE(nn.Module):
                 "MoE: FP8 experts have no backward yet; run inference under torch.no_grad() or "
                 "torch.inference_mode()"
             )
-        r = permute(tokens, ids, self.num_experts, quantize=fp8)
         if not needs_grad:
-            return expert_mlp(
-                r.out, r.expert_offsets, x_scales=r.out_scales, **self.experts.mlp_kwargs()
-            ), r.row_map
+            return routed_expert_mlp(tokens, ids, self.num_experts, **self.experts.mlp_kwargs())
         if not self._warned_fallback:
             self._warned_fallback = True
             warnings.warn(
@@ -313,6 +309,7 @@ class MoE(nn.Module):
                 "through torch._grouped_mm (CPU: the reference). Use torch.no_grad() for inference.",
                 stacklevel=3,
             )
+        r = permute(tokens, ids, self.num_experts)
         return _differentiable_expert_mlp(r.out, r.expert_offsets, self.experts), r.row_map
 
     def _record_training_stats(self, logits, ids, counts, x, seq_offsets) -> None:

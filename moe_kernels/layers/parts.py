@@ -53,8 +53,8 @@ class Experts(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
-        self.gate_up_proj_scale_inv: torch.Tensor | None = None
-        self.down_proj_scale_inv: torch.Tensor | None = None
+        self.register_parameter("gate_up_proj_scale_inv", None)  # FP8 only (set_fp8)
+        self.register_parameter("down_proj_scale_inv", None)
 
     @property
     def is_fp8(self) -> bool:
@@ -71,17 +71,8 @@ class Experts(nn.Module):
 
     def set_fp8(self, gate_up, gate_up_scales, down, down_scales) -> None:
         """Hold FP8 weights (e4m3 + fp32 128x128 scales) in place of the current ones."""
-        for name, value in (
-            ("gate_up_proj", gate_up),
-            ("gate_up_proj_scale_inv", gate_up_scales),
-            ("down_proj", down),
-            ("down_proj_scale_inv", down_scales),
-        ):
-            if name in self._parameters:
-                del self._parameters[name]
-            elif hasattr(self, name):
-                delattr(self, name)
-            self.register_parameter(name, frozen(value))
+        self.gate_up_proj, self.gate_up_proj_scale_inv = frozen(gate_up), frozen(gate_up_scales)
+        self.down_proj, self.down_proj_scale_inv = frozen(down), frozen(down_scales)
 
 
 class FP8SwiGLUMLP(nn.Module):
