@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common/device_error.h"
+#include "ep/nccl_comm.h"
 
 namespace moe_kernels {
 
@@ -65,6 +66,31 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def(
       "unpermute_backward(Tensor grad_out, Tensor row_map, Tensor? weights, Tensor? y, int num_rows) "
       "-> (Tensor, Tensor)");
+
+  // Expert parallelism (csrc/ep). Source-side layout: each token's destination ranks (ascending,
+  // -1 padded), then the meta (local expert, eidx, gate weight per entry) beside each send row,
+  // each pair's meta slot, and the counts sent to each rank [W, 1 + L]. Receiver: the received rows
+  // laid out expert-major -> (out, out_scales or [0], expert_offsets [L + 1], row_map [rows, K],
+  // weights fp32 [rows, K]). The exchange: our own NCCL communicators, by registry id.
+  m.def("ep_token_ranks(Tensor expert_ids, Tensor expert_rank, int num_ranks) -> Tensor");
+  m.def(
+      "ep_pack_meta(Tensor expert_ids, Tensor? weights, Tensor expert_rank, Tensor expert_local, "
+      "Tensor expert_row_map, Tensor expert_offsets, Tensor rank_ids, Tensor send_row_map, Tensor "
+      "rank_offsets, "
+      "Tensor rank_experts, int num_send_rows) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ep_unpack(Tensor recv_x, Tensor? recv_scales, Tensor recv_meta, Tensor recv_counts, int "
+      "num_local_experts, "
+      "int source_capacity, int align, int num_out_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ep_nccl_unique_id() -> Tensor", &moe_kernels::ep_nccl_unique_id);
+  m.def("ep_nccl_comm_init(Tensor unique_id, int world_size, int rank, int device) -> int",
+        &moe_kernels::ep_nccl_comm_init);
+  m.def("ep_nccl_comm_destroy(int comm) -> ()", &moe_kernels::ep_nccl_comm_destroy);
+  m.def(
+      "ep_nccl_all_to_all_v(int comm, Tensor[] sends, Tensor(a!)[] recvs, int[] send_counts, int[] "
+      "recv_counts) "
+      "-> ()",
+      &moe_kernels::ep_nccl_all_to_all_v);
 
   // Sticky device-side error flag (csrc/common/device_error.h): read and reset without a sync.
   m.def("device_error_code() -> int", &moe_kernels::device_error_code);

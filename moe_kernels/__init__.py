@@ -9,6 +9,7 @@ Every op also has a CPU implementation (the pure-PyTorch reference of ``moe_kern
 import torch  # noqa: F401  (loads libtorch before our extension links against it)
 
 from moe_kernels import _C  # noqa: F401, E402  (registers the op schemas and CUDA kernels)
+from moe_kernels.distributed import ExpertParallel, all_reduce_counts  # noqa: E402
 from moe_kernels.layers import BalanceLoss, MoE, expert_mlp  # noqa: E402
 from moe_kernels.ops import *  # noqa: E402, F403  (the typed front doors; names in ops.__all__)
 from moe_kernels.ops import __all__ as _ops_all  # noqa: E402
@@ -21,8 +22,10 @@ __all__ = [
     "MODEL_PRESETS",
     "PRESETS",
     "BalanceLoss",
+    "ExpertParallel",
     "MoE",
     "ModelPreset",
     "RouterPreset",
+    "all_reduce_counts",
     "expert_mlp",
 ]

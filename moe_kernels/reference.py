@@ -11,10 +11,9 @@ Contents
     Data movement:  permute, unpermute, unpermute_backward
     Experts:        grouped_gemm, silu_and_mul, expert_mlp
     Layer:          moe_layer (the MoE module chained from the references above)
-    Expert parallel: ep_dispatch, ep_combine (torch.distributed.all_to_all_single)
+    Expert parallel: ep_token_ranks, ep_pack_meta, ep_unpack (the local steps); ep_local_ids,
+                    ep_dispatch, ep_combine (what every rank must see, all ranks in one process)
 """
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -628,107 +627,209 @@ def moe_layer(
 
 
 # ------------------------------------------------------------------------------------------------
-# Expert-parallel dispatch / combine over torch.distributed (all_to_all_single)
+# Expert parallel (../shared/ep-design.md §3): the local steps on either side of the exchange, and
+# the global results every rank must see (all ranks' tokens in one process)
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EPHandle:
-    """What ep_combine needs to send rows back: built by ep_dispatch."""
+def ep_token_ranks(expert_ids: torch.Tensor, expert_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """Each token's distinct destination ranks, ascending, padded with -1: int32 [T, K].
 
-    sent_pairs: torch.Tensor  # [S] flat pair index t*K + k of each row sent, in send order
-    send_counts: list[int]  # rows sent to each rank
-    recv_counts: list[int]  # rows received from each rank
-    recv_rows: torch.Tensor  # [sum(recv_counts)] row of the dispatch output each received row went to
-    num_tokens: int
-    top_k: int
+    expert_rank: int32 [E], the rank that holds each expert. Ids of -1 are dropped; ids outside
+    [-1, E) raise here (the kernel drops them and sets the device-error flag)."""
+    op = "ep_token_ranks"
+    check_dim(expert_ids, 2, op, "expert_ids", "[tokens, top_k]")
+    e = expert_rank.numel()
+    ids = expert_ids.long()
+    check(bool(((ids >= -1) & (ids < e)).all()), op, f"expert_ids must be in [-1, {e})")
+    ranks = torch.where(ids >= 0, expert_rank.long()[ids.clamp_min(0)], num_ranks).sort(dim=1).values
+    repeat = torch.zeros_like(ranks, dtype=torch.bool)
+    repeat[:, 1:] = ranks[:, 1:] == ranks[:, :-1]
+    ranks = torch.where(repeat, num_ranks, ranks).sort(dim=1).values
+    return torch.where(ranks == num_ranks, -1, ranks).to(torch.int32)
+
+
+def ep_pack_meta(
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor | None,
+    expert_rank: torch.Tensor,
+    expert_local: torch.Tensor,
+    expert_row_map: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    rank_ids: torch.Tensor,
+    send_row_map: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    rank_experts: torch.Tensor,
+    num_send_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What travels beside the send block. Returns (meta, pair_slot, send_counts).
+
+    meta: int32 [num_send_rows, 3, K]: for send row s (token t bound for rank r, at
+        send_row_map[t, j] where rank_ids[t, j] = r), the token's pairs whose expert lives on r, in
+        k order: [0] the expert's index among r's experts (-1 past the last entry), [1] eidx (the
+        pair's index among this source's pairs of that expert: expert_row_map - expert_offsets),
+        [2] the gate weight as fp32 bits (1.0 when weights is None).
+    pair_slot: int32 [T, K], s * K + entry of each pair, -1 when dropped.
+    send_counts: int32 [W, 1 + L]: rows sent to rank r, then this source's pairs of each of r's
+        experts (rank_experts [W, L]: r's experts ascending, -1 padded).
+    """
+    t, k = expert_ids.shape
+    dev = expert_ids.device
+    ids = expert_ids.long()
+    valid = ids >= 0
+    e = ids.clamp_min(0)
+    rank = torch.where(valid, expert_rank.long()[e], -1)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=dev).tril(-1)  # [k, k'] k' < k
+    same = (rank[:, :, None] == rank[:, None, :]) & valid[:, None, :] & earlier
+    entry = same.sum(-1)
+    column = (rank_ids.long()[:, None, :] == rank[:, :, None]).int().argmax(-1)
+    row = send_row_map.long().gather(1, column)
+    live = valid & (row >= 0) & (row < num_send_rows)
+    w = torch.ones(t, k, device=dev) if weights is None else weights.float()
+    meta = torch.zeros(num_send_rows, 3, k, dtype=torch.int32, device=dev)
+    meta[:, 0] = -1
+    rows, entries = row[live], entry[live]
+    meta[rows, 0, entries] = expert_local.long()[e][live].to(torch.int32)
+    eidx = expert_row_map.long() - expert_offsets.long()[e]
+    meta[rows, 1, entries] = eidx[live].to(torch.int32)
+    meta[rows, 2, entries] = w[live].contiguous().view(torch.int32)
+    pair_slot = torch.where(live, row * k + entry, -1).to(torch.int32)
+    expert_counts = expert_offsets.long().diff()
+    experts = rank_experts.long()
+    per_expert = torch.where(experts >= 0, expert_counts[experts.clamp_min(0)], 0)
+    send_counts = torch.cat([rank_offsets.long().diff()[:, None], per_expert], 1).to(torch.int32)
+    return meta, pair_slot, send_counts
+
+
+def ep_unpack(
+    recv_x: torch.Tensor,
+    recv_scales: torch.Tensor | None,
+    recv_meta: torch.Tensor,
+    recv_counts: torch.Tensor,
+    num_local_experts: int,
+    source_capacity: int,
+    align: int,
+    num_out_rows: int,
+):
+    """The rows every source sent, laid out expert-major. Returns (out, out_scales, expert_offsets,
+    row_map, weights).
+
+    recv_counts: int32 [W, 1 + L], row s what source s sent (rows, then pairs per local expert).
+    Source s's rows start at s * source_capacity, or right after source s-1's when it is 0.
+    Expert l's rows are [offsets[l], offsets[l] + count), padded to `align` with zero rows (FP8:
+    zero bytes, scale 1); inside it rows come by (source, eidx). row_map / weights [rows, K]: the
+    output row and gate weight of each meta entry (-1 / 0 when none): what combine needs.
+    """
+    op = "ep_unpack"
+    w_src = recv_counts.shape[0]
+    dev = recv_x.device
+    k = recv_meta.shape[2]
+    rows_from = recv_counts[:, 0].long()
+    counts = recv_counts[:, 1 : 1 + num_local_experts].long()  # [W, L]
+    padded = (counts.sum(0) + align - 1) // align * align
+    offsets = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = padded.cumsum(0)
+    check(
+        int(offsets[-1]) <= num_out_rows,
+        op,
+        f"num_out_rows={num_out_rows} is smaller than the {int(offsets[-1])} rows received",
+    )
+    base = offsets[:-1][None, :] + counts.cumsum(0) - counts  # [W, L]
+    if source_capacity:
+        start = torch.arange(w_src + 1, device=dev) * source_capacity
+    else:
+        start = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev), rows_from.cumsum(0)])
+    j = torch.arange(recv_x.shape[0], device=dev)
+    source = (torch.searchsorted(start[1:w_src], j, right=True)).clamp_max(w_src - 1)
+    live = (j - start[source]) < rows_from[source]
+    local, eidx = recv_meta[:, 0].long(), recv_meta[:, 1].long()
+    entry = live[:, None] & (local >= 0)
+    check(
+        bool((local[entry] < num_local_experts).all()),
+        op,
+        "recv_meta names an expert this rank does not hold",
+    )
+    lc = local.clamp(0, num_local_experts - 1)
+    in_range = (eidx >= 0) & (eidx < counts[source[:, None], lc])
+    check(bool(in_range[entry].all()), op, "recv_meta's eidx exceed the counts received")
+    row_map = torch.where(entry, base[source[:, None], lc] + eidx, -1)
+    weights = torch.where(entry, recv_meta[:, 2].contiguous().view(torch.float32), 0.0)
+
+    fp8 = recv_x.dtype == FP8
+    out = torch.zeros(num_out_rows, recv_x.shape[1], dtype=torch.uint8 if fp8 else recv_x.dtype, device=dev)
+    src_rows = j[:, None].expand(-1, k)[entry]
+    out[row_map[entry]] = recv_x.view(torch.uint8)[src_rows] if fp8 else recv_x[src_rows]
+    out_scales = None
+    if fp8:
+        out = out.view(FP8)
+        out_scales = torch.ones(num_out_rows, recv_x.shape[1] // QUANT_BLOCK, dtype=torch.float32, device=dev)
+        out_scales[row_map[entry]] = recv_scales[src_rows]
+    return out, out_scales, offsets.to(torch.int32), row_map.to(torch.int32), weights
+
+
+def ep_local_ids(expert_ids: torch.Tensor, expert_rank: torch.Tensor, rank: int) -> torch.Tensor:
+    """Each id as an index among `rank`'s experts (ascending global order), -1 when elsewhere."""
+    mine = expert_rank.long() == rank
+    local = mine.long().cumsum(0) - 1
+    ids = expert_ids.long()
+    keep = (ids >= 0) & mine[ids.clamp_min(0)]
+    return torch.where(keep, local[ids.clamp_min(0)], -1)
 
 
 def ep_dispatch(
-    x: torch.Tensor,
-    expert_ids: torch.Tensor,
-    num_experts: int,
+    xs: list[torch.Tensor],
+    expert_ids: list[torch.Tensor],
+    expert_rank: torch.Tensor,
+    rank: int,
     *,
-    group=None,
     align: int = 1,
-    x_scales: torch.Tensor | None = None,
+    quantize: bool = False,
+    pow2_scale: bool = False,
+    x_scales: list[torch.Tensor] | None = None,
 ):
-    """Send each (token, k) pair's row to the rank that owns its expert.
-
-    Experts are split evenly and contiguously over the W ranks of `group`. On rank r the result is
-    what permute() gives for all ranks' tokens concatenated in rank order with local experts
-    [r*E/W, (r+1)*E/W): rows by local expert, then source rank, then source pair index; padded to
-    `align`. Returns (rows [R, H], row_scales or None, expert_offsets int32 [E/W + 1], handle).
-    Rows carry x's dtype; FP8 rows move with their 1x128 scales.
-    """
-    import torch.distributed as dist
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    check(
-        num_experts % world == 0,
-        "ep_dispatch",
-        f"num_experts={num_experts} must divide by world size {world}",
+    """What `rank` must receive from a dispatch of every rank's tokens (xs[r], expert_ids[r]):
+    permute of the rank-ordered concatenation, keeping `rank`'s experts. Returns permute's
+    (out, out_scales, expert_offsets, row_map); row_map is over the concatenated tokens."""
+    num_local = int((expert_rank == rank).sum())
+    local = ep_local_ids(torch.cat(expert_ids), expert_rank, rank)
+    scales = None if x_scales is None else torch.cat(x_scales)
+    return permute(
+        torch.cat(xs),
+        local,
+        num_local,
+        align=align,
+        quantize=quantize,
+        pow2_scale=pow2_scale,
+        x_scales=scales,
     )
-    per_rank = num_experts // world
-    t, k = expert_ids.shape
-    ids = expert_ids.long().flatten()
-    dest = torch.where(ids >= 0, ids // per_rank, world)
-    pair = torch.arange(t * k, device=ids.device)
-    sent_pairs = torch.sort(dest * num_experts * t * k + ids.clamp_min(0) * t * k + pair).indices
-    sent_pairs = sent_pairs[: int((dest < world).sum())]
-    send_counts = torch.bincount(dest[dest < world], minlength=world)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
-
-    def exchange(tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.new_empty(sum(recv_counts), *tensor.shape[1:])
-        dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=group)
-        return out
-
-    tokens = sent_pairs // k
-    is_fp8 = x.dtype == FP8
-    recv_x = exchange(x[tokens].view(torch.uint8) if is_fp8 else x[tokens])
-    recv_scales = exchange(x_scales[tokens]) if is_fp8 else None
-    recv_expert = exchange(ids[sent_pairs]) - rank * per_rank
-
-    # Received rows come grouped by source rank, each in (expert, pair) order: a stable sort by
-    # expert gives (expert, source rank, pair) order.
-    counts = torch.bincount(recv_expert, minlength=per_rank)
-    padded = (counts + align - 1) // align * align
-    offsets = torch.zeros(per_rank + 1, dtype=torch.int64, device=x.device)
-    offsets[1:] = torch.cumsum(padded, 0)
-    order = torch.sort(recv_expert, stable=True).indices
-    recv_rows = torch.empty_like(order)
-    start = 0
-    for e in range(per_rank):
-        n = int(counts[e])
-        recv_rows[order[start : start + n]] = offsets[e] + torch.arange(n, device=x.device)
-        start += n
-    rows = permute_rows_bound(len(order), per_rank, align)
-    out = torch.zeros(rows, x.shape[1], dtype=torch.uint8 if is_fp8 else x.dtype, device=x.device)
-    out[recv_rows] = recv_x
-    out_scales = None
-    if is_fp8:
-        out = out.view(FP8)
-        out_scales = torch.ones(rows, x.shape[1] // QUANT_BLOCK, dtype=torch.float32, device=x.device)
-        out_scales[recv_rows] = recv_scales
-    handle = EPHandle(sent_pairs, send_counts, recv_counts, recv_rows, t, k)
-    return out, out_scales, offsets.to(torch.int32), handle
 
 
 def ep_combine(
-    y: torch.Tensor, handle: EPHandle, weights: torch.Tensor | None = None, *, group=None
-) -> torch.Tensor:
-    """Inverse of ep_dispatch: send each processed row back to its token's rank and reduce there as
-    unpermute() does (sum over k in k order of weights[t, k] * row, fp32, rounded to y's dtype)."""
-    import torch.distributed as dist
+    ys: list[torch.Tensor],
+    expert_ids: list[torch.Tensor],
+    weights: list[torch.Tensor] | None,
+    expert_rank: torch.Tensor,
+    *,
+    align: int = 1,
+    shared_outputs: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """What each source rank must get back from a combine. ys[r]: rank r's expert outputs, laid out
+    as ep_dispatch(..., rank=r, align=align) gave them.
 
-    back = y.new_empty(sum(handle.send_counts), y.shape[1])
-    dist.all_to_all_single(
-        back, y[handle.recv_rows].contiguous(), handle.send_counts, handle.recv_counts, group=group
-    )
-    # Lay the returned rows out as a [T*K, H] block indexed by pair, then reuse unpermute.
-    row_map = torch.full((handle.num_tokens * handle.top_k,), -1, dtype=torch.int64, device=y.device)
-    row_map[handle.sent_pairs] = torch.arange(len(handle.sent_pairs), device=y.device)
-    return unpermute(back, row_map.view(handle.num_tokens, handle.top_k), weights)
+    Rank r first reduces each token's rows on r: the sum in k order of w * row in fp32, rounded to
+    y's dtype (one row per (token, rank) crosses back). The source then adds those partial sums in
+    rank order in fp32, over the ranks the token was sent to, plus its shared output, and rounds
+    once: deterministic, and what the kernels give bit for bit."""
+    ids = torch.cat(expert_ids)
+    w = None if weights is None else torch.cat(weights)
+    acc = torch.zeros(ids.shape[0], ys[0].shape[1], dtype=torch.float32, device=ys[0].device)
+    for r, y in enumerate(ys):
+        local = ep_local_ids(ids, expert_rank, r)
+        num_local = int((expert_rank == r).sum())
+        row_map = permute(y.new_empty(ids.shape[0], 0), local, num_local, align=align)[3]
+        partial = unpermute(y, row_map, w)
+        sent = (local >= 0).any(1)
+        acc[sent] = acc[sent] + partial[sent].float()
+    if shared_outputs is not None:
+        acc = acc + torch.cat(shared_outputs).float()
+    return list(acc.to(ys[0].dtype).split([len(i) for i in expert_ids]))

@@ -5,23 +5,15 @@ floats / float64 with each fp32 rounding written out (f32), so that each can be 
 The references must match them bit for bit where the contract says so (FP8 quantisation, data movement,
 unpermute's fp32 sums, the bias update, counts) and up to fp32 / bf16 rounding elsewhere. FP8 follows
 reference.py's docstrings: q = x * fp32(1 / scale), one rounded multiply, then e4m3 nearest-even.
-The expert-parallel ops run on 2 CPU processes over gloo.
 """
 
 import math
-import queue
 import re
-import socket
 import struct
-import time
-import traceback
-from datetime import timedelta
 from fractions import Fraction
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_kernels import reference
 from moe_kernels.presets import PRESETS
@@ -1095,146 +1087,3 @@ def test_expert_mlp(mode, gen):
     assert out.dtype == torch.bfloat16 and out.shape == (m, h), f"{mode=}: {out.dtype} {tuple(out.shape)}"
     assert not out[offs[-1] :].any(), f"{mode=}: rows outside the experts not zero"
     assert_rel_close(out, expected, 1e-2, f"{mode=}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Expert parallel: ep_dispatch / ep_combine on 2 CPU ranks over gloo
-# ------------------------------------------------------------------------------------------------
-
-EP_WORLD = 2
-EP_CASES = [
-    dict(name="bf16_uneven_tokens", tokens=(5, 3), E=8, K=2, align=1, fp8=False, weighted=True),
-    dict(name="fp8_align16", tokens=(6, 6), E=8, K=3, align=16, fp8=True, weighted=True),
-    dict(name="rank0_without_tokens", tokens=(0, 4), E=4, K=2, align=1, fp8=False, weighted=False),
-    dict(name="rank0_receives_nothing", tokens=(7, 2), E=8, K=1, align=64, fp8=False, weighted=True, only=5),
-    dict(
-        name="rank1_all_pairs_dropped",
-        tokens=(3, 2),
-        E=4,
-        K=2,
-        align=1,
-        fp8=False,
-        weighted=True,
-        drop_rank=1,
-    ),
-]
-
-
-def ep_inputs(case, seed):
-    """All ranks' tokens in rank order: x bf16 [T, 128], ids (-1s, expert E-2 empty), weights fp32."""
-    gen = torch.Generator().manual_seed(seed)
-    t, e, k = sum(case["tokens"]), case["E"], case["K"]
-    x = (torch.randn(t, 128, generator=gen) * 2).to(torch.bfloat16)
-    ids = make_ids(t, k, e, gen, drop=0.2, skip=(e - 2,))
-    if "only" in case:
-        ids.fill_(case["only"])
-    if "drop_rank" in case:
-        lo = sum(case["tokens"][: case["drop_rank"]])
-        ids[lo : lo + case["tokens"][case["drop_rank"]]] = -1
-    return x, ids, torch.rand(t, k, generator=gen)
-
-
-def ep_rows_to_y(rows, scales):
-    """A row-wise stand-in for the expert MLP: (rows, FP8 ones dequantised) * 1.5 + 0.25 in bf16."""
-    vals = rows.float() if scales is None else reference.dequantize_fp8(rows, scales, torch.float32)
-    return (vals * 1.5 + 0.25).to(torch.bfloat16)
-
-
-def ep_check(rank, case, seed):
-    """One case on this rank: dispatch vs permute of all ranks' tokens, combine vs the global unpermute."""
-    x, ids, weights = ep_inputs(case, seed)
-    scales = None
-    if case["fp8"]:
-        x, scales = reference.quantize_fp8(x)
-    lo = sum(case["tokens"][:rank])
-    hi = lo + case["tokens"][rank]
-    e, align = case["E"], case["align"]
-    w = weights if case["weighted"] else None
-    # Every collective first (both ranks must reach each one), then the checks.
-    out, out_scales, offsets, handle = reference.ep_dispatch(
-        x[lo:hi], ids[lo:hi], e, align=align, x_scales=None if scales is None else scales[lo:hi]
-    )
-    combined = reference.ep_combine(ep_rows_to_y(out, out_scales), handle, None if w is None else w[lo:hi])
-
-    per_rank = e // EP_WORLD
-    exp_out, exp_scales, exp_offsets, _ = reference.permute(
-        x, ids, e, align=align, x_scales=scales, first_expert=rank * per_rank, num_local_experts=per_rank
-    )
-    msg = f"{case['name']} {rank=}"
-    assert offsets.dtype == torch.int32 and offsets.tolist() == exp_offsets.tolist(), (
-        f"{msg}: offsets {offsets.tolist()} != {exp_offsets.tolist()}"
-    )
-    n = int(exp_offsets[-1])
-    assert out.dtype == x.dtype and torch.equal(bits(out[:n]), bits(exp_out[:n])), f"{msg}: dispatched rows"
-    if scales is None:
-        assert out_scales is None, msg
-    else:
-        assert torch.equal(out_scales[:n], exp_scales[:n]), f"{msg}: dispatched scales"
-    all_out, all_scales, _, all_map = reference.permute(x, ids, e, align=align, x_scales=scales)
-    expected = reference.unpermute(ep_rows_to_y(all_out, all_scales), all_map, w)[lo:hi]
-    assert combined.dtype == expected.dtype and torch.equal(bits(combined), bits(expected)), f"{msg}: combine"
-
-
-def _ep_worker(rank, port, results):
-    """Process entry: every EP case on one gloo rank; puts (rank, {case name: failure text}) on results."""
-    failures = {}
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=EP_WORLD,
-            timeout=timedelta(seconds=30),
-        )
-        try:
-            for seed, case in enumerate(EP_CASES):
-                try:
-                    ep_check(rank, case, seed)
-                except Exception:
-                    failures[case["name"]] = f"rank {rank}: {traceback.format_exc()}"
-        finally:
-            dist.destroy_process_group()
-    except Exception:
-        failures["setup"] = f"rank {rank}: {traceback.format_exc()}"
-    results.put((rank, failures))
-
-
-def free_port():
-    """A TCP port that was free a moment ago (bound to port 0, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ep_results():
-    """Runs EP_CASES once on 2 spawned CPU ranks: ({case name: failures}, exit codes)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_ep_worker, args=(r, port, results), daemon=True) for r in range(EP_WORLD)]
-    for p in procs:
-        p.start()
-    failures, deadline = {}, time.monotonic() + 180
-    try:
-        for _ in procs:
-            _, rank_failures = results.get(timeout=max(deadline - time.monotonic(), 1))
-            for name, text in rank_failures.items():
-                failures.setdefault(name, []).append(text)
-    except queue.Empty:
-        failures.setdefault("setup", []).append("a rank reported nothing before the deadline")
-    for p in procs:
-        p.join(timeout=max(deadline - time.monotonic(), 5))
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return failures, [p.exitcode for p in procs]
-
-
-@pytest.mark.parametrize("name", [c["name"] for c in EP_CASES])
-def test_ep_dispatch_combine(name, ep_results):
-    failures, exit_codes = ep_results
-    assert exit_codes == [0] * EP_WORLD, f"{name}: rank exit codes {exit_codes}; {failures.get('setup')}"
-    assert "setup" not in failures, "\n".join(failures["setup"])
-    assert name not in failures, "\n".join(failures[name])

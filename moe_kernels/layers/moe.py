@@ -19,12 +19,13 @@ from torch import nn
 
 from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK, check
+from moe_kernels.distributed import all_reduce_counts
 from moe_kernels.layers.expert_mlp import routed_expert_mlp
 from moe_kernels.layers.parts import Experts, FP8SwiGLUMLP, SwiGLUMLP, TopKGate
 from moe_kernels.layers.transformers_blocks import describe_block, fp32_scales
 from moe_kernels.ops.permute import permute, unpermute
 from moe_kernels.ops.quant import quantize_fp8_weight
-from moe_kernels.ops.router import all_reduce_counts, balance_loss, router, update_expert_bias_
+from moe_kernels.ops.router import balance_loss, router, update_expert_bias_
 from moe_kernels.presets import MODEL_PRESETS, PRESETS, ModelPreset, RouterPreset
 
 

@@ -7,7 +7,6 @@ from moe_kernels.ops.permute import PermuteResult, permute, unpermute
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight
 from moe_kernels.ops.router import (
     RouterOutput,
-    all_reduce_counts,
     balance_loss,
     device_balance_loss,
     expert_balance_loss,
@@ -20,7 +19,6 @@ __all__ = [
     "GEMM_CONFIGS",
     "PermuteResult",
     "RouterOutput",
-    "all_reduce_counts",
     "balance_loss",
     "check_device_errors",
     "dequantize_fp8",

@@ -22,6 +22,9 @@ _MESSAGES = {
         "grouped_gemm: expert_offsets were not non-decreasing within [0, rows of a]; they were clamped "
         "into that range, so the outputs of the experts concerned are wrong"
     ),
+    5: "dispatch: expert_ids had values outside [-1, num_experts); those pairs were dropped",
+    6: "dispatch: more rows arrived than the dispatch output holds; the rows that did not fit were dropped",
+    7: "dispatch: the received counts or meta were inconsistent (corrupt); the rows concerned were dropped",
 }
 
 

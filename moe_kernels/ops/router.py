@@ -313,14 +313,6 @@ def update_expert_bias_(bias: torch.Tensor, counts: torch.Tensor, rate: float) -
     return bias
 
 
-def all_reduce_counts(counts: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum per-expert int counts over a torch.distributed process group, in place (exact: integer
-    all-reduce; never cast counts to bf16 — rounding flips the sign of mean - count)."""
-    check_dtype(counts, (torch.int32, torch.int64), "all_reduce_counts", "counts")
-    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM, group=group)
-    return counts
-
-
 @register_cpu("update_expert_bias")
 def _update_expert_bias_cpu(bias, counts, rate):
     reference.update_expert_bias(bias, counts, rate)

@@ -15,6 +15,9 @@ enum DeviceError : int {
   kPermuteRowsOverflow = 2,        // permute: num_out_rows too small; pairs past it were dropped
   kUnpermuteRowOutOfRange = 3,     // unpermute: a row_map entry >= y's rows; the pair was skipped
   kGroupedGemmBadOffsets = 4,      // grouped_gemm: offsets not non-decreasing in [0, rows]; clamped
+  kEpExpertIdOutOfRange = 5,       // dispatch: an id outside [-1, num_experts); the pair was dropped
+  kEpUnpackRowsOverflow = 6,       // dispatch: more rows arrived than the output holds; dropped
+  kEpBadCounts = 7,                // dispatch: received counts or meta inconsistent; rows dropped
 };
 
 // A plain system-scope store: no atomics over PCIe (not every host supports them), and any

@@ -163,7 +163,7 @@ __device__ __forceinline__ void load_counts(const PermuteIndexParams& p, int c, 
 // 2. One block: per expert, the exclusive sum of its counts over chunks (each thread sums a slice of
 // chunks, so few chunks or few experts still use the whole block), the padded expert offsets, and
 // each chunk's first row per expert (in place over the counts).
-__global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kernel(PermuteIndexParams p) {
+static __global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kernel(PermuteIndexParams p) {
   static_assert(kPermuteScanThreads == 32 * 32 && kPermuteScanThreads >= kPermuteMaxLocalExperts);
   __shared__ int slice_rows[kPermuteScanThreads];  // [slice][expert]: slice sums, then slice bases
   __shared__ int expert_start[kPermuteMaxLocalExperts];

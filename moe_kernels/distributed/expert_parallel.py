@@ -1,0 +1,374 @@
+"""ExpertParallel: dispatch tokens to the ranks that hold their experts, and combine the experts'
+outputs back (ep-design.md §3), with autograd.
+
+Contract (what every test checks): on rank r, dispatch returns exactly what
+``permute`` gives for all ranks' tokens concatenated in rank order, keeping r's experts
+(``reference.ep_dispatch``): rows by local expert, then source rank, then source pair; padded to
+`align`; bit for bit, FP8 rows with their 1x128 scales. combine returns, per token, the sum over
+the token's ranks in rank order (fp32) of each rank's partial sum (its rows weighted by the gate
+weights, summed in k order in fp32 and rounded once), plus the shared output, rounded once
+(``reference.ep_combine``): deterministic, bit-identical run to run.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from moe_kernels._checks import FLOAT_DTYPES, FP8, check
+from moe_kernels.distributed import _ops, stages
+from moe_kernels.distributed.expert_map import ExpertMap
+from moe_kernels.distributed.transport import NcclTransport, TorchTransport, Transport
+from moe_kernels.ops.device_error import raise_pending_device_error
+
+TRANSPORTS = ("auto", "nccl", "torch")
+
+
+@dataclass
+class EPHandle:
+    """What combine (and the backward passes) need from a dispatch. Device tensors stay on the device."""
+
+    num_tokens: int
+    num_rows: int  # rows of the dispatch output (and of the y combine takes)
+    rank_ids: torch.Tensor  # int32 [T, K]
+    send_row_map: torch.Tensor  # int32 [T, K]
+    pair_slot: torch.Tensor  # int32 [T, K]
+    send_counts: list[int]  # rows sent to each rank
+    recv_counts: list[int]  # rows received from each rank
+    recv_row_map: torch.Tensor  # int32 [received, K] output row of each received token's entries
+    recv_weights: torch.Tensor  # fp32 [received, K] their gate weights
+    weights: torch.Tensor | None  # the gate weights dispatch was given (combine's autograd input)
+
+
+class DispatchResult(NamedTuple):
+    out: torch.Tensor  # [R, H] x's dtype, or float8_e4m3fn
+    out_scales: torch.Tensor | None  # [R, H/128] fp32 when FP8
+    expert_offsets: torch.Tensor  # int32 [L + 1] on the device
+    handle: EPHandle
+
+
+class ExpertParallel:
+    """Expert parallelism over the ranks of a torch.distributed process group.
+
+    Args:
+        group: the process group (None: the default group). Its ranks hold the experts.
+        num_experts: E, over all ranks. hidden_size: H of the tokens.
+        max_tokens_per_rank: the most tokens any rank dispatches in one call (checked; sizes the
+            output when exact=False).
+        top_k: K, the experts per token.
+        expert_to_rank: None (experts split evenly and contiguously) or E ranks, one per expert.
+        transport: "nccl" (our own NCCL communicator, created here over `group`: needs CUDA),
+            "torch" (torch.distributed.all_to_all_single over `group`: the CPU path), or "auto"
+            (nccl on CUDA, torch on CPU).
+        device: where the tokens live (default: the current CUDA device, or CPU without CUDA).
+        comm_side_stream: run the NCCL exchanges on a side stream, so that work issued earlier on
+            the current stream (the shared experts) overlaps them.
+
+    Every rank must construct it together (it is collective), with the same num_experts,
+    hidden_size, top_k and expert map (checked). Free the communicator with close() or a with block.
+    """
+
+    def __init__(
+        self,
+        group,
+        num_experts: int,
+        hidden_size: int,
+        *,
+        max_tokens_per_rank: int,
+        top_k: int,
+        expert_to_rank=None,
+        transport: str = "auto",
+        device=None,
+        comm_side_stream: bool = False,
+    ):
+        op = "ExpertParallel"
+        check(
+            dist.is_initialized(), op, "torch.distributed is not initialised: call init_process_group first"
+        )
+        check(transport in TRANSPORTS, op, f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        check(1 <= top_k <= 32, op, f"top_k must be in [1, 32], got {top_k}")
+        check(max_tokens_per_rank >= 0, op, f"max_tokens_per_rank must be >= 0, got {max_tokens_per_rank}")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if transport == "auto":
+            transport = "nccl" if self.device.type == "cuda" else "torch"
+        check(
+            transport != "nccl" or self.device.type == "cuda",
+            op,
+            f"transport 'nccl' needs a CUDA device, got {self.device}",
+        )
+        self.num_experts, self.hidden_size, self.top_k = num_experts, hidden_size, top_k
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.expert_map = ExpertMap.build(num_experts, self.world_size, expert_to_rank, self.device)
+        self._check_agreement(transport)
+        self.transport_name = transport
+        self.transport: Transport | None = (
+            NcclTransport(group, self.device, comm_side_stream)
+            if transport == "nccl"
+            else TorchTransport(group)
+        )
+
+    def _check_agreement(self, transport: str) -> None:
+        mine = (self.num_experts, self.hidden_size, self.top_k, transport, self.expert_map.as_list())
+        every = [None] * self.world_size
+        dist.all_gather_object(every, mine, group=self.group)
+        names = ("num_experts", "hidden_size", "top_k", "transport", "expert_to_rank")
+        for r, theirs in enumerate(every):
+            for name, a, b in zip(names, mine, theirs, strict=True):
+                check(
+                    a == b,
+                    "ExpertParallel",
+                    f"ranks disagree on {name}: rank {self.rank} has {a}, rank {r} has {b}",
+                )
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def num_local_experts(self) -> int:
+        return self.expert_map.local_counts[self.rank]
+
+    @property
+    def local_experts(self) -> list[int]:
+        """This rank's experts, ascending global ids: local expert l is local_experts[l]."""
+        return self.expert_map.experts_of(self.rank)
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the communicator. Destroy CUDA graphs that captured its ops first."""
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _live_transport(self) -> Transport:
+        check(self.transport is not None, "ExpertParallel", "used after close()")
+        return self.transport
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        expert_ids: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        *,
+        quantize: bool = False,
+        pow2_scale: bool = False,
+        x_scales: torch.Tensor | None = None,
+        align: int = 1,
+        exact: bool = True,
+    ) -> DispatchResult:
+        """Send each token's row once to every rank that holds one of its experts, and lay the rows
+        each rank receives out expert-major, ready for ``expert_mlp``.
+
+        Args:
+            x: [T, H] bfloat16, float16 or float32, or float8_e4m3fn with x_scales [T, H/128].
+                T may be 0 (the rank still takes part, and nothing hangs).
+            expert_ids: [T, K] int32 or int64 global ids, -1 = dropped.
+            weights: [T, K] gate weights for combine (travel with the rows); None means 1.
+            quantize: send e4m3 rows with 1x128 scales, quantised in the pack pass (H % 128 == 0).
+            align: 1, 16, 64 or 128: each local expert's rows padded to a multiple (zero rows).
+            exact: output rows = the rows received, padded (the host reads the counts anyway on
+                this transport); False: the bound for max_tokens_per_rank from every rank.
+        Returns:
+            DispatchResult(out, out_scales, expert_offsets int32 [L + 1], handle for combine).
+
+        The host transports read the received counts on the host once per call (a sync).
+        Autograd: the gradient of x is the combine of the gradient of out with weights 1.
+        """
+        op = "dispatch"
+        raise_pending_device_error()
+        self._check_dispatch_args(x, expert_ids, weights, x_scales, quantize, align, op)
+        fp8_out = quantize or x.dtype == FP8
+        check(
+            not (fp8_out and x.requires_grad),
+            op,
+            "FP8 rows are not differentiable: with quantize=True pass x.detach()",
+        )
+        kwargs = dict(quantize=quantize, pow2_scale=pow2_scale, x_scales=x_scales, align=align, exact=exact)
+        if torch.is_grad_enabled() and x.requires_grad:
+            out, out_scales, offsets, handle = _Dispatch.apply(x, expert_ids, weights, self, kwargs)
+        else:
+            out, out_scales, offsets, handle = self._dispatch(x, expert_ids, weights, **kwargs)
+        return DispatchResult(out, out_scales, offsets, handle)
+
+    def _check_dispatch_args(self, x, expert_ids, weights, x_scales, quantize, align, op):
+        check(
+            x.dim() == 2 and x.shape[1] == self.hidden_size,
+            op,
+            f"x must be [tokens, {self.hidden_size}], got {list(x.shape)}",
+        )
+        check(x.device == self.device, op, f"x must be on {self.device}, got {x.device}")
+        check(
+            x.dtype in (*FLOAT_DTYPES, FP8),
+            op,
+            f"x must be bfloat16, float16, float32 or float8_e4m3fn, got {x.dtype}",
+        )
+        check(
+            expert_ids.dim() == 2 and expert_ids.shape == (x.shape[0], self.top_k),
+            op,
+            f"expert_ids must be [tokens, top_k] = [{x.shape[0]}, {self.top_k}], "
+            f"got {list(expert_ids.shape)}",
+        )
+        check(
+            expert_ids.device == self.device,
+            op,
+            f"expert_ids must be on {self.device}, got {expert_ids.device}",
+        )
+        check(
+            x.shape[0] <= self.max_tokens_per_rank,
+            op,
+            f"{x.shape[0]} tokens exceed max_tokens_per_rank={self.max_tokens_per_rank}",
+        )
+        if weights is not None:
+            check(
+                weights.shape == expert_ids.shape and weights.device == self.device,
+                op,
+                f"weights must be [tokens, top_k] = {list(expert_ids.shape)} on {self.device}, "
+                f"got {list(weights.shape)} on {weights.device}",
+            )
+        check(align in (1, 16, 64, 128), op, f"align must be one of (1, 16, 64, 128), got {align}")
+
+    def _dispatch(self, x, expert_ids, weights, *, quantize, pow2_scale, x_scales, align, exact):
+        transport = self._live_transport()
+        w_detached = None if weights is None else weights.detach()
+        plan = stages.plan_send(
+            x.detach(),
+            expert_ids,
+            w_detached,
+            self.expert_map,
+            quantize=quantize,
+            pow2_scale=pow2_scale,
+            x_scales=x_scales,
+        )
+        recv_counts_dev = transport.exchange_counts(plan.send_counts)
+        # The one device-to-host read of a dispatch: both count tables in one copy.
+        counts = torch.stack([plan.send_counts, recv_counts_dev]).cpu()
+        send_rows, recv_rows = counts[0, :, 0].tolist(), counts[1, :, 0].tolist()
+        sends = [plan.send_x, plan.meta] + ([plan.send_scales] if plan.send_scales is not None else [])
+        received = transport.all_to_all(sends, send_rows, recv_rows)
+        recv_x, recv_meta = received[0], received[1]
+        recv_scales = received[2] if plan.send_scales is not None else None
+        num_local = self.num_local_experts
+        if exact:
+            num_out_rows = stages.padded_rows(counts[1], num_local, align)
+        else:
+            num_out_rows = stages.rows_bound(
+                self.world_size, self.max_tokens_per_rank, self.top_k, num_local, align
+            )
+        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
+            recv_x, recv_scales, recv_meta, recv_counts_dev, num_local, 0, align, num_out_rows
+        )
+        handle = EPHandle(
+            num_tokens=x.shape[0],
+            num_rows=num_out_rows,
+            rank_ids=plan.rank_ids,
+            send_row_map=plan.send_row_map,
+            pair_slot=plan.pair_slot,
+            send_counts=send_rows,
+            recv_counts=recv_rows,
+            recv_row_map=recv_row_map,
+            recv_weights=recv_weights,
+            weights=weights,
+        )
+        return out, out_scales, offsets, handle
+
+    # -- combine ---------------------------------------------------------------------------------
+    def combine(
+        self, y: torch.Tensor, handle: EPHandle, *, shared_output: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bring the experts' outputs back: [T, H] in y's dtype on the rank that dispatched.
+
+        y: [R, H] bfloat16, float16 or float32, the expert outputs in the dispatch's layout (rows
+        past expert_offsets[-1] are never read). shared_output: [T, H] (y's dtype), added in fp32.
+        Autograd: gradients for y, the dispatch's weights, and shared_output.
+        """
+        op = "combine"
+        raise_pending_device_error()
+        check(
+            y.dim() == 2 and y.shape[0] == handle.num_rows and y.shape[1] == self.hidden_size,
+            op,
+            f"y must be [dispatch rows, hidden] = [{handle.num_rows}, {self.hidden_size}], "
+            f"got {list(y.shape)}",
+        )
+        check(y.dtype in FLOAT_DTYPES, op, f"y must be bfloat16, float16 or float32, got {y.dtype}")
+        if shared_output is not None:
+            check(
+                shared_output.shape == (handle.num_tokens, self.hidden_size)
+                and shared_output.dtype == y.dtype,
+                op,
+                f"shared_output must be [{handle.num_tokens}, {self.hidden_size}] {y.dtype}, got "
+                f"{list(shared_output.shape)} {shared_output.dtype}",
+            )
+        inputs = (y, handle.weights, shared_output)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return _Combine.apply(y, handle.weights, shared_output, self, handle)
+        return self._combine(y, handle, shared_output)
+
+    def _combine(self, y, handle, shared_output, weighted=True):
+        partials = stages.expert_partials(y, handle.recv_row_map, handle.recv_weights if weighted else None)
+        (back,) = self._live_transport().all_to_all([partials], handle.recv_counts, handle.send_counts)
+        return stages.source_sum(back, handle.send_row_map, shared_output)
+
+    def _send_back_rows(self, grad_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
+        """Combine's backward, dispatch direction: each token's gradient row to each of its ranks."""
+        rows = sum(handle.send_counts)
+        w = self.world_size
+        grad_send = stages.gather_send_rows(grad_out, handle.rank_ids, w, rows)
+        (grad_partials,) = self._live_transport().all_to_all(
+            [grad_send], handle.send_counts, handle.recv_counts
+        )
+        return grad_partials
+
+
+class _Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, expert_ids, weights, ep, kwargs):
+        out, out_scales, offsets, handle = ep._dispatch(x, expert_ids, weights, **kwargs)
+        ctx.ep, ctx.handle = ep, handle
+        ctx.mark_non_differentiable(offsets)
+        return out, out_scales, offsets, handle
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        grad_x = ctx.ep._combine(grad_out.contiguous(), ctx.handle, None, weighted=False)
+        return grad_x, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weights, shared_output, ep, handle):
+        ctx.ep, ctx.handle = ep, handle
+        ctx.weights_dtype = None if weights is None else weights.dtype
+        ctx.save_for_backward(y)
+        return ep._combine(y, handle, shared_output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (y,) = ctx.saved_tensors
+        ep, handle = ctx.ep, ctx.handle
+        needs_y, needs_w, needs_shared = ctx.needs_input_grad[:3]
+        grad_y = grad_w = None
+        grad_out = grad_out.contiguous()
+        if needs_y or needs_w:
+            grad_partials = ep._send_back_rows(grad_out, handle)
+            grad_y, grad_recv_w = torch.ops.moe_kernels.unpermute_backward(
+                grad_partials, handle.recv_row_map, handle.recv_weights, y if needs_w else None, y.shape[0]
+            )
+            if needs_w:
+                (back,) = ep._live_transport().all_to_all(
+                    [grad_recv_w], handle.recv_counts, handle.send_counts
+                )
+                flat = torch.cat([back.flatten(), back.new_zeros(1)])  # index -1 -> the zero at the end
+                slot = handle.pair_slot.long()
+                grad_w = flat[torch.where(slot >= 0, slot, flat.numel() - 1)].to(ctx.weights_dtype)
+            grad_y = grad_y if needs_y else None
+        return grad_y, grad_w, grad_out if needs_shared else None, None, None

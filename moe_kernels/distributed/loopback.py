@@ -1,0 +1,119 @@
+"""Loopback: W virtual expert-parallel ranks in one process on one device, for tests and benchmarks.
+
+It runs the same local steps as ExpertParallel (moe_kernels.distributed.stages) for every virtual
+rank; only the exchange differs: a device copy of each (source, destination) block, sized from the
+counts read on the host. So everything but the wire is tested on one GPU (NCCL refuses two ranks
+on one GPU).
+"""
+
+import torch
+
+from moe_kernels.distributed import _ops, stages
+from moe_kernels.distributed.expert_map import ExpertMap
+from moe_kernels.distributed.expert_parallel import EPHandle
+
+
+def _exchange(blocks: list[list[torch.Tensor]], counts: torch.Tensor) -> list[list[torch.Tensor]]:
+    """blocks[s][i]: source s's rank-major tensor i; counts[s][d]: rows s sends to d (host).
+    Returns recv[d][i]: the rows every source sent to d, back to back in source order."""
+    w = counts.shape[0]
+    starts = torch.cat([torch.zeros(w, 1, dtype=counts.dtype), counts.cumsum(1)], 1)
+    out = []
+    for d in range(w):
+        out.append(
+            [
+                torch.cat([blocks[s][i][int(starts[s, d]) : int(starts[s, d + 1])] for s in range(w)])
+                for i in range(len(blocks[0]))
+            ]
+        )
+    return out
+
+
+def dispatch(
+    xs: list[torch.Tensor],
+    expert_ids: list[torch.Tensor],
+    weights: list[torch.Tensor] | None,
+    expert_map: ExpertMap,
+    *,
+    quantize: bool = False,
+    pow2_scale: bool = False,
+    x_scales: list[torch.Tensor] | None = None,
+    align: int = 1,
+    num_out_rows: list[int] | None = None,
+):
+    """ExpertParallel.dispatch for every virtual rank at once: a list of (out, out_scales,
+    expert_offsets, handle), one per rank. num_out_rows: per rank (default: exact)."""
+    w = expert_map.num_ranks
+    plans = [
+        stages.plan_send(
+            xs[r],
+            expert_ids[r],
+            None if weights is None else weights[r],
+            expert_map,
+            quantize=quantize,
+            pow2_scale=pow2_scale,
+            x_scales=None if x_scales is None else x_scales[r],
+        )
+        for r in range(w)
+    ]
+    send_counts = torch.stack([p.send_counts for p in plans])  # [src, dst, 1 + L]
+    recv_counts = send_counts.transpose(0, 1).contiguous()  # [dst, src, 1 + L]
+    rows = send_counts[:, :, 0].cpu()
+    fp8 = plans[0].send_scales is not None
+    blocks = [
+        [p.send_x.view(torch.uint8) if fp8 else p.send_x, p.meta] + ([p.send_scales] if fp8 else [])
+        for p in plans
+    ]
+    received = _exchange(blocks, rows)
+    results = []
+    for d in range(w):
+        recv_x = received[d][0].view(plans[0].send_x.dtype) if fp8 else received[d][0]
+        num_local = expert_map.local_counts[d]
+        rows_out = (
+            stages.padded_rows(recv_counts[d].cpu(), num_local, align)
+            if num_out_rows is None
+            else num_out_rows[d]
+        )
+        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
+            recv_x,
+            received[d][2] if fp8 else None,
+            received[d][1],
+            recv_counts[d],
+            num_local,
+            0,
+            align,
+            rows_out,
+        )
+        handle = EPHandle(
+            num_tokens=xs[d].shape[0],
+            num_rows=rows_out,
+            rank_ids=plans[d].rank_ids,
+            send_row_map=plans[d].send_row_map,
+            pair_slot=plans[d].pair_slot,
+            send_counts=rows[d].tolist(),
+            recv_counts=rows[:, d].tolist(),
+            recv_row_map=recv_row_map,
+            recv_weights=recv_weights,
+            weights=None if weights is None else weights[d],
+        )
+        results.append((out, out_scales, offsets, handle))
+    return results
+
+
+def combine(
+    ys: list[torch.Tensor], handles: list[EPHandle], shared_outputs: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """ExpertParallel.combine for every virtual rank at once."""
+    w = len(ys)
+    partials = [
+        [stages.expert_partials(ys[r], h.recv_row_map, h.recv_weights)] for r, h in enumerate(handles)
+    ]
+    # Back: receiver d returns to source s the rows s sent it.
+    back_counts = torch.tensor([h.recv_counts for h in handles])  # [d, s]
+    back = _exchange(partials, back_counts)
+    return [
+        stages.source_sum(
+            back[s][0], handles[s].send_row_map, None if shared_outputs is None else shared_outputs[s]
+        )
+        for s in range(w)
+    ]

@@ -1,0 +1,379 @@
+"""Expert-parallel dispatch / combine (moe_kernels.distributed), against reference.ep_dispatch /
+ep_combine, bit for bit.
+
+CPU: the local steps' references against plain loops; the loopback (W virtual ranks in one process)
+over the CPU implementations; ExpertParallel on 2 gloo processes (transport "torch"), forward and
+autograd. One GPU: each kernel against its reference; the loopback matrix; real NCCL at W = 1.
+Two or more GPUs: ExpertParallel over NCCL on every GPU (skipped below 2).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import requires_gpus, requires_sm90
+
+from moe_kernels import reference
+from moe_kernels.distributed import ExpertMap, ExpertParallel, _ops, loopback, stages
+from moe_kernels.ops.device_error import check_device_errors
+from moe_kernels.testing.distributed import free_port, run_cases, run_ranks
+from moe_kernels.testing.ep import (
+    check_combine,
+    check_dispatch,
+    ep_inputs,
+    stand_in_expert,
+    uneven_expert_map,
+)
+
+FP8 = torch.float8_e4m3fn
+
+
+# ------------------------------------------------------------------------------------------------
+# The local steps' references against plain loops (CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_token_ranks_reference_against_loops(gen):
+    ids = torch.randint(-1, 16, (50, 6), generator=gen, dtype=torch.int32)
+    expert_rank = torch.randint(0, 5, (16,), generator=gen, dtype=torch.int32)
+    got = reference.ep_token_ranks(ids, expert_rank, 5)
+    for t in range(50):
+        ranks = sorted({int(expert_rank[e]) for e in ids[t].tolist() if e >= 0})
+        assert got[t].tolist() == ranks + [-1] * (6 - len(ranks)), f"token {t}"
+
+
+def test_token_ranks_rejects_bad_ids():
+    with pytest.raises(ValueError, match=r"ep_token_ranks: expert_ids must be in \[-1, 8\)"):
+        reference.ep_token_ranks(torch.tensor([[0, 8]]), torch.zeros(8, dtype=torch.int32), 1)
+
+
+def test_plan_send_meta_against_loops(gen):
+    """Each send row carries, in k order, (local expert, eidx, weight) of its token's pairs on that rank."""
+    emap = ExpertMap.build(12, 3, uneven_expert_map(12, 3, gen))
+    xs, ids, ws = ep_inputs([40], 12, 4, 128, gen, drop=0.2)
+    plan = stages.plan_send(xs[0], ids[0], ws[0], emap)
+    seen = {e: 0 for e in range(12)}
+    for t in range(40):
+        for j, r in enumerate(plan.rank_ids[t].tolist()):
+            if r < 0:
+                continue
+            row = int(plan.send_row_map[t, j])
+            assert torch.equal(plan.send_x[row], xs[0][t]), f"{t=} {r=}: row"
+            entries = [(k, e) for k, e in enumerate(ids[0][t].tolist()) if e >= 0 and emap.as_list()[e] == r]
+            meta = plan.meta[row]
+            for n, (k, e) in enumerate(entries):
+                assert int(meta[0, n]) == emap.experts_of(r).index(e), f"{t=} {k=}: local expert"
+                assert meta[2].view(torch.float32)[n].item() == ws[0][t, k].item(), f"{t=} {k=}: weight"
+                assert int(plan.pair_slot[t, k]) == row * 4 + n, f"{t=} {k=}: pair slot"
+            assert (meta[0, len(entries) :] == -1).all(), f"{t=}: unused entries"
+        for k, e in enumerate(ids[0][t].tolist()):  # eidx: the pair's index among this source's pairs of e
+            if e >= 0:
+                row, n = divmod(int(plan.pair_slot[t, k]), 4)
+                assert int(plan.meta[row, 1, n]) == seen[e], f"{t=} {k=}: eidx"
+                seen[e] += 1
+    counts = [[sum(1 for t in range(40) if r in plan.rank_ids[t].tolist())] for r in range(3)]
+    for r in range(3):
+        counts[r] += [seen[e] for e in emap.experts_of(r)] + [0] * (
+            max(emap.local_counts) - emap.local_counts[r]
+        )
+    assert plan.send_counts.tolist() == counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Loopback: W virtual ranks in one process (the CPU implementations here, the kernels on the GPU)
+# ------------------------------------------------------------------------------------------------
+
+# (name, W, E, K, tokens per rank, align, fp8, routing, expert map)
+LOOPBACK_CASES = [
+    ("w1_e8_k2", 1, 8, 2, [37], 1, False, "random", "even"),
+    ("w2_e8_k1_rank1_empty", 2, 8, 1, [5, 0], 16, False, "random", "even"),
+    ("w2_e64_k6_fp8", 2, 64, 6, [300, 123], 1, True, "random", "even"),
+    ("w2_e8_k8_every_expert", 2, 8, 8, [33, 17], 1, False, "random", "even"),
+    ("w3_e64_k6_uneven_map_align128", 3, 64, 6, [100, 0, 77], 128, False, "random", "uneven"),
+    ("w3_e8_k2_fp8_uneven_map", 3, 8, 2, [9, 31, 2], 16, True, "random", "uneven"),
+    ("w4_e256_k8_fp8_align16", 4, 256, 8, [256, 1, 300, 64], 16, True, "random", "even"),
+    ("w4_e8_k2_one_expert", 4, 8, 2, [50, 20, 0, 7], 16, False, "one_expert", "even"),
+    ("w4_e64_k8_one_rank_fp8", 4, 64, 8, [64, 64, 3, 90], 1, True, "one_rank", "even"),
+    ("w8_e256_k8_align128", 8, 256, 8, [512, 0, 300, 77, 1, 256, 129, 40], 128, False, "random", "even"),
+    ("w8_e256_k8_fp8_uneven_map", 8, 256, 8, [200, 100, 0, 0, 55, 256, 3, 128], 1, True, "random", "uneven"),
+    ("w8_e64_k6_no_tokens", 8, 64, 6, [0] * 8, 16, False, "random", "even"),
+    ("w8_e8_k1_one_rank", 8, 8, 1, [17] * 8, 1, False, "one_rank", "even"),
+]
+CPU_LOOPBACK = {"w1_e8_k2", "w2_e8_k1_rank1_empty", "w3_e8_k2_fp8_uneven_map", "w4_e8_k2_one_expert"}
+
+
+def run_loopback_case(case, device, seed=0):
+    name, w, e, k, tokens, align, fp8, routing, map_kind = case
+    gen = torch.Generator().manual_seed(seed)
+    emap = ExpertMap.build(e, w, uneven_expert_map(e, w, gen) if map_kind == "uneven" else None, device)
+    hidden = 256
+    xs, ids, ws = ep_inputs(
+        tokens, e, k, hidden, gen, routing=routing, expert_map=emap, device=device, drop=0.15
+    )
+    results = loopback.dispatch(xs, ids, ws, emap, quantize=fp8, align=align)
+    for r in range(w):
+        check_dispatch(results[r], xs, ids, emap, r, f"{name} rank {r}", align=align, quantize=fp8)
+    ys = [stand_in_expert(out, scales) for out, scales, _, _ in results]
+    shared = [torch.randn(t, hidden, generator=gen).to(torch.bfloat16).to(device) for t in tokens]
+    combined = loopback.combine(ys, [h for *_, h in results], shared)
+    for r in range(w):
+        check_combine(
+            combined[r], ys, ids, ws, emap, r, f"{name} rank {r}", align=align, shared_outputs=shared
+        )
+    # Deterministic: a second run gives the same bytes.
+    again = loopback.combine(ys, [h for *_, h in results], shared)
+    for r in range(w):
+        assert torch.equal(again[r].view(torch.int16), combined[r].view(torch.int16)), (
+            f"{name} rank {r}: rerun"
+        )
+
+
+@pytest.mark.parametrize("case", [c for c in LOOPBACK_CASES if c[0] in CPU_LOOPBACK], ids=lambda c: c[0])
+def test_loopback_cpu(case):
+    run_loopback_case(case, "cpu")
+
+
+@requires_sm90
+@pytest.mark.parametrize("case", LOOPBACK_CASES, ids=lambda c: c[0])
+def test_loopback_cuda(case):
+    run_loopback_case(case, "cuda")
+    check_device_errors()
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernels against their CPU implementations (one GPU)
+# ------------------------------------------------------------------------------------------------
+
+
+@requires_sm90
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("w,e,k,t", [(1, 8, 2, 37), (4, 64, 6, 300), (8, 256, 8, 1000), (3, 9, 1, 0)])
+def test_plan_send_kernels_match_reference(w, e, k, t, fp8, gen):
+    emap_cpu = ExpertMap.build(e, w, uneven_expert_map(e, w, gen))
+    emap_gpu = ExpertMap.build(e, w, emap_cpu.as_list(), "cuda")
+    xs, ids, ws = ep_inputs([t], e, k, 256, gen, drop=0.2)
+    cpu = stages.plan_send(xs[0], ids[0], ws[0], emap_cpu, quantize=fp8)
+    gpu = stages.plan_send(xs[0].cuda(), ids[0].cuda(), ws[0].cuda(), emap_gpu, quantize=fp8)
+    rows = int(cpu.send_counts[:, 0].sum())
+    msg = f"{w=} {e=} {k=} {t=} {fp8=}"
+    for name in ("rank_ids", "send_row_map", "pair_slot", "send_counts"):
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), f"{msg}: {name}"
+    assert torch.equal(gpu.meta[:rows].cpu(), cpu.meta[:rows]), f"{msg}: meta"
+    assert torch.equal(gpu.send_x[:rows].cpu().view(torch.uint8), cpu.send_x[:rows].view(torch.uint8)), (
+        f"{msg}: rows"
+    )
+    if fp8:
+        assert torch.equal(gpu.send_scales[:rows].cpu(), cpu.send_scales[:rows]), f"{msg}: scales"
+
+
+@requires_sm90
+def test_bad_ids_set_device_error():
+    emap = ExpertMap.build(8, 2, None, "cuda")
+    ids = torch.tensor([[0, 9], [1, -1]], dtype=torch.int32, device="cuda")
+    x = torch.randn(2, 128, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="expert_ids had values outside"):
+        stages.plan_send(x, ids, None, emap)
+        check_device_errors()
+
+
+@requires_sm90
+def test_unpack_rejects_corrupt_meta():
+    counts = torch.tensor([[1, 1, 0]], dtype=torch.int32, device="cuda")  # one row, one pair of expert 0
+    meta = torch.tensor([[[0], [5], [0]]], dtype=torch.int32, device="cuda")  # eidx 5 >= count 1
+    x = torch.randn(1, 128, device="cuda").to(torch.bfloat16)
+    _ops.unpack(x, None, meta, counts, 2, 0, 1, 4)
+    with pytest.raises(RuntimeError, match="dispatch: the received counts or meta"):
+        check_device_errors()
+
+
+# ------------------------------------------------------------------------------------------------
+# ExpertParallel over a real process group: forward and autograd (every rank runs every case)
+# ------------------------------------------------------------------------------------------------
+
+
+def ep_forward_case(
+    rank, world, *, device, transport, tokens, e, k, fp8=False, align=1, exact=True, side=False
+):
+    gen = torch.Generator().manual_seed(7)  # the same on every rank: every rank knows all inputs
+    hidden = 256
+    xs, ids, ws = ep_inputs(tokens, e, k, hidden, gen, drop=0.15, device=device)
+    shared = [torch.randn(t, hidden, generator=gen).to(torch.bfloat16).to(device) for t in tokens]
+    with ExpertParallel(
+        None,
+        e,
+        hidden,
+        max_tokens_per_rank=max(tokens),
+        top_k=k,
+        transport=transport,
+        device=device,
+        comm_side_stream=side,
+    ) as ep:
+        out, scales, offsets, handle = ep.dispatch(
+            xs[rank], ids[rank], ws[rank], quantize=fp8, align=align, exact=exact
+        )
+        msg = f"{transport} {device} rank {rank}/{world} {tokens=} {e=} {k=} {fp8=} {align=} {exact=}"
+        check_dispatch((out, scales, offsets), xs, ids, ep.expert_map, rank, msg, align=align, quantize=fp8)
+        # Every rank's y, from the reference dispatch (equal to ours, checked above on each rank).
+        ys = []
+        for r in range(world):
+            ref_out, ref_scales, _, _ = reference.ep_dispatch(
+                [x.cpu() for x in xs],
+                [i.cpu() for i in ids],
+                ep.expert_map.expert_rank.cpu(),
+                r,
+                align=align,
+                quantize=fp8,
+            )
+            ys.append(stand_in_expert(ref_out, ref_scales))
+        y = torch.zeros(out.shape[0], hidden, dtype=torch.bfloat16)
+        n = min(out.shape[0], ys[rank].shape[0])  # both hold every row the offsets cover
+        y[:n] = ys[rank][:n]
+        combined = ep.combine(y.to(device), handle, shared_output=shared[rank])
+        check_combine(combined, ys, ids, ws, ep.expert_map, rank, msg, align=align, shared_outputs=shared)
+
+
+def ep_autograd_case(rank, world, *, device, transport, tokens, e, k):
+    """Gradients of x, the gate weights and shared_output through dispatch -> rows -> combine, in
+    fp32, against autograd through the references of all ranks."""
+    gen = torch.Generator().manual_seed(11)
+    hidden = 128
+    xs, ids, ws = ep_inputs(tokens, e, k, hidden, gen, drop=0.15, dtype=torch.float32)
+    shared = [torch.randn(t, hidden, generator=gen) for t in tokens]
+    grads_out = [torch.randn(t, hidden, generator=gen) for t in tokens]
+    leaves = [[a.clone().requires_grad_() for a in group] for group in (xs, ws, shared)]
+    emap = ExpertMap.build(e, world)
+    ys = [reference.ep_dispatch(leaves[0], ids, emap.expert_rank, r)[0] * 1.5 + 0.25 for r in range(world)]
+    expected = reference.ep_combine(ys, ids, leaves[1], emap.expert_rank, shared_outputs=leaves[2])
+    torch.autograd.backward(expected, grads_out)
+
+    x = xs[rank].to(device).requires_grad_()
+    w = ws[rank].to(device).requires_grad_()
+    s = shared[rank].to(device).requires_grad_()
+    with ExpertParallel(
+        None, e, hidden, max_tokens_per_rank=max(tokens), top_k=k, transport=transport, device=device
+    ) as ep:
+        out, _, _, handle = ep.dispatch(x, ids[rank].to(device), w)
+        combined = ep.combine(out * 1.5 + 0.25, handle, shared_output=s)
+        combined.backward(grads_out[rank].to(device))
+    msg = f"{transport} rank {rank}: "
+    torch.testing.assert_close(
+        combined.detach().cpu(), expected[rank].detach(), rtol=1e-6, atol=1e-6, msg=msg + "out"
+    )
+    for name, got, ref in (("x", x, leaves[0]), ("weights", w, leaves[1]), ("shared", s, leaves[2])):
+        torch.testing.assert_close(
+            got.grad.cpu(), ref[rank].grad, rtol=1e-5, atol=1e-5, msg=msg + f"grad {name}"
+        )
+
+
+def ep_cases(device, transport, world):
+    uneven = [37 + 13 * r for r in range(world)]
+    with_empty = [0 if r == world - 1 else 20 + r for r in range(world)]
+
+    def case(**kw):
+        return lambda rank, world_size: ep_forward_case(
+            rank, world_size, device=device, transport=transport, **kw
+        )
+
+    cases = {
+        "bf16_uneven": case(tokens=uneven, e=8 * world, k=2),
+        "bf16_rank_without_tokens_align16": case(tokens=with_empty, e=8 * world, k=3, align=16),
+        "bf16_not_exact": case(tokens=uneven, e=4 * world, k=2, exact=False),
+        "autograd": lambda rank, w: ep_autograd_case(
+            rank, w, device=device, transport=transport, tokens=uneven, e=4 * world, k=2
+        ),
+    }
+    if device != "cpu":
+        cases["fp8_align128"] = case(tokens=uneven, e=16 * world, k=6, fp8=True, align=128)
+        if transport == "nccl":
+            cases["side_stream"] = case(tokens=uneven, e=8 * world, k=2, side=True)
+    return cases
+
+
+def _gloo_worker(rank, world):
+    return run_cases(ep_cases("cpu", "torch", world), rank, world)
+
+
+@pytest.fixture(scope="module")
+def gloo_results():
+    return run_ranks(_gloo_worker, 2, backend="gloo", timeout_s=240)
+
+
+@pytest.mark.parametrize("name", list(ep_cases("cpu", "torch", 2)))
+def test_expert_parallel_gloo_two_ranks(name, gloo_results):
+    failures, exit_codes = gloo_results
+    assert exit_codes == [0, 0], f"{name}: exit codes {exit_codes}; {failures.get('setup')}"
+    assert "setup" not in failures, "\n".join(failures["setup"])
+    assert name not in failures, "\n".join(failures[name])
+
+
+@pytest.fixture(scope="module")
+def nccl_world_of_one():
+    """A one-rank NCCL process group in this process (NCCL refuses two ranks on one GPU)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        device_id=torch.device("cuda", 0),
+    )
+    yield
+    dist.destroy_process_group()
+
+
+@requires_sm90
+@pytest.mark.parametrize("transport", ["nccl", "torch"])
+@pytest.mark.parametrize("name", list(ep_cases("cuda", "nccl", 1)))
+def test_expert_parallel_one_gpu(name, transport, nccl_world_of_one):
+    cases = ep_cases("cuda", transport, 1)
+    if name not in cases:
+        pytest.skip(f"{name} is for the nccl transport")
+    cases[name](0, 1)
+    check_device_errors()
+
+
+@requires_sm90
+def test_expert_parallel_checks_arguments(nccl_world_of_one):
+    with ExpertParallel(None, 8, 128, max_tokens_per_rank=4, top_k=2) as ep:
+        x = torch.randn(5, 128, device="cuda").to(torch.bfloat16)
+        ids = torch.zeros(5, 2, dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match="5 tokens exceed max_tokens_per_rank=4"):
+            ep.dispatch(x, ids)
+        with pytest.raises(ValueError, match=r"expert_ids must be \[tokens, top_k\] = \[4, 2\]"):
+            ep.dispatch(x[:4], ids)
+        with pytest.raises(ValueError, match="align must be one of"):
+            ep.dispatch(x[:4], ids[:4], align=3)
+        with pytest.raises(ValueError, match="FP8 rows are not differentiable"):
+            ep.dispatch(x[:4].float().requires_grad_(), ids[:4], quantize=True)
+    with pytest.raises(ValueError, match="used after close"):
+        ep.dispatch(x[:4], ids[:4])
+    with pytest.raises(ValueError, match="num_experts=9 must divide by the world size"):
+        ExpertParallel(
+            None, 9, 128, max_tokens_per_rank=4, top_k=2, expert_to_rank=None, transport="nccl"
+        ).close()
+    with pytest.raises(ValueError, match="transport must be one of"):
+        ExpertParallel(None, 8, 128, max_tokens_per_rank=4, top_k=2, transport="nvlink")
+
+
+def _nccl_worker(rank, world):
+    return run_cases(ep_cases("cuda", "nccl", world), rank, world)
+
+
+@requires_gpus(2)
+@requires_sm90
+@pytest.mark.parametrize("name", list(ep_cases("cuda", "nccl", 2)))
+def test_expert_parallel_nccl_every_gpu(name):
+    world = torch.cuda.device_count()
+    failures, exit_codes = _nccl_results(world)
+    assert exit_codes == [0] * world, f"{name}: exit codes {exit_codes}; {failures.get('setup')}"
+    assert "setup" not in failures, "\n".join(failures["setup"])
+    assert name not in failures, "\n".join(failures[name])
+
+
+_NCCL_RESULTS = {}
+
+
+def _nccl_results(world):
+    if world not in _NCCL_RESULTS:
+        _NCCL_RESULTS[world] = run_ranks(_nccl_worker, world, backend="nccl", timeout_s=300)
+    return _NCCL_RESULTS[world]
