@@ -69,7 +69,9 @@ TORCH_LIBRARY(moe_kernels, m) {
 
   // Expert parallelism (csrc/ep). Source-side layout: each token's destination ranks (ascending,
   // -1 padded), then the meta (local expert, eidx, gate weight per entry) beside each send row,
-  // each pair's meta slot, and the counts sent to each rank [W, 1 + L]. Receiver: the received rows
+  // each pair's meta slot, the counts sent to each rank [W, 1 + L] and each (token, rank)'s send row
+  // (packed, or at rank * capacity + slot); the send rows copied (or FP8-quantised) once per rank.
+  // Receiver: the received rows
   // laid out expert-major -> (out, out_scales or [0], expert_offsets [L + 1], row_map [rows, K],
   // weights fp32 [rows, K]). The exchange: our own NCCL communicators, by registry id.
   m.def("ep_token_ranks(Tensor expert_ids, Tensor expert_rank, int num_ranks) -> Tensor");
@@ -77,7 +79,11 @@ TORCH_LIBRARY(moe_kernels, m) {
       "ep_pack_meta(Tensor expert_ids, Tensor? weights, Tensor expert_rank, Tensor expert_local, "
       "Tensor expert_row_map, Tensor expert_offsets, Tensor rank_ids, Tensor send_row_map, Tensor "
       "rank_offsets, "
-      "Tensor rank_experts, int num_send_rows) -> (Tensor, Tensor, Tensor)");
+      "Tensor rank_experts, int capacity, int num_send_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ep_pack_rows(Tensor x, Tensor? x_scales, Tensor row_map, bool quantize, bool pow2_scale, int "
+      "num_out_rows) "
+      "-> (Tensor, Tensor)");
   m.def(
       "ep_unpack(Tensor recv_x, Tensor? recv_scales, Tensor recv_meta, Tensor recv_counts, int "
       "num_local_experts, "

@@ -11,7 +11,7 @@ Contents
     Data movement:  permute, unpermute, unpermute_backward
     Experts:        grouped_gemm, silu_and_mul, expert_mlp
     Layer:          moe_layer (the MoE module chained from the references above)
-    Expert parallel: ep_token_ranks, ep_pack_meta, ep_unpack (the local steps); ep_local_ids,
+    Expert parallel: ep_token_ranks, ep_pack_meta, ep_pack_rows, ep_unpack (the local steps); ep_local_ids,
                     ep_dispatch, ep_combine (what every rank must see, all ranks in one process)
 """
 
@@ -660,9 +660,15 @@ def ep_pack_meta(
     send_row_map: torch.Tensor,
     rank_offsets: torch.Tensor,
     rank_experts: torch.Tensor,
+    capacity: int,
     num_send_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What travels beside the send block. Returns (meta, pair_slot, send_counts).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What travels beside the send block. Returns (meta, pair_slot, send_counts, send_rows).
+
+    send_row_map / rank_offsets: permute's map and offsets over the ranks (the packed block);
+    capacity > 0 moves rank r's rows to r * capacity + (row - rank_offsets[r]) instead (fixed
+    sizes; a slot past the capacity is dropped). send_rows: int32 [T, K], the resulting row of each
+    (token, rank_ids[t, j]), -1 where none.
 
     meta: int32 [num_send_rows, 3, K]: for send row s (token t bound for rank r, at
         send_row_map[t, j] where rank_ids[t, j] = r), the token's pairs whose expert lives on r, in
@@ -675,6 +681,16 @@ def ep_pack_meta(
     """
     t, k = expert_ids.shape
     dev = expert_ids.device
+    send_rows = send_row_map.long()
+    if capacity:
+        ranks = rank_ids.long()
+        slot = send_rows - rank_offsets.long()[ranks.clamp_min(0)]
+        check(
+            bool((slot[ranks >= 0] < capacity).all()),
+            "ep_pack_meta",
+            f"a rank gets more than capacity={capacity} rows",
+        )
+        send_rows = torch.where(ranks >= 0, ranks * capacity + slot, -1)
     ids = expert_ids.long()
     valid = ids >= 0
     e = ids.clamp_min(0)
@@ -683,7 +699,7 @@ def ep_pack_meta(
     same = (rank[:, :, None] == rank[:, None, :]) & valid[:, None, :] & earlier
     entry = same.sum(-1)
     column = (rank_ids.long()[:, None, :] == rank[:, :, None]).int().argmax(-1)
-    row = send_row_map.long().gather(1, column)
+    row = send_rows.gather(1, column)
     live = valid & (row >= 0) & (row < num_send_rows)
     w = torch.ones(t, k, device=dev) if weights is None else weights.float()
     meta = torch.zeros(num_send_rows, 3, k, dtype=torch.int32, device=dev)
@@ -698,7 +714,25 @@ def ep_pack_meta(
     experts = rank_experts.long()
     per_expert = torch.where(experts >= 0, expert_counts[experts.clamp_min(0)], 0)
     send_counts = torch.cat([rank_offsets.long().diff()[:, None], per_expert], 1).to(torch.int32)
-    return meta, pair_slot, send_counts
+    return meta, pair_slot, send_counts, send_rows.to(torch.int32)
+
+
+def ep_pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
+    """The send block: row row_map[t, j] = x[t] (FP8-quantised 1x128 when quantize; e4m3 x moves with
+    its scales) for every j with row_map[t, j] >= 0. Returns (out [R, H], out_scales [R, H/128] or
+    None); rows no entry names are unspecified (zero here)."""
+    fp8 = quantize or x.dtype == FP8
+    if quantize:
+        x, x_scales = quantize_fp8(x, pow2_scale)
+    out = torch.zeros(num_out_rows, x.shape[1], dtype=torch.uint8 if fp8 else x.dtype, device=x.device)
+    live = row_map >= 0
+    tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(row_map)[live]
+    out[row_map[live].long()] = x.view(torch.uint8)[tokens] if fp8 else x[tokens]
+    if not fp8:
+        return out, None
+    scales = torch.ones(num_out_rows, x.shape[1] // QUANT_BLOCK, dtype=torch.float32, device=x.device)
+    scales[row_map[live].long()] = x_scales[tokens]
+    return out.view(FP8), scales
 
 
 def ep_unpack(

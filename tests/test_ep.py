@@ -101,7 +101,7 @@ LOOPBACK_CASES = [
 CPU_LOOPBACK = {"w1_e8_k2", "w2_e8_k1_rank1_empty", "w3_e8_k2_fp8_uneven_map", "w4_e8_k2_one_expert"}
 
 
-def run_loopback_case(case, device, seed=0):
+def run_loopback_case(case, device, seed=0, fixed_sizes=False):
     name, w, e, k, tokens, align, fp8, routing, map_kind = case
     gen = torch.Generator().manual_seed(seed)
     emap = ExpertMap.build(e, w, uneven_expert_map(e, w, gen) if map_kind == "uneven" else None, device)
@@ -109,7 +109,8 @@ def run_loopback_case(case, device, seed=0):
     xs, ids, ws = ep_inputs(
         tokens, e, k, hidden, gen, routing=routing, expert_map=emap, device=device, drop=0.15
     )
-    results = loopback.dispatch(xs, ids, ws, emap, quantize=fp8, align=align)
+    capacity = max(tokens) + 3 if fixed_sizes else 0
+    results = loopback.dispatch(xs, ids, ws, emap, quantize=fp8, align=align, capacity=capacity)
     for r in range(w):
         check_dispatch(results[r], xs, ids, emap, r, f"{name} rank {r}", align=align, quantize=fp8)
     ys = [stand_in_expert(out, scales) for out, scales, _, _ in results]
@@ -132,10 +133,62 @@ def test_loopback_cpu(case):
     run_loopback_case(case, "cpu")
 
 
+@pytest.mark.parametrize("case", [c for c in LOOPBACK_CASES if c[0] in CPU_LOOPBACK], ids=lambda c: c[0])
+def test_loopback_cpu_fixed_sizes(case):
+    run_loopback_case(case, "cpu", fixed_sizes=True)
+
+
 @requires_sm90
+@pytest.mark.parametrize("fixed_sizes", [False, True], ids=["exact", "fixed_sizes"])
 @pytest.mark.parametrize("case", LOOPBACK_CASES, ids=lambda c: c[0])
-def test_loopback_cuda(case):
-    run_loopback_case(case, "cuda")
+def test_loopback_cuda(case, fixed_sizes):
+    run_loopback_case(case, "cuda", fixed_sizes=fixed_sizes)
+    check_device_errors()
+
+
+def graph_routings(tokens, e, k, gen):
+    """Routings for successive replays of one captured graph: random, then every token on expert 0
+    only, then every token on the last expert only (empty before)."""
+    random = [ep_inputs([t], e, k, 256, gen, drop=0.1)[1][0] for t in tokens]
+    first = [torch.full((t, k), -1, dtype=torch.int32) for t in tokens]
+    last = [torch.full((t, k), -1, dtype=torch.int32) for t in tokens]
+    for to_first, to_last in zip(first, last, strict=True):
+        to_first[:, 0], to_last[:, 0] = 0, e - 1
+    return [random, first, last]
+
+
+@requires_sm90
+def test_loopback_graph_capture_and_replay(gen):
+    """Fixed sizes need no host sync: dispatch -> stand-in experts -> combine of 4 virtual ranks,
+    captured once, replayed with new tokens and new routings (an expert from 0 to every row)."""
+    w, e, k, tokens = 4, 16, 4, [40, 0, 33, 17]
+    emap = ExpertMap.build(e, w, None, "cuda")
+    xs = [torch.zeros(t, 256, dtype=torch.bfloat16, device="cuda") for t in tokens]
+    ids = [torch.zeros(t, k, dtype=torch.int32, device="cuda") for t in tokens]
+    ws = [torch.zeros(t, k, device="cuda") for t in tokens]
+
+    def step():
+        results = loopback.dispatch(xs, ids, ws, emap, capacity=max(tokens))
+        ys = [stand_in_expert(out, None) for out, *_ in results]
+        return loopback.combine(ys, [r[3] for r in results]), [r[:3] for r in results], ys
+
+    step()  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        combined, dispatched, ys = step()
+    for replay, routing in enumerate(graph_routings(tokens, e, k, gen)):
+        for r in range(w):
+            xs[r].copy_(torch.randn(tokens[r], 256, generator=gen).to(torch.bfloat16))
+            ids[r].copy_(routing[r])
+            ws[r].copy_(torch.rand(tokens[r], k, generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        for r in range(w):
+            msg = f"replay {replay} rank {r}"
+            check_dispatch(dispatched[r], xs, ids, emap, r, msg)
+            check_combine(combined[r], ys, ids, ws, emap, r, msg)
+    del graph
     check_device_errors()
 
 
@@ -264,6 +317,45 @@ def ep_autograd_case(rank, world, *, device, transport, tokens, e, k):
         )
 
 
+def ep_graph_case(rank, world, *, device, transport):
+    """dispatch(exact=False) -> stand-in experts -> combine captured in a CUDA graph once, replayed
+    with new tokens and routings; the graph is destroyed before the communicator."""
+    gen = torch.Generator().manual_seed(5)
+    e, k, hidden = 8 * world, 4, 256
+    tokens = [24 + 8 * r for r in range(world)]
+    x = torch.zeros(tokens[rank], hidden, dtype=torch.bfloat16, device=device)
+    ids = torch.zeros(tokens[rank], k, dtype=torch.int32, device=device)
+    w = torch.zeros(tokens[rank], k, device=device)
+    with ExpertParallel(None, e, hidden, max_tokens_per_rank=max(tokens), top_k=k, transport=transport) as ep:
+
+        def step():
+            sent = ep.dispatch(x, ids, w, exact=False)
+            y = stand_in_expert(sent.out, None)
+            return ep.combine(y, sent.handle), sent
+
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            combined, sent = step()
+        for replay, routing in enumerate(graph_routings(tokens, e, k, gen)):
+            xs = [torch.randn(t, hidden, generator=gen).to(torch.bfloat16) for t in tokens]
+            ws = [torch.rand(t, k, generator=gen) for t in tokens]
+            x.copy_(xs[rank])
+            ids.copy_(routing[rank])
+            w.copy_(ws[rank])
+            graph.replay()
+            torch.cuda.synchronize()
+            msg = f"{transport} graph replay {replay} rank {rank}"
+            check_dispatch(sent[:3], xs, routing, ep.expert_map, rank, msg)
+            rank_of = ep.expert_map.expert_rank.cpu()
+            ys = [
+                stand_in_expert(reference.ep_dispatch(xs, routing, rank_of, r)[0], None) for r in range(world)
+            ]
+            check_combine(combined, ys, routing, ws, ep.expert_map, rank, msg)
+        del graph
+
+
 def ep_cases(device, transport, world):
     uneven = [37 + 13 * r for r in range(world)]
     with_empty = [0 if r == world - 1 else 20 + r for r in range(world)]
@@ -283,6 +375,8 @@ def ep_cases(device, transport, world):
     }
     if device != "cpu":
         cases["fp8_align128"] = case(tokens=uneven, e=16 * world, k=6, fp8=True, align=128)
+        cases["fp8_not_exact"] = case(tokens=with_empty, e=16 * world, k=6, fp8=True, align=16, exact=False)
+        cases["graph_capture"] = lambda rank, w: ep_graph_case(rank, w, device=device, transport=transport)
         if transport == "nccl":
             cases["side_stream"] = case(tokens=uneven, e=8 * world, k=2, side=True)
     return cases

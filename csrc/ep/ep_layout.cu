@@ -67,11 +67,11 @@ at::Tensor ep_token_ranks(const at::Tensor& ids_in, const at::Tensor& expert_ran
   return rank_ids;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
     const at::Tensor& ids_in, const std::optional<at::Tensor>& weights_in, const at::Tensor& expert_rank,
     const at::Tensor& expert_local, const at::Tensor& expert_row_map, const at::Tensor& expert_offsets,
     const at::Tensor& rank_ids, const at::Tensor& send_row_map, const at::Tensor& rank_offsets,
-    const at::Tensor& rank_experts, int64_t num_send_rows) {
+    const at::Tensor& rank_experts, int64_t capacity, int64_t num_send_rows) {
   constexpr const char* op = "ep_pack_meta";
   check_expert_ids(ids_in, op);
   const int64_t tokens = ids_in.size(0), top_k = ids_in.size(1);
@@ -93,6 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
            op, "expert_row_map, rank_ids and send_row_map must be [tokens, top_k] = ", shape_str(ids_in));
   MK_CHECK(rank_offsets.size(0) == num_ranks + 1, op, "rank_offsets must be [W + 1] = [", num_ranks + 1,
            "], got ", shape_str(rank_offsets));
+  MK_CHECK(capacity >= 0 && (capacity == 0 || capacity * num_ranks <= num_send_rows), op,
+           "capacity must be 0 (packed) or fit num_ranks * capacity rows in num_send_rows=", num_send_rows,
+           ", got ", capacity);
   MK_CHECK(num_send_rows >= 0 && num_send_rows <= std::numeric_limits<int32_t>::max() / top_k, op,
            "num_send_rows must be in [0, 2^31 / top_k), got ", num_send_rows);
   if (weights_in.has_value()) {
@@ -107,6 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
   at::Tensor meta = at::empty({num_send_rows, ep::kMetaFields, top_k}, options);
   at::Tensor pair_slot = at::empty({tokens, top_k}, options);
   at::Tensor send_counts = at::empty({num_ranks, 1 + max_local}, options);
+  at::Tensor send_rows = at::empty({tokens, top_k}, options);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t count_cells = num_ranks * (1 + max_local);
   const at::Tensor experts_of_rank = rank_experts.contiguous();
@@ -115,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
       expert_offsets.data_ptr<int>(), experts_of_rank.data_ptr<int>(), send_counts.data_ptr<int>());
   MK_CUDA_CHECK(cudaGetLastError(), op);
   if (tokens == 0) {
-    return {meta, pair_slot, send_counts};
+    return {meta, pair_slot, send_counts, send_rows};
   }
   ep::PackMetaParams p{};
   p.num_tokens = tokens;
@@ -129,9 +133,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
   p.expert_offsets = expert_offsets.data_ptr<int>();
   p.rank_ids = ranks.data_ptr<int>();
   p.send_row = send_row.data_ptr<int>();
+  p.rank_offsets = rank_offsets.data_ptr<int>();
+  p.capacity = static_cast<int>(capacity);
   p.num_send_rows = static_cast<int>(num_send_rows);
   p.meta = meta.data_ptr<int>();
   p.pair_slot = pair_slot.data_ptr<int>();
+  p.send_row_out = send_rows.data_ptr<int>();
+  p.error_flag = device_error_flag();
   const at::Tensor ids = ids_in.contiguous();
   const at::Tensor weights = weights_in.has_value() ? weights_in->contiguous() : at::Tensor();
   dispatch_ids(ids, [&](auto* id_ptr) {
@@ -147,7 +155,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
     });
   });
   MK_CUDA_CHECK(cudaGetLastError(), op);
-  return {meta, pair_slot, send_counts};
+  return {meta, pair_slot, send_counts, send_rows};
+}
+
+// The rows of the send block: permute's copy (or fused FP8 quantisation) with a given row map, so
+// that each token is read once and written once per destination rank.
+std::tuple<at::Tensor, at::Tensor> ep_pack_rows(const at::Tensor& x_in,
+                                                const std::optional<at::Tensor>& x_scales_in,
+                                                const at::Tensor& row_map_in, bool quantize, bool pow2_scale,
+                                                int64_t num_out_rows) {
+  constexpr const char* op = "ep_pack_rows";
+  MK_CHECK_CUDA_TENSOR(x_in, op, "x");
+  MK_CHECK_DIM(x_in, 2, op, "x", "[tokens, hidden]");
+  check_int_tensor(row_map_in, x_in, 2, op, "row_map");
+  const auto dtype = x_in.scalar_type();
+  const int64_t tokens = x_in.size(0), hidden = x_in.size(1);
+  MK_CHECK(row_map_in.size(0) == tokens && row_map_in.size(1) >= 1 && row_map_in.size(1) <= kPermuteMaxTopK,
+           op, "row_map must be [tokens, k] with tokens = ", tokens, " and k in [1, ", kPermuteMaxTopK,
+           "], got ", shape_str(row_map_in));
+  MK_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == kFp8, op,
+           "x must be bfloat16 or float16 or float32 or float8_e4m3fn, got ", dtype_name(dtype));
+  const bool fp8_in = dtype == kFp8, fp8_out = fp8_in || quantize;
+  MK_CHECK(!(fp8_in && quantize), op, "x is already FP8: quantize must be False");
+  MK_CHECK(x_scales_in.has_value() == fp8_in, op, "x_scales must be given exactly when x is float8_e4m3fn");
+  MK_CHECK(!fp8_out || hidden % kQuantBlock == 0, op, "x's channels must be a multiple of 128, got ", hidden);
+  MK_CHECK(hidden * x_in.element_size() % 16 == 0, op,
+           "x's rows must be a multiple of 16 bytes, got hidden=", hidden);
+  MK_CHECK(num_out_rows >= 0 && num_out_rows <= std::numeric_limits<int32_t>::max(), op,
+           "num_out_rows must be in [0, 2^31), got ", num_out_rows);
+  check_hopper(x_in, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto options = x_in.options();
+  at::Tensor out = at::empty({num_out_rows, hidden}, options.dtype(fp8_out ? kFp8 : dtype));
+  at::Tensor out_scales = fp8_out ? at::empty({num_out_rows, hidden / kQuantBlock}, options.dtype(at::kFloat))
+                                  : at::empty({0}, options.dtype(at::kFloat));
+  if (tokens == 0 || num_out_rows == 0 || hidden == 0) {
+    return {out, out_scales};
+  }
+  const at::Tensor row_map = row_map_in.contiguous();
+  PermuteCopyParams copy{};
+  copy.row_map = row_map.data_ptr<int>();
+  copy.top_k = static_cast<int>(row_map.size(1));
+  copy.num_tokens = tokens;
+  copy.out = static_cast<uint4*>(out.data_ptr());
+  copy.out_scales = fp8_out ? out_scales.data_ptr<float>() : nullptr;
+  copy.row_vecs = hidden * out.element_size() / 16;
+  copy.groups = static_cast<int>(hidden / kQuantBlock);
+  copy.num_out_rows = static_cast<int>(num_out_rows);  // no padding: expert_start / count unused
+  const at::Tensor x = aligned_rows(x_in);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (quantize) {
+    dispatch_float_type(dtype, op, "x", [&](auto* type_tag) {
+      using T = std::remove_pointer_t<decltype(type_tag)>;
+      MK_CUDA_CHECK(launch_permute_quantize<T>(copy, static_cast<const T*>(x.data_ptr()), x.stride(0),
+                                               pow2_scale, stream),
+                    op);
+    });
+  } else {
+    const at::Tensor x_scales = fp8_in ? x_scales_in->contiguous() : at::Tensor();
+    MK_CUDA_CHECK(launch_permute_copy(copy, x.data_ptr(), x.stride(0) * x.element_size(),
+                                      fp8_in ? x_scales.data_ptr<float>() : nullptr, stream),
+                  op);
+  }
+  return {out, out_scales};
 }
 
 }  // namespace
@@ -155,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("ep_token_ranks", &ep_token_ranks);
   m.impl("ep_pack_meta", &ep_pack_meta);
+  m.impl("ep_pack_rows", &ep_pack_rows);
 }
 
 }  // namespace moe_kernels

@@ -26,10 +26,11 @@ def pack_meta(
     send_row_map,
     rank_offsets,
     rank_experts,
+    capacity,
     num_send_rows,
 ):
-    """(meta int32 [S, 3, K], pair_slot int32 [T, K], send_counts int32 [W, 1 + L]); see
-    reference.ep_pack_meta."""
+    """(meta int32 [S, 3, K], pair_slot int32 [T, K], send_counts int32 [W, 1 + L], send_rows int32
+    [T, K]); see reference.ep_pack_meta."""
     return torch.ops.moe_kernels.ep_pack_meta(
         expert_ids,
         weights,
@@ -41,8 +42,15 @@ def pack_meta(
         send_row_map,
         rank_offsets,
         rank_experts,
+        capacity,
         num_send_rows,
     )
+
+
+def pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
+    """(out [R, H], out_scales [R, H/128] or None): see reference.ep_pack_rows."""
+    out, scales = torch.ops.moe_kernels.ep_pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows)
+    return out, scales if (quantize or x.dtype == FP8) else None
 
 
 def unpack(
@@ -93,25 +101,28 @@ def _pack_meta_cpu(*args):
 
 
 @register_fake("ep_pack_meta")
-def _pack_meta_fake(
-    expert_ids,
-    weights,
-    expert_rank,
-    expert_local,
-    expert_row_map,
-    expert_offsets,
-    rank_ids,
-    send_row_map,
-    rank_offsets,
-    rank_experts,
-    num_send_rows,
-):
+def _pack_meta_fake(expert_ids, weights, expert_rank, expert_local, expert_row_map, expert_offsets, rank_ids,
+                    send_row_map, rank_offsets, rank_experts, capacity, num_send_rows):  # fmt: skip
     _check_ids(expert_ids, "ep_pack_meta")
     t, k = expert_ids.shape
     meta = expert_ids.new_empty((num_send_rows, META_FIELDS, k), dtype=torch.int32)
     pair_slot = expert_ids.new_empty((t, k), dtype=torch.int32)
     counts = expert_ids.new_empty((rank_experts.shape[0], 1 + rank_experts.shape[1]), dtype=torch.int32)
-    return meta, pair_slot, counts
+    return meta, pair_slot, counts, expert_ids.new_empty((t, k), dtype=torch.int32)
+
+
+@register_cpu("ep_pack_rows")
+def _pack_rows_cpu(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
+    out, scales = reference.ep_pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows)
+    return out, x.new_empty(0, dtype=torch.float32) if scales is None else scales
+
+
+@register_fake("ep_pack_rows")
+def _pack_rows_fake(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
+    fp8 = quantize or x.dtype == FP8
+    out = x.new_empty((num_out_rows, x.shape[1]), dtype=FP8 if fp8 else x.dtype)
+    scales_shape = (num_out_rows, x.shape[1] // QUANT_BLOCK) if fp8 else (0,)
+    return out, x.new_empty(scales_shape, dtype=torch.float32)
 
 
 @register_cpu("ep_unpack")

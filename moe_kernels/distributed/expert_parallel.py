@@ -176,12 +176,15 @@ class ExpertParallel:
             weights: [T, K] gate weights for combine (travel with the rows); None means 1.
             quantize: send e4m3 rows with 1x128 scales, quantised in the pack pass (H % 128 == 0).
             align: 1, 16, 64 or 128: each local expert's rows padded to a multiple (zero rows).
-            exact: output rows = the rows received, padded (the host reads the counts anyway on
-                this transport); False: the bound for max_tokens_per_rank from every rank.
+            exact: True: exact sizes: the host reads the counts (one sync), every exchange moves
+                only real rows, and out has the rows received (padded). False: fixed sizes, no
+                host sync, capturable in a CUDA graph: each rank's rows travel in a region of
+                max_tokens_per_rank rows, and out has the rows of the bound (every rank's
+                max_tokens_per_rank tokens to min(K, L) local experts); rows past
+                expert_offsets[-1] are unspecified.
         Returns:
             DispatchResult(out, out_scales, expert_offsets int32 [L + 1], handle for combine).
 
-        The host transports read the received counts on the host once per call (a sync).
         Autograd: the gradient of x is the combine of the gradient of out with weights 1.
         """
         op = "dispatch"
@@ -240,6 +243,9 @@ class ExpertParallel:
     def _dispatch(self, x, expert_ids, weights, *, quantize, pow2_scale, x_scales, align, exact):
         transport = self._live_transport()
         w_detached = None if weights is None else weights.detach()
+        # Fixed sizes: each rank's rows in a region of max_tokens_per_rank (a token goes to a rank
+        # at most once, so it never overflows).
+        capacity = 0 if exact else max(self.max_tokens_per_rank, 1)
         plan = stages.plan_send(
             x.detach(),
             expert_ids,
@@ -248,24 +254,24 @@ class ExpertParallel:
             quantize=quantize,
             pow2_scale=pow2_scale,
             x_scales=x_scales,
+            capacity=capacity,
         )
         recv_counts_dev = transport.exchange_counts(plan.send_counts)
-        # The one device-to-host read of a dispatch: both count tables in one copy.
-        counts = torch.stack([plan.send_counts, recv_counts_dev]).cpu()
-        send_rows, recv_rows = counts[0, :, 0].tolist(), counts[1, :, 0].tolist()
+        num_local = self.num_local_experts
+        if exact:
+            # The one device-to-host read of a dispatch: both count tables in one copy.
+            counts = torch.stack([plan.send_counts, recv_counts_dev]).cpu()
+            send_rows, recv_rows = counts[0, :, 0].tolist(), counts[1, :, 0].tolist()
+            num_out_rows = stages.padded_rows(counts[1], num_local, align)
+        else:
+            send_rows = recv_rows = [capacity] * self.world_size
+            num_out_rows = stages.rows_bound(self.world_size, capacity, self.top_k, num_local, align)
         sends = [plan.send_x, plan.meta] + ([plan.send_scales] if plan.send_scales is not None else [])
         received = transport.all_to_all(sends, send_rows, recv_rows)
         recv_x, recv_meta = received[0], received[1]
         recv_scales = received[2] if plan.send_scales is not None else None
-        num_local = self.num_local_experts
-        if exact:
-            num_out_rows = stages.padded_rows(counts[1], num_local, align)
-        else:
-            num_out_rows = stages.rows_bound(
-                self.world_size, self.max_tokens_per_rank, self.top_k, num_local, align
-            )
         out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
-            recv_x, recv_scales, recv_meta, recv_counts_dev, num_local, 0, align, num_out_rows
+            recv_x, recv_scales, recv_meta, recv_counts_dev, num_local, capacity, align, num_out_rows
         )
         handle = EPHandle(
             num_tokens=x.shape[0],
@@ -320,9 +326,7 @@ class ExpertParallel:
 
     def _send_back_rows(self, grad_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
         """Combine's backward, dispatch direction: each token's gradient row to each of its ranks."""
-        rows = sum(handle.send_counts)
-        w = self.world_size
-        grad_send = stages.gather_send_rows(grad_out, handle.rank_ids, w, rows)
+        grad_send = stages.gather_send_rows(grad_out, handle.send_row_map, sum(handle.send_counts))
         (grad_partials,) = self._live_transport().all_to_all(
             [grad_send], handle.send_counts, handle.recv_counts
         )

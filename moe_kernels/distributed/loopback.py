@@ -39,10 +39,11 @@ def dispatch(
     pow2_scale: bool = False,
     x_scales: list[torch.Tensor] | None = None,
     align: int = 1,
-    num_out_rows: list[int] | None = None,
+    capacity: int = 0,
 ):
     """ExpertParallel.dispatch for every virtual rank at once: a list of (out, out_scales,
-    expert_offsets, handle), one per rank. num_out_rows: per rank (default: exact)."""
+    expert_offsets, handle), one per rank. capacity 0: exact sizes; C: fixed regions of C rows
+    (dispatch(exact=False) with max_tokens_per_rank = C), output rows the bound."""
     w = expert_map.num_ranks
     plans = [
         stages.plan_send(
@@ -53,12 +54,13 @@ def dispatch(
             quantize=quantize,
             pow2_scale=pow2_scale,
             x_scales=None if x_scales is None else x_scales[r],
+            capacity=capacity,
         )
         for r in range(w)
     ]
     send_counts = torch.stack([p.send_counts for p in plans])  # [src, dst, 1 + L]
     recv_counts = send_counts.transpose(0, 1).contiguous()  # [dst, src, 1 + L]
-    rows = send_counts[:, :, 0].cpu()
+    rows = send_counts[:, :, 0].cpu() if not capacity else torch.full((w, w), capacity)
     fp8 = plans[0].send_scales is not None
     blocks = [
         [p.send_x.view(torch.uint8) if fp8 else p.send_x, p.meta] + ([p.send_scales] if fp8 else [])
@@ -69,18 +71,17 @@ def dispatch(
     for d in range(w):
         recv_x = received[d][0].view(plans[0].send_x.dtype) if fp8 else received[d][0]
         num_local = expert_map.local_counts[d]
-        rows_out = (
-            stages.padded_rows(recv_counts[d].cpu(), num_local, align)
-            if num_out_rows is None
-            else num_out_rows[d]
-        )
+        if capacity:
+            rows_out = stages.rows_bound(w, capacity, expert_ids[d].shape[1], num_local, align)
+        else:
+            rows_out = stages.padded_rows(recv_counts[d].cpu(), num_local, align)
         out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
             recv_x,
             received[d][2] if fp8 else None,
             received[d][1],
             recv_counts[d],
             num_local,
-            0,
+            capacity,
             align,
             rows_out,
         )

@@ -4,8 +4,9 @@ ExpertParallel runs them around a real transport; the loopback runs them for W v
 process. Both run exactly these functions, so a test of the loopback tests the kernels of the real
 path.
 
-    source: token ranks -> permute over ranks (pack: rows deduplicated per rank, FP8 quantised in
-            the same pass if asked) -> permute index over experts (eidx) -> meta and counts
+    source: token ranks -> permute's index over the ranks (each token's slot per rank) and over the
+            experts (eidx) -> meta and counts -> pack (each token read once, FP8-quantised in the
+            same pass if asked, written once per destination rank)
     [exchange of counts, then of rows + scales + meta]
     receiver: unpack into the expert-major layout of permute
     ... experts ...
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_kernels._checks import FP8
 from moe_kernels.distributed import _ops
 from moe_kernels.distributed.expert_map import ExpertMap
 
@@ -32,7 +32,7 @@ _unpermute = torch.ops.moe_kernels.unpermute
 class SendPlan:
     """A source's half of a dispatch: what it sends and what it needs to combine later."""
 
-    send_x: torch.Tensor  # [S, H] rows, rank-major (rank r's from rank_offsets[r]), x's dtype or e4m3
+    send_x: torch.Tensor  # [S, H] rows, rank-major, x's dtype or e4m3
     send_scales: torch.Tensor | None  # [S, H/128] fp32 when FP8
     meta: torch.Tensor  # int32 [S, 3, K]
     send_counts: torch.Tensor  # int32 [W, 1 + L] on the device
@@ -50,23 +50,23 @@ def plan_send(
     quantize: bool = False,
     pow2_scale: bool = False,
     x_scales: torch.Tensor | None = None,
+    capacity: int = 0,
 ) -> SendPlan:
+    """capacity 0: rank r's rows packed after rank r-1's (exact sizes, S = T * min(K, W) rows);
+    capacity C: at [r * C, r * C + count) (fixed sizes, S = W * C; C >= T never overflows)."""
     t, k = expert_ids.shape
-    w = expert_map.num_ranks
+    w, e = expert_map.num_ranks, expert_map.num_experts
     rank_ids = _ops.token_ranks(expert_ids, expert_map.expert_rank, w)
-    # A token goes to at most min(K, W) ranks: the send block's bound, exact when none is dropped.
-    send_rows = t * min(k, w)
-    send_x, send_scales, rank_offsets, send_row_map = _permute(
-        x, x_scales, rank_ids, w, 0, w, 1, quantize, pow2_scale, send_rows
-    )
-    if not (quantize or x.dtype == FP8):
-        send_scales = None
-    # Zero columns: only the index (each pair's row among this source's pairs of its expert).
-    e = expert_map.num_experts
+    # Zero columns: only permute's index. Over the rank ids: each token's slot per rank, in token
+    # order; over the expert ids: each pair's index among this source's pairs of its expert.
+    index_only = x.new_empty((t, 0), dtype=torch.bfloat16)
+    _, _, rank_offsets, packed_rows = _permute(index_only, None, rank_ids, w, 0, w, 1, False, False, t * k)
     _, _, expert_offsets, expert_row_map = _permute(
-        x.new_empty((t, 0), dtype=torch.bfloat16), None, expert_ids, e, 0, e, 1, False, False, t * k
+        index_only, None, expert_ids, e, 0, e, 1, False, False, t * k
     )
-    meta, pair_slot, send_counts = _ops.pack_meta(
+    # A token goes to at most min(K, W) ranks: the packed block's bound, exact when none is dropped.
+    num_send_rows = w * capacity if capacity else t * min(k, w)
+    meta, pair_slot, send_counts, send_row_map = _ops.pack_meta(
         expert_ids,
         weights,
         expert_map.expert_rank,
@@ -74,11 +74,13 @@ def plan_send(
         expert_row_map,
         expert_offsets,
         rank_ids,
-        send_row_map,
+        packed_rows,
         rank_offsets,
         expert_map.rank_experts,
-        send_rows,
+        capacity,
+        num_send_rows,
     )
+    send_x, send_scales = _ops.pack_rows(x, x_scales, send_row_map, quantize, pow2_scale, num_send_rows)
     return SendPlan(send_x, send_scales, meta, send_counts, rank_ids, send_row_map, pair_slot)
 
 
@@ -109,8 +111,6 @@ def source_sum(
     return _unpermute(back, send_row_map, None, shared_output)
 
 
-def gather_send_rows(
-    rows: torch.Tensor, rank_ids: torch.Tensor, num_ranks: int, num_send_rows: int
-) -> torch.Tensor:
+def gather_send_rows(rows: torch.Tensor, send_row_map: torch.Tensor, num_send_rows: int) -> torch.Tensor:
     """Each token's row once per destination rank, in the send block's layout (combine's backward)."""
-    return _permute(rows, None, rank_ids, num_ranks, 0, num_ranks, 1, False, False, num_send_rows)[0]
+    return _ops.pack_rows(rows, None, send_row_map, False, False, num_send_rows)[0]

@@ -25,6 +25,7 @@ _MESSAGES = {
     5: "dispatch: expert_ids had values outside [-1, num_experts); those pairs were dropped",
     6: "dispatch: more rows arrived than the dispatch output holds; the rows that did not fit were dropped",
     7: "dispatch: the received counts or meta were inconsistent (corrupt); the rows concerned were dropped",
+    8: "dispatch: a rank was sent more rows than its fixed capacity; the rows past it were dropped",
 }
 
 

@@ -18,6 +18,7 @@ enum DeviceError : int {
   kEpExpertIdOutOfRange = 5,       // dispatch: an id outside [-1, num_experts); the pair was dropped
   kEpUnpackRowsOverflow = 6,       // dispatch: more rows arrived than the output holds; dropped
   kEpBadCounts = 7,                // dispatch: received counts or meta inconsistent; rows dropped
+  kEpCapacityOverflow = 8,         // dispatch: more rows for a rank than its fixed capacity; dropped
 };
 
 // A plain system-scope store: no atomics over PCIe (not every host supports them), and any

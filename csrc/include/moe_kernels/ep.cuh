@@ -89,10 +89,14 @@ struct PackMetaParams {
   const int* expert_row;      // [T, K] permute's row of each pair over all E experts (align 1)
   const int* expert_offsets;  // [E + 1] its offsets: row - offsets[e] = eidx
   const int* rank_ids;        // [T, K] from token_ranks
-  const int* send_row;        // [T, K] permute's row of each (token, rank): the send-block row
+  const int* send_row;        // [T, K] permute's row of each (token, rank) in the packed send block
+  const int* rank_offsets;    // [W + 1] its offsets: row - rank_offsets[r] = the token's slot for r
+  int capacity;               // > 0: rank r's rows at r * capacity + slot (fixed sizes); 0: packed
   int num_send_rows;          // rows of meta
   int* meta;                  // out: [num_send_rows, 3, K]
-  int* pair_slot;             // out: [T, K] send_row * K + entry of each pair, -1 when dropped
+  int* pair_slot;             // out: [T, K] send row * K + entry of each pair, -1 when dropped
+  int* send_row_out;          // out: [T, K] the send row of (token, rank_ids[t, j]) in this layout
+  int* error_flag;
 };
 
 template <typename IdT, typename WeightT>
@@ -108,12 +112,17 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int j = 0; j < K; ++j) {
     const int r = p.rank_ids[t * K + j];
-    const int row = p.send_row[t * K + j];
-    if (r < 0) {
-      break;
+    int row = p.send_row[t * K + j];
+    if (r >= 0 && row >= 0 && p.capacity > 0) {
+      const int slot = row - p.rank_offsets[r];
+      row = slot < p.capacity ? r * p.capacity + slot : -1;
+      if (row < 0) {
+        report_device_error(p.error_flag, kEpCapacityOverflow);
+      }
     }
-    if (row < 0 || row >= p.num_send_rows) {
-      continue;  // permute dropped it (reported there)
+    p.send_row_out[t * K + j] = r >= 0 && row < p.num_send_rows ? row : -1;
+    if (r < 0 || row < 0 || row >= p.num_send_rows) {
+      continue;  // dropped (reported)
     }
     int* meta = p.meta + int64_t(row) * kMetaFields * K;
     int n = 0;
