@@ -89,7 +89,7 @@ class ExpertParallel:
         check(transport in TRANSPORTS, op, f"transport must be one of {TRANSPORTS}, got {transport!r}")
         check(1 <= top_k <= 32, op, f"top_k must be in [1, 32], got {top_k}")
         check(max_tokens_per_rank >= 0, op, f"max_tokens_per_rank must be >= 0, got {max_tokens_per_rank}")
-        self.group = group
+        self.group = group = dist.group.WORLD if group is None else group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if device is None:
