@@ -441,10 +441,8 @@ def test_expert_parallel_checks_arguments(nccl_world_of_one):
             ep.dispatch(x[:4].float().requires_grad_(), ids[:4], quantize=True)
     with pytest.raises(ValueError, match="used after close"):
         ep.dispatch(x[:4], ids[:4])
-    with pytest.raises(ValueError, match="num_experts=9 must divide by the world size"):
-        ExpertParallel(
-            None, 9, 128, max_tokens_per_rank=4, top_k=2, expert_to_rank=None, transport="nccl"
-        ).close()
+    with pytest.raises(ValueError, match="expert_to_rank must name a rank for each of the 8 experts, got 7"):
+        ExpertParallel(None, 8, 128, max_tokens_per_rank=4, top_k=2, expert_to_rank=[0] * 7)
     with pytest.raises(ValueError, match="transport must be one of"):
         ExpertParallel(None, 8, 128, max_tokens_per_rank=4, top_k=2, transport="nvlink")
 

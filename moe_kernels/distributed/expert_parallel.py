@@ -95,6 +95,8 @@ class ExpertParallel:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if transport == "auto":
             transport = "nccl" if self.device.type == "cuda" else "torch"
         check(
