@@ -59,21 +59,21 @@ def bench_source_side(copy_tbps):
     emap = ExpertMap.build(EXPERTS, RANKS, device="cuda")
     x, ids, weights = routed(TOKENS, 0)
     empty = x.new_empty((TOKENS, 0))
-    rows = [
-        {
-            "step": "layout",
-            "dtype": "-",
-            "us": time_cuda_graph_us(lambda: stages.plan_send(empty, ids, weights, emap)),
-        }
-    ]
+    permute = torch.ops.moe_kernels.permute
+    rank_ids = _ops.token_ranks(ids, emap.expert_rank, RANKS)
+    n = TOKENS * TOP_K
+    parts = {
+        "layout": lambda: stages.plan_send(empty, ids, weights, emap),
+        "  token ranks": lambda: _ops.token_ranks(ids, emap.expert_rank, RANKS),
+        "  index over ranks": lambda: permute(empty, None, rank_ids, RANKS, 0, RANKS, 1, False, False, n),
+        "  index over experts": lambda: permute(empty, None, ids, EXPERTS, 0, EXPERTS, 1, False, False, n),
+    }
+    rows = [{"step": name, "dtype": "-", "us": time_cuda_graph_us(fn)} for name, fn in parts.items()]
     plan = stages.plan_send(x, ids, weights, emap)
     sent = int(plan.send_counts[:, 0].sum())
     rows[0]["ranks per token"] = sent / TOKENS
-    rank_ids = plan.rank_ids
     for quantize in (False, True):
-        pack = lambda q=quantize: torch.ops.moe_kernels.permute(  # noqa: E731
-            x, None, rank_ids, RANKS, 0, RANKS, 1, q, False, TOKENS * RANKS
-        )
+        pack = lambda q=quantize: _ops.pack_rows(x, None, plan.send_row_map, q, False, TOKENS * RANKS)  # noqa: E731
         row_bytes = HIDDEN + HIDDEN // 128 * 4 if quantize else 2 * HIDDEN
         nbytes = TOKENS * HIDDEN * 2 + sent * row_bytes
         rows.append(

@@ -42,6 +42,10 @@ unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>((n + ep::kThreads - 1) / ep::kThreads);
 }
 
+unsigned blocks_for_tokens(int64_t tokens) {  // a warp per token
+  return static_cast<unsigned>((tokens + ep::kTokensPerBlock - 1) / ep::kTokensPerBlock);
+}
+
 at::Tensor ep_token_ranks(const at::Tensor& ids_in, const at::Tensor& expert_rank, int64_t num_ranks) {
   constexpr const char* op = "ep_token_ranks";
   check_expert_ids(ids_in, op);
@@ -59,7 +63,7 @@ at::Tensor ep_token_ranks(const at::Tensor& ids_in, const at::Tensor& expert_ran
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_ids(ids, [&](auto* id_ptr) {
     using IdT = std::remove_const_t<std::remove_pointer_t<decltype(id_ptr)>>;
-    ep::token_ranks_kernel<IdT><<<blocks_for(tokens), ep::kThreads, 0, stream>>>(
+    ep::token_ranks_kernel<IdT><<<blocks_for_tokens(tokens), ep::kThreads, 0, stream>>>(
         id_ptr, tokens, static_cast<int>(top_k), static_cast<int>(expert_rank.size(0)),
         expert_rank.data_ptr<int>(), rank_ids.data_ptr<int>(), device_error_flag());
   });
@@ -145,12 +149,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ep_pack_meta(
   dispatch_ids(ids, [&](auto* id_ptr) {
     using IdT = std::remove_const_t<std::remove_pointer_t<decltype(id_ptr)>>;
     if (!weights.defined()) {
-      ep::pack_meta_kernel<IdT, float><<<blocks_for(tokens), ep::kThreads, 0, stream>>>(p, id_ptr, nullptr);
+      ep::pack_meta_kernel<IdT, float>
+          <<<blocks_for_tokens(tokens), ep::kThreads, 0, stream>>>(p, id_ptr, nullptr);
       return;
     }
     dispatch_float_type(weights.scalar_type(), op, "weights", [&](auto* weight_tag) {
       using W = std::remove_pointer_t<decltype(weight_tag)>;
-      ep::pack_meta_kernel<IdT, W><<<blocks_for(tokens), ep::kThreads, 0, stream>>>(
+      ep::pack_meta_kernel<IdT, W><<<blocks_for_tokens(tokens), ep::kThreads, 0, stream>>>(
           p, id_ptr, static_cast<const W*>(weights.data_ptr()));
     });
   });

@@ -23,6 +23,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "moe_kernels/device_error.cuh"
@@ -39,43 +40,39 @@ constexpr int kThreads = 256;
 // Meta of a send row: [3, K] int32 = local experts (-1 = unused), eidx, gate weights (fp32 bits).
 constexpr int kMetaFields = 3;
 
-// 1. A token's distinct destination ranks, ascending, -1 padded. Ids outside [-1, E) are dropped
-// and reported.
+constexpr int kTokensPerBlock = kThreads / 32;  // the layout kernels give each token a warp
+
+// 1. A token's distinct destination ranks, ascending, -1 padded. One warp per token, lane k its
+// pair k. Ids outside [-1, E) are dropped and reported.
 template <typename IdT>
 __global__ void __launch_bounds__(kThreads)
     token_ranks_kernel(const IdT* __restrict__ ids, int64_t num_tokens, int top_k, int num_experts,
                        const int* __restrict__ expert_rank, int* __restrict__ rank_ids, int* error_flag) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t t = blockIdx.x * int64_t(kTokensPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
   if (t >= num_tokens) {
-    return;
+    return;  // the whole warp
   }
-  int ranks[kMaxTopK];
-  int n = 0;
-  bool bad = false;
-  for (int k = 0; k < top_k; ++k) {
-    const int64_t id = static_cast<int64_t>(ids[t * top_k + k]);
-    bad |= id < -1 || id >= num_experts;
-    if (id < 0 || id >= num_experts) {
-      continue;
-    }
-    const int r = expert_rank[id];
-    int pos = n;  // insertion into the sorted, duplicate-free list
-    while (pos > 0 && ranks[pos - 1] > r) {
-      --pos;
-    }
-    if (pos > 0 && ranks[pos - 1] == r) {
-      continue;
-    }
-    for (int i = n; i > pos; --i) {
-      ranks[i] = ranks[i - 1];
-    }
-    ranks[pos] = r;
-    ++n;
+  const bool pair = lane < top_k;
+  const int64_t id = pair ? static_cast<int64_t>(ids[t * top_k + lane]) : -1;
+  const bool valid = id >= 0 && id < num_experts;
+  const int rank = valid ? expert_rank[id] : INT_MAX;
+  // The first lane of each distinct rank places it, after the distinct ranks below it.
+  const unsigned peers = __match_any_sync(0xffffffffu, rank);
+  const bool first = valid && lane == __ffs(peers) - 1;
+  const unsigned firsts = __ballot_sync(0xffffffffu, first);
+  int position = 0;
+  for (int l = 0; l < 32; ++l) {
+    const int other = __shfl_sync(0xffffffffu, rank, l);
+    position += ((firsts >> l) & 1u) && other < rank;
   }
-  for (int k = 0; k < top_k; ++k) {
-    rank_ids[t * top_k + k] = k < n ? ranks[k] : -1;
+  if (first) {
+    rank_ids[t * top_k + position] = rank;
   }
-  if (bad) {
+  if (pair && lane >= __popc(firsts)) {
+    rank_ids[t * top_k + lane] = -1;
+  }
+  if (pair && (id < -1 || id >= num_experts)) {
     report_device_error(error_flag, kEpExpertIdOutOfRange);
   }
 }
@@ -99,50 +96,64 @@ struct PackMetaParams {
   int* error_flag;
 };
 
+// 2. One warp per token: lane k holds pair k (its rank, local expert, eidx, weight) and the
+// token's j = k-th destination (rank_ids / send row). A pair's entry in its send row is the number
+// of the token's earlier pairs on the same rank (warp match + prefix popcount).
 template <typename IdT, typename WeightT>
 __global__ void __launch_bounds__(kThreads)
     pack_meta_kernel(PackMetaParams p, const IdT* __restrict__ ids, const WeightT* __restrict__ weights) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t t = blockIdx.x * int64_t(kTokensPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
   if (t >= p.num_tokens) {
-    return;
+    return;  // the whole warp
   }
   const int K = p.top_k;
-  for (int k = 0; k < K; ++k) {
-    p.pair_slot[t * K + k] = -1;
+  const bool in = lane < K;
+  const int64_t pair = t * K + lane;
+  // This lane's destination (token, rank_ids[t, lane]) and its row in this layout.
+  const int dest_rank = in ? p.rank_ids[pair] : -1;
+  int dest_row = dest_rank >= 0 ? p.send_row[pair] : -1;
+  if (dest_row >= 0 && p.capacity > 0) {
+    const int slot = dest_row - p.rank_offsets[dest_rank];
+    dest_row = slot < p.capacity ? dest_rank * p.capacity + slot : -1;
+    if (dest_row < 0) {
+      report_device_error(p.error_flag, kEpCapacityOverflow);
+    }
   }
+  dest_row = dest_row < p.num_send_rows ? dest_row : -1;
+  if (in) {
+    p.send_row_out[pair] = dest_row;
+  }
+  // This lane's pair.
+  const int64_t id = in ? static_cast<int64_t>(ids[pair]) : -1;
+  const bool valid = id >= 0 && id < p.num_experts;
+  const int rank = valid ? p.expert_rank[id] : -1;
+  int row = -1;
   for (int j = 0; j < K; ++j) {
-    const int r = p.rank_ids[t * K + j];
-    int row = p.send_row[t * K + j];
-    if (r >= 0 && row >= 0 && p.capacity > 0) {
-      const int slot = row - p.rank_offsets[r];
-      row = slot < p.capacity ? r * p.capacity + slot : -1;
-      if (row < 0) {
-        report_device_error(p.error_flag, kEpCapacityOverflow);
-      }
+    const int r = __shfl_sync(0xffffffffu, dest_rank, j);
+    const int r_row = __shfl_sync(0xffffffffu, dest_row, j);
+    // Entries past the last pair of each destination row: -1 / 0 / 0.
+    const int pairs_here = __popc(__ballot_sync(0xffffffffu, valid && rank == r));
+    if (r >= 0 && r_row >= 0 && in && lane >= pairs_here) {
+      int* meta = p.meta + int64_t(r_row) * kMetaFields * K;
+      meta[lane] = -1;
+      meta[K + lane] = 0;
+      meta[2 * K + lane] = 0;
     }
-    p.send_row_out[t * K + j] = r >= 0 && row < p.num_send_rows ? row : -1;
-    if (r < 0 || row < 0 || row >= p.num_send_rows) {
-      continue;  // dropped (reported)
+    if (valid && r == rank) {
+      row = r_row;
     }
+  }
+  const unsigned same_rank = __match_any_sync(0xffffffffu, valid ? rank : -2 - lane);
+  const int entry = __popc(same_rank & lanemask_lt());
+  if (in) {
+    p.pair_slot[pair] = valid && row >= 0 ? row * K + entry : -1;
+  }
+  if (valid && row >= 0) {
     int* meta = p.meta + int64_t(row) * kMetaFields * K;
-    int n = 0;
-    for (int k = 0; k < K; ++k) {
-      const int64_t id = static_cast<int64_t>(ids[t * K + k]);
-      if (id < 0 || id >= p.num_experts || p.expert_rank[id] != r) {
-        continue;
-      }
-      const float w = weights != nullptr ? to_float(weights[t * K + k]) : 1.0f;
-      meta[n] = p.expert_local[id];
-      meta[K + n] = p.expert_row[t * K + k] - p.expert_offsets[id];
-      meta[2 * K + n] = __float_as_int(w);
-      p.pair_slot[t * K + k] = row * K + n;
-      ++n;
-    }
-    for (; n < K; ++n) {
-      meta[n] = -1;
-      meta[K + n] = 0;
-      meta[2 * K + n] = 0;
-    }
+    meta[entry] = p.expert_local[id];
+    meta[K + entry] = p.expert_row[pair] - p.expert_offsets[id];
+    meta[2 * K + entry] = __float_as_int(weights != nullptr ? to_float(weights[pair]) : 1.0f);
   }
 }
 
