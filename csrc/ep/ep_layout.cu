@@ -5,6 +5,7 @@
 
 #include "common/device_error.h"
 #include "moe_kernels/ep.cuh"
+#include "permute/copy_rows.h"
 #include "torch_utils.h"
 
 namespace moe_kernels {
@@ -198,30 +199,9 @@ std::tuple<at::Tensor, at::Tensor> ep_pack_rows(const at::Tensor& x_in,
     return {out, out_scales};
   }
   const at::Tensor row_map = row_map_in.contiguous();
-  PermuteCopyParams copy{};
-  copy.row_map = row_map.data_ptr<int>();
-  copy.top_k = static_cast<int>(row_map.size(1));
-  copy.num_tokens = tokens;
-  copy.out = static_cast<uint4*>(out.data_ptr());
-  copy.out_scales = fp8_out ? out_scales.data_ptr<float>() : nullptr;
-  copy.row_vecs = hidden * out.element_size() / 16;
-  copy.groups = static_cast<int>(hidden / kQuantBlock);
-  copy.num_out_rows = static_cast<int>(num_out_rows);  // no padding: expert_start / count unused
-  const at::Tensor x = aligned_rows(x_in);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (quantize) {
-    dispatch_float_type(dtype, op, "x", [&](auto* type_tag) {
-      using T = std::remove_pointer_t<decltype(type_tag)>;
-      MK_CUDA_CHECK(launch_permute_quantize<T>(copy, static_cast<const T*>(x.data_ptr()), x.stride(0),
-                                               pow2_scale, stream),
-                    op);
-    });
-  } else {
-    const at::Tensor x_scales = fp8_in ? x_scales_in->contiguous() : at::Tensor();
-    MK_CUDA_CHECK(launch_permute_copy(copy, x.data_ptr(), x.stride(0) * x.element_size(),
-                                      fp8_in ? x_scales.data_ptr<float>() : nullptr, stream),
-                  op);
-  }
+  const PermuteCopyParams copy =
+      copy_rows_params(row_map.data_ptr<int>(), row_map.size(1), tokens, out, out_scales);
+  launch_copy_rows(copy, x_in, x_scales_in, quantize, pow2_scale, op);
   return {out, out_scales};
 }
 

@@ -5,6 +5,7 @@
 
 #include "common/device_error.h"
 #include "moe_kernels/ep.cuh"
+#include "permute/copy_rows.h"
 #include "torch_utils.h"
 
 namespace moe_kernels {
@@ -108,28 +109,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ep_unpack
 
   // The rows move with permute's copy kernel: each receive row read once, written once per local
   // expert it goes to; the padding rows of every expert zeroed.
-  PermuteCopyParams copy{};
-  copy.row_map = p.row_map;
-  copy.top_k = p.top_k;
-  copy.num_tokens = recv_rows;
-  copy.out = static_cast<uint4*>(out.data_ptr());
-  copy.out_scales = fp8 ? out_scales.data_ptr<float>() : nullptr;
-  copy.row_vecs = hidden * out.element_size() / 16;
-  copy.groups = static_cast<int>(hidden / kQuantBlock);
+  PermuteCopyParams copy = copy_rows_params(p.row_map, p.top_k, recv_rows, out, out_scales);
   copy.expert_start = p.expert_start;
   copy.expert_count = p.expert_count;
-  copy.num_out_rows = p.num_out_rows;
   copy.pad_blocks_per_expert =
       align > 1 ? static_cast<int>((align - 1 + kPermutePadRowsPerBlock - 1) / kPermutePadRowsPerBlock) : 0;
   copy.num_pad_blocks = copy.pad_blocks_per_expert * p.num_local;
   if (num_out_rows == 0 || hidden == 0 || copy.num_pad_blocks + recv_rows == 0) {
     return {out, out_scales, expert_offsets, row_map, weights};
   }
-  const at::Tensor x = aligned_rows(x_in);
-  const at::Tensor x_scales = fp8 ? x_scales_in->contiguous() : at::Tensor();
-  MK_CUDA_CHECK(launch_permute_copy(copy, x.data_ptr(), x.stride(0) * x.element_size(),
-                                    fp8 ? x_scales.data_ptr<float>() : nullptr, stream),
-                op);
+  launch_copy_rows(copy, x_in, x_scales_in, false, false, op);
   return {out, out_scales, expert_offsets, row_map, weights};
 }
 

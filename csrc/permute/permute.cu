@@ -4,6 +4,7 @@
 
 #include "common/device_error.h"
 #include "moe_kernels/permute.cuh"
+#include "permute/copy_rows.h"
 #include "torch_utils.h"
 
 namespace moe_kernels {
@@ -118,14 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(
     MK_CUDA_CHECK(launch_permute_index(index, ids.data_ptr<int32_t>(), stream), op);
   }
 
-  PermuteCopyParams copy{};
-  copy.row_map = index.row_map;
-  copy.top_k = static_cast<int>(top_k);
-  copy.num_tokens = tokens;
-  copy.out = static_cast<uint4*>(out.data_ptr());
-  copy.out_scales = fp8_out ? out_scales.data_ptr<float>() : nullptr;
-  copy.row_vecs = hidden * out.element_size() / 16;
-  copy.groups = static_cast<int>(hidden / kQuantBlock);
+  PermuteCopyParams copy = copy_rows_params(index.row_map, top_k, tokens, out, out_scales);
   copy.expert_start = index.expert_start;
   copy.expert_count = index.expert_count;
   copy.num_out_rows = index.num_out_rows;
@@ -135,20 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(
   if (num_out_rows == 0 || hidden == 0) {
     return {out, out_scales, expert_offsets, row_map};  // no bytes to move
   }
-  const at::Tensor x = aligned_rows(x_in);
-  if (quantize) {
-    dispatch_float_type(x.scalar_type(), op, "x", [&](auto* type_tag) {
-      using T = std::remove_pointer_t<decltype(type_tag)>;
-      MK_CUDA_CHECK(launch_permute_quantize<T>(copy, static_cast<const T*>(x.data_ptr()), x.stride(0),
-                                               pow2_scale, stream),
-                    op);
-    });
-  } else {
-    const at::Tensor x_scales = fp8_in ? x_scales_in->contiguous() : at::Tensor();
-    MK_CUDA_CHECK(launch_permute_copy(copy, x.data_ptr(), x.stride(0) * x.element_size(),
-                                      fp8_in ? x_scales.data_ptr<float>() : nullptr, stream),
-                  op);
-  }
+  launch_copy_rows(copy, x_in, x_scales_in, quantize, pow2_scale, op);
   return {out, out_scales, expert_offsets, row_map};
 }
 

@@ -15,36 +15,11 @@ def token_ranks(expert_ids: torch.Tensor, expert_rank: torch.Tensor, num_ranks: 
     return torch.ops.moe_kernels.ep_token_ranks(expert_ids, expert_rank, num_ranks)
 
 
-def pack_meta(
-    expert_ids,
-    weights,
-    expert_rank,
-    expert_local,
-    expert_row_map,
-    expert_offsets,
-    rank_ids,
-    send_row_map,
-    rank_offsets,
-    rank_experts,
-    capacity,
-    num_send_rows,
-):
-    """(meta int32 [S, 3, K], pair_slot int32 [T, K], send_counts int32 [W, 1 + L], send_rows int32
-    [T, K]); see reference.ep_pack_meta."""
-    return torch.ops.moe_kernels.ep_pack_meta(
-        expert_ids,
-        weights,
-        expert_rank,
-        expert_local,
-        expert_row_map,
-        expert_offsets,
-        rank_ids,
-        send_row_map,
-        rank_offsets,
-        rank_experts,
-        capacity,
-        num_send_rows,
-    )
+# (meta int32 [S, 3, K], pair_slot int32 [T, K], send_counts int32 [W, 1 + L], send_rows int32
+# [T, K]) from (expert_ids, weights, expert_rank, expert_local, expert_row_map, expert_offsets,
+# rank_ids, send_row_map, rank_offsets, rank_experts, capacity, num_send_rows): see
+# reference.ep_pack_meta. Every output is always a tensor, so the op is called as it is.
+pack_meta = torch.ops.moe_kernels.ep_pack_meta
 
 
 def pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
