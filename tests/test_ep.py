@@ -437,6 +437,10 @@ def test_expert_parallel_checks_arguments(nccl_world_of_one):
             ep.dispatch(x[:4], ids)
         with pytest.raises(ValueError, match="align must be one of"):
             ep.dispatch(x[:4], ids[:4], align=3)
+        with pytest.raises(ValueError, match="x is float8_e4m3fn: pass its 1x128 scales"):
+            ep.dispatch(x[:4].to(FP8), ids[:4])
+        with pytest.raises(ValueError, match="x_scales is only for float8_e4m3fn x"):
+            ep.dispatch(x[:4], ids[:4], x_scales=torch.ones(4, 1, device="cuda"))
         with pytest.raises(ValueError, match="FP8 rows are not differentiable"):
             ep.dispatch(x[:4].float().requires_grad_(), ids[:4], quantize=True)
     with pytest.raises(ValueError, match="used after close"):

@@ -241,6 +241,17 @@ class ExpertParallel:
                 f"got {list(weights.shape)} on {weights.device}",
             )
         check(align in (1, 16, 64, 128), op, f"align must be one of (1, 16, 64, 128), got {align}")
+        if x.dtype == FP8:
+            check(x_scales is not None, op, "x is float8_e4m3fn: pass its 1x128 scales as x_scales")
+            check(not quantize, op, "x is already FP8: quantize must be False")
+        else:
+            check(x_scales is None, op, "x_scales is only for float8_e4m3fn x")
+        if quantize or x.dtype == FP8:
+            check(
+                self.hidden_size % 128 == 0,
+                op,
+                f"FP8 rows need hidden a multiple of 128, got {self.hidden_size}",
+            )
 
     def _dispatch(self, x, expert_ids, weights, *, quantize, pow2_scale, x_scales, align, exact):
         transport = self._live_transport()
