@@ -146,6 +146,19 @@ def test_loopback_cuda(case, fixed_sizes):
     check_device_errors()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_sm90)])
+def test_loopback_prequantized_rows(device, gen):
+    """e4m3 tokens with their 1x128 scales move as they are (no requantisation), scales beside them."""
+    w, e, k, tokens = 3, 12, 3, [20, 0, 9]
+    emap = ExpertMap.build(e, w, None, device)
+    xs, ids, ws = ep_inputs(tokens, e, k, 256, gen, device=device)
+    quantized = [reference.quantize_fp8(x) for x in xs]
+    qs, scales = [q for q, _ in quantized], [sc for _, sc in quantized]
+    results = loopback.dispatch(qs, ids, ws, emap, x_scales=scales, align=16)
+    for r in range(w):
+        check_dispatch(results[r], qs, ids, emap, r, f"{device} rank {r}", align=16, x_scales=scales)
+
+
 def graph_routings(tokens, e, k, gen):
     """Routings for successive replays of one captured graph: random, then every token on expert 0
     only, then every token on the last expert only (empty before)."""
