@@ -88,10 +88,23 @@ TORCH_LIBRARY(moe_kernels, m) {
       "ep_unpack(Tensor recv_x, Tensor? recv_scales, Tensor recv_meta, Tensor recv_counts, int "
       "num_local_experts, "
       "int source_capacity, int align, int num_out_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The device path: rows pushed into the peers' windows (int64 addresses), counts and a flag
+  // published with a system-scope release, flags awaited with acquire loads under a timeout.
+  m.def(
+      "ep_push_rows(Tensor peers, int region, int capacity, Tensor counts, int count_stride, Tensor src, "
+      "int dst_offset) -> ()");
+  m.def(
+      "ep_signal(Tensor peers, int region, int flags_offset, Tensor? counts, int counts_offset, Tensor "
+      "epoch) -> ()");
+  m.def("ep_wait(Tensor flags, Tensor(a!) epoch, float timeout_s) -> ()");
   m.def("ep_nccl_unique_id() -> Tensor", &moe_kernels::ep_nccl_unique_id);
   m.def("ep_nccl_comm_init(Tensor unique_id, int world_size, int rank, int device) -> int",
         &moe_kernels::ep_nccl_comm_init);
   m.def("ep_nccl_comm_destroy(int comm) -> ()", &moe_kernels::ep_nccl_comm_destroy);
+  m.def("ep_nccl_window_create(int comm, int bytes) -> int", &moe_kernels::ep_nccl_window_create);
+  m.def("ep_nccl_window_tensor(int window) -> Tensor", &moe_kernels::ep_nccl_window_tensor);
+  m.def("ep_nccl_window_peers(int window) -> Tensor", &moe_kernels::ep_nccl_window_peers);
+  m.def("ep_nccl_window_destroy(int window) -> ()", &moe_kernels::ep_nccl_window_destroy);
   m.def(
       "ep_nccl_all_to_all_v(int comm, Tensor[] sends, Tensor(a!)[] recvs, int[] send_counts, int[] "
       "recv_counts) "

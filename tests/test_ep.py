@@ -101,7 +101,7 @@ LOOPBACK_CASES = [
 CPU_LOOPBACK = {"w1_e8_k2", "w2_e8_k1_rank1_empty", "w3_e8_k2_fp8_uneven_map", "w4_e8_k2_one_expert"}
 
 
-def run_loopback_case(case, device, seed=0, fixed_sizes=False):
+def run_loopback_case(case, device, seed=0, fixed_sizes=False, device_path=False):
     name, w, e, k, tokens, align, fp8, routing, map_kind = case
     gen = torch.Generator().manual_seed(seed)
     emap = ExpertMap.build(e, w, uneven_expert_map(e, w, gen) if map_kind == "uneven" else None, device)
@@ -109,8 +109,10 @@ def run_loopback_case(case, device, seed=0, fixed_sizes=False):
     xs, ids, ws = ep_inputs(
         tokens, e, k, hidden, gen, routing=routing, expert_map=emap, device=device, drop=0.15
     )
-    capacity = max(tokens) + 3 if fixed_sizes else 0
-    results = loopback.dispatch(xs, ids, ws, emap, quantize=fp8, align=align, capacity=capacity)
+    capacity = max(tokens) + 3 if fixed_sizes or device_path else 0
+    results = loopback.dispatch(
+        xs, ids, ws, emap, quantize=fp8, align=align, capacity=capacity, device_path=device_path
+    )
     for r in range(w):
         check_dispatch(results[r], xs, ids, emap, r, f"{name} rank {r}", align=align, quantize=fp8)
     ys = [stand_in_expert(out, scales) for out, scales, _, _ in results]
@@ -139,10 +141,10 @@ def test_loopback_cpu_fixed_sizes(case):
 
 
 @requires_sm90
-@pytest.mark.parametrize("fixed_sizes", [False, True], ids=["exact", "fixed_sizes"])
+@pytest.mark.parametrize("mode", ["exact", "fixed_sizes", "device_path"])
 @pytest.mark.parametrize("case", LOOPBACK_CASES, ids=lambda c: c[0])
-def test_loopback_cuda(case, fixed_sizes):
-    run_loopback_case(case, "cuda", fixed_sizes=fixed_sizes)
+def test_loopback_cuda(case, mode):
+    run_loopback_case(case, "cuda", fixed_sizes=mode == "fixed_sizes", device_path=mode == "device_path")
     check_device_errors()
 
 
@@ -171,7 +173,8 @@ def graph_routings(tokens, e, k, gen):
 
 
 @requires_sm90
-def test_loopback_graph_capture_and_replay(gen):
+@pytest.mark.parametrize("device_path", [False, True], ids=["fixed_sizes", "device_path"])
+def test_loopback_graph_capture_and_replay(device_path, gen):
     """Fixed sizes need no host sync: dispatch -> stand-in experts -> combine of 4 virtual ranks,
     captured once, replayed with new tokens and new routings (an expert from 0 to every row)."""
     w, e, k, tokens = 4, 16, 4, [40, 0, 33, 17]
@@ -181,7 +184,7 @@ def test_loopback_graph_capture_and_replay(gen):
     ws = [torch.zeros(t, k, device="cuda") for t in tokens]
 
     def step():
-        results = loopback.dispatch(xs, ids, ws, emap, capacity=max(tokens))
+        results = loopback.dispatch(xs, ids, ws, emap, capacity=max(tokens), device_path=device_path)
         ys = [stand_in_expert(out, None) for out, *_ in results]
         return loopback.combine(ys, [r[3] for r in results]), [r[:3] for r in results], ys
 
@@ -392,6 +395,8 @@ def ep_cases(device, transport, world):
         cases["graph_capture"] = lambda rank, w: ep_graph_case(rank, w, device=device, transport=transport)
         if transport == "nccl":
             cases["side_stream"] = case(tokens=uneven, e=8 * world, k=2, side=True)
+    if transport == "nccl_device":
+        cases.pop("autograd")  # the device path has no autograd yet (it raises: see the argument test)
     return cases
 
 
@@ -429,12 +434,12 @@ def nccl_world_of_one():
 
 
 @requires_sm90
-@pytest.mark.parametrize("transport", ["nccl", "torch"])
+@pytest.mark.parametrize("transport", ["nccl", "nccl_device", "torch"])
 @pytest.mark.parametrize("name", list(ep_cases("cuda", "nccl", 1)))
 def test_expert_parallel_one_gpu(name, transport, nccl_world_of_one):
     cases = ep_cases("cuda", transport, 1)
     if name not in cases:
-        pytest.skip(f"{name} is for the nccl transport")
+        pytest.skip(f"{name} does not apply to the {transport} transport")
     cases[name](0, 1)
     check_device_errors()
 
@@ -456,6 +461,11 @@ def test_expert_parallel_checks_arguments(nccl_world_of_one):
             ep.dispatch(x[:4], ids[:4], x_scales=torch.ones(4, 1, device="cuda"))
         with pytest.raises(ValueError, match="FP8 rows are not differentiable"):
             ep.dispatch(x[:4].float().requires_grad_(), ids[:4], quantize=True)
+    with ExpertParallel(None, 8, 128, max_tokens_per_rank=4, top_k=2, transport="nccl_device") as ep:
+        with pytest.raises(ValueError, match="nccl_device transport has no autograd yet"):
+            ep.dispatch(x[:4].detach().clone().requires_grad_(), ids[:4])
+        with pytest.raises(ValueError, match="moves bfloat16, float16 or float8_e4m3fn rows"):
+            ep.dispatch(x[:4].float(), ids[:4])
     with pytest.raises(ValueError, match="used after close"):
         ep.dispatch(x[:4], ids[:4])
     with pytest.raises(ValueError, match="expert_to_rank must name a rank for each of the 8 experts, got 7"):

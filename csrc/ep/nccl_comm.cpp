@@ -12,34 +12,20 @@
 #include "ep/nccl_comm.h"
 #include "torch_utils.h"
 
-#define MK_NCCL_CHECK(expr, op)                                                                 \
-  do {                                                                                          \
-    const ncclResult_t mk_status_ = (expr);                                                     \
-    TORCH_CHECK(mk_status_ == ncclSuccess, op, ": NCCL error ", ncclGetErrorString(mk_status_), \
-                " in " #expr " (", ncclGetLastError(nullptr), ")");                             \
-  } while (0)
-
 namespace moe_kernels {
 namespace {
-
-struct Communicator {
-  ncclComm_t comm = nullptr;
-  int device = -1;
-  int world_size = 0;
-  int rank = -1;
-};
 
 std::mutex g_registry_mutex;
 std::vector<std::unique_ptr<Communicator>> g_registry;  // index = id; destroyed entries are null
 
-Communicator& lookup(int64_t id, const char* op) {
+}  // namespace
+
+Communicator& ep_nccl_communicator(int64_t id, const char* op) {
   const std::lock_guard<std::mutex> lock(g_registry_mutex);
   MK_CHECK(id >= 0 && id < static_cast<int64_t>(g_registry.size()) && g_registry[id] != nullptr, op,
            "no live communicator with id ", id, " (was it closed?)");
   return *g_registry[id];
 }
-
-}  // namespace
 
 at::Tensor ep_nccl_unique_id() {
   ncclUniqueId id;
@@ -104,7 +90,7 @@ void ep_nccl_all_to_all_v(int64_t id, const std::vector<at::Tensor>& sends,
                           const std::vector<at::Tensor>& recvs, c10::IntArrayRef send_counts,
                           c10::IntArrayRef recv_counts) {
   constexpr const char* op = "ep_nccl_all_to_all_v";
-  Communicator& c = lookup(id, op);
+  Communicator& c = ep_nccl_communicator(id, op);
   MK_CHECK(sends.size() == recvs.size(), op, "sends and recvs must pair up, got ", sends.size(), " and ",
            recvs.size(), " tensors");
   MK_CHECK(static_cast<int>(send_counts.size()) == c.world_size &&

@@ -18,11 +18,12 @@ import torch.distributed as dist
 
 from moe_kernels._checks import FLOAT_DTYPES, FP8, check
 from moe_kernels.distributed import _ops, stages
+from moe_kernels.distributed.device_path import DeviceExchange, WindowLayout
 from moe_kernels.distributed.expert_map import ExpertMap
 from moe_kernels.distributed.transport import NcclTransport, TorchTransport, Transport
 from moe_kernels.ops.device_error import raise_pending_device_error
 
-TRANSPORTS = ("auto", "nccl", "torch")
+TRANSPORTS = ("auto", "nccl", "nccl_device", "torch")
 
 
 @dataclass
@@ -39,6 +40,8 @@ class EPHandle:
     recv_row_map: torch.Tensor  # int32 [received, K] output row of each received token's entries
     recv_weights: torch.Tensor  # fp32 [received, K] their gate weights
     weights: torch.Tensor | None  # the gate weights dispatch was given (combine's autograd input)
+    device_exchange: DeviceExchange | None = None  # the device path's end of this rank
+    recv_counts_dev: torch.Tensor | None = None  # int32 [W, 1 + L] on the device (device path)
 
 
 class DispatchResult(NamedTuple):
@@ -58,9 +61,12 @@ class ExpertParallel:
             output when exact=False).
         top_k: K, the experts per token.
         expert_to_rank: None (experts split evenly and contiguously) or E ranks, one per expert.
-        transport: "nccl" (our own NCCL communicator, created here over `group`: needs CUDA),
-            "torch" (torch.distributed.all_to_all_single over `group`: the CPU path), or "auto"
-            (nccl on CUDA, torch on CPU).
+        transport: "nccl" (our own NCCL communicator, created here over `group`: needs CUDA;
+            grouped ncclSend / ncclRecv), "nccl_device" (the same communicator's symmetric windows:
+            rows stored straight into the other GPUs' memory over NVLink, no host step; every rank
+            on one node; bfloat16, float16 or FP8 rows, no autograd yet), "torch"
+            (torch.distributed.all_to_all_single over `group`: the CPU path), or "auto" (nccl on
+            CUDA, torch on CPU).
         device: where the tokens live (default: the current CUDA device, or CPU without CUDA).
         comm_side_stream: run the NCCL exchanges on a side stream, so that work issued earlier on
             the current stream (the shared experts) overlaps them.
@@ -100,9 +106,9 @@ class ExpertParallel:
         if transport == "auto":
             transport = "nccl" if self.device.type == "cuda" else "torch"
         check(
-            transport != "nccl" or self.device.type == "cuda",
+            transport not in ("nccl", "nccl_device") or self.device.type == "cuda",
             op,
-            f"transport 'nccl' needs a CUDA device, got {self.device}",
+            f"transport {transport!r} needs a CUDA device, got {self.device}",
         )
         self.num_experts, self.hidden_size, self.top_k = num_experts, hidden_size, top_k
         self.max_tokens_per_rank = max_tokens_per_rank
@@ -110,10 +116,28 @@ class ExpertParallel:
         self._check_agreement(transport)
         self.transport_name = transport
         self.transport: Transport | None = (
-            NcclTransport(group, self.device, comm_side_stream)
-            if transport == "nccl"
-            else TorchTransport(group)
+            TorchTransport(group)
+            if transport == "torch"
+            else NcclTransport(group, self.device, comm_side_stream)
         )
+        self.device_exchange: DeviceExchange | None = None
+        self._window = None
+        if transport == "nccl_device":
+            layout = WindowLayout.build(
+                self.world_size,
+                max(max_tokens_per_rank, 1),
+                hidden_size,
+                top_k,
+                self.expert_map.rank_experts.shape[1] + 1,
+            )
+            comm = self.transport.comm
+            self._window = torch.ops.moe_kernels.ep_nccl_window_create(comm, layout.bytes)
+            self.device_exchange = DeviceExchange(
+                layout,
+                torch.ops.moe_kernels.ep_nccl_window_tensor(self._window),
+                torch.ops.moe_kernels.ep_nccl_window_peers(self._window),
+                self.rank,
+            )
 
     def _check_agreement(self, transport: str) -> None:
         mine = (self.num_experts, self.hidden_size, self.top_k, transport, self.expert_map.as_list())
@@ -141,6 +165,10 @@ class ExpertParallel:
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
         """Free the communicator. Destroy CUDA graphs that captured its ops first."""
+        if self._window is not None:
+            self.device_exchange = None
+            torch.ops.moe_kernels.ep_nccl_window_destroy(self._window)
+            self._window = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -198,6 +226,14 @@ class ExpertParallel:
             op,
             "FP8 rows are not differentiable: with quantize=True pass x.detach()",
         )
+        check(
+            self.device_exchange is None
+            or not (x.requires_grad or (weights is not None and weights.requires_grad)),
+            op,
+            "the nccl_device transport has no autograd yet: use transport 'nccl' to train",
+        )
+        if self.device_exchange is not None:
+            self.device_exchange.check_rows(FP8 if quantize else x.dtype, op)
         kwargs = dict(quantize=quantize, pow2_scale=pow2_scale, x_scales=x_scales, align=align, exact=exact)
         if torch.is_grad_enabled() and x.requires_grad:
             out, out_scales, offsets, handle = _Dispatch.apply(x, expert_ids, weights, self, kwargs)
@@ -258,7 +294,8 @@ class ExpertParallel:
         w_detached = None if weights is None else weights.detach()
         # Fixed sizes: each rank's rows in a region of max_tokens_per_rank (a token goes to a rank
         # at most once, so it never overflows).
-        capacity = 0 if exact else max(self.max_tokens_per_rank, 1)
+        fixed = not exact or self.device_exchange is not None
+        capacity = max(self.max_tokens_per_rank, 1) if fixed else 0
         plan = stages.plan_send(
             x.detach(),
             expert_ids,
@@ -269,8 +306,10 @@ class ExpertParallel:
             x_scales=x_scales,
             capacity=capacity,
         )
-        recv_counts_dev = transport.exchange_counts(plan.send_counts)
         num_local = self.num_local_experts
+        if self.device_exchange is not None:
+            return self._dispatch_device(x, plan, weights, align, exact, capacity)
+        recv_counts_dev = transport.exchange_counts(plan.send_counts)
         if exact:
             # The one device-to-host read of a dispatch: both count tables in one copy.
             counts = torch.stack([plan.send_counts, recv_counts_dev]).cpu()
@@ -297,6 +336,34 @@ class ExpertParallel:
             recv_row_map=recv_row_map,
             recv_weights=recv_weights,
             weights=weights,
+        )
+        return out, out_scales, offsets, handle
+
+    def _dispatch_device(self, x, plan, weights, align, exact, capacity):
+        exchange = self.device_exchange
+        exchange.dispatch_send(plan)
+        rows, scales, meta, recv_counts = exchange.dispatch_receive(plan.send_x.dtype)
+        num_local = self.num_local_experts
+        if exact:  # the one host read: the received counts, to size the output
+            num_out_rows = stages.padded_rows(recv_counts.cpu(), num_local, align)
+        else:
+            num_out_rows = stages.rows_bound(self.world_size, capacity, self.top_k, num_local, align)
+        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
+            rows, scales, meta, recv_counts, num_local, capacity, align, num_out_rows
+        )
+        handle = EPHandle(
+            num_tokens=x.shape[0],
+            num_rows=num_out_rows,
+            rank_ids=plan.rank_ids,
+            send_row_map=plan.send_row_map,
+            pair_slot=plan.pair_slot,
+            send_counts=[capacity] * self.world_size,
+            recv_counts=[capacity] * self.world_size,
+            recv_row_map=recv_row_map,
+            recv_weights=recv_weights,
+            weights=weights,
+            device_exchange=exchange,
+            recv_counts_dev=recv_counts,
         )
         return out, out_scales, offsets, handle
 
@@ -327,6 +394,12 @@ class ExpertParallel:
                 f"shared_output must be [{handle.num_tokens}, {self.hidden_size}] {y.dtype}, got "
                 f"{list(shared_output.shape)} {shared_output.dtype}",
             )
+        if handle.device_exchange is not None:
+            check(
+                y.dtype in (torch.bfloat16, torch.float16) and not y.requires_grad,
+                op,
+                f"the nccl_device transport combines bfloat16 or float16 y without autograd, got {y.dtype}",
+            )
         inputs = (y, handle.weights, shared_output)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
             return _Combine.apply(y, handle.weights, shared_output, self, handle)
@@ -334,6 +407,10 @@ class ExpertParallel:
 
     def _combine(self, y, handle, shared_output, weighted=True):
         partials = stages.expert_partials(y, handle.recv_row_map, handle.recv_weights if weighted else None)
+        if handle.device_exchange is not None:
+            handle.device_exchange.combine_send(partials, handle.recv_counts_dev)
+            back = handle.device_exchange.combine_receive(y.dtype)
+            return stages.source_sum(back, handle.send_row_map, shared_output)
         (back,) = self._live_transport().all_to_all([partials], handle.recv_counts, handle.send_counts)
         return stages.source_sum(back, handle.send_row_map, shared_output)
 

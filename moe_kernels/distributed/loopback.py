@@ -8,7 +8,9 @@ on one GPU).
 
 import torch
 
+from moe_kernels._checks import check
 from moe_kernels.distributed import _ops, stages
+from moe_kernels.distributed.device_path import DeviceExchange, WindowLayout
 from moe_kernels.distributed.expert_map import ExpertMap
 from moe_kernels.distributed.expert_parallel import EPHandle
 
@@ -40,11 +42,20 @@ def dispatch(
     x_scales: list[torch.Tensor] | None = None,
     align: int = 1,
     capacity: int = 0,
+    device_path: bool = False,
 ):
     """ExpertParallel.dispatch for every virtual rank at once: a list of (out, out_scales,
     expert_offsets, handle), one per rank. capacity 0: exact sizes; C: fixed regions of C rows
-    (dispatch(exact=False) with max_tokens_per_rank = C), output rows the bound."""
+    (dispatch(exact=False) with max_tokens_per_rank = C), output rows the bound.
+
+    device_path: the device path's kernels (push into windows, signal, wait) over W windows of one
+    allocation, with the same capacity: every virtual rank's send runs before any receive, so no
+    wait can spin on a signal that comes later."""
     w = expert_map.num_ranks
+    if device_path:
+        return _dispatch_device(
+            xs, expert_ids, weights, expert_map, quantize, pow2_scale, x_scales, align, capacity
+        )
     plans = [
         stages.plan_send(
             xs[r],
@@ -109,6 +120,17 @@ def combine(
     partials = [
         [stages.expert_partials(ys[r], h.recv_row_map, h.recv_weights)] for r, h in enumerate(handles)
     ]
+    if handles[0].device_exchange is not None:
+        for (p,), h in zip(partials, handles, strict=True):
+            h.device_exchange.combine_send(p, h.recv_counts_dev)
+        return [
+            stages.source_sum(
+                handles[s].device_exchange.combine_receive(ys[s].dtype),
+                handles[s].send_row_map,
+                None if shared_outputs is None else shared_outputs[s],
+            )
+            for s in range(w)
+        ]
     # Back: receiver d returns to source s the rows s sent it.
     back_counts = torch.tensor([h.recv_counts for h in handles])  # [d, s]
     back = _exchange(partials, back_counts)
@@ -118,3 +140,58 @@ def combine(
         )
         for s in range(w)
     ]
+
+
+def windows(expert_map: ExpertMap, capacity: int, hidden: int, top_k: int, device) -> list[DeviceExchange]:
+    """W virtual ranks' ends of the device path: W windows in one zeroed allocation."""
+    w = expert_map.num_ranks
+    layout = WindowLayout.build(w, capacity, hidden, top_k, expert_map.rank_experts.shape[1] + 1)
+    memory = torch.zeros(w * layout.bytes, dtype=torch.uint8, device=device)
+    peers = memory.data_ptr() + torch.arange(w, dtype=torch.int64, device=device) * layout.bytes
+    return [
+        DeviceExchange(layout, memory[r * layout.bytes : (r + 1) * layout.bytes], peers, r) for r in range(w)
+    ]
+
+
+def _dispatch_device(xs, expert_ids, weights, expert_map, quantize, pow2_scale, x_scales, align, capacity):
+    check(capacity > 0, "loopback.dispatch", "the device path needs a capacity (rows per source region)")
+    w = expert_map.num_ranks
+    exchanges = windows(expert_map, capacity, xs[0].shape[1], expert_ids[0].shape[1], xs[0].device)
+    plans = []
+    for r in range(w):
+        plan = stages.plan_send(
+            xs[r],
+            expert_ids[r],
+            None if weights is None else weights[r],
+            expert_map,
+            quantize=quantize,
+            pow2_scale=pow2_scale,
+            x_scales=None if x_scales is None else x_scales[r],
+            capacity=capacity,
+        )
+        exchanges[r].dispatch_send(plan)
+        plans.append(plan)
+    results = []
+    for d in range(w):
+        rows, scales, meta, recv_counts = exchanges[d].dispatch_receive(plans[d].send_x.dtype)
+        num_local = expert_map.local_counts[d]
+        rows_out = stages.rows_bound(w, capacity, expert_ids[d].shape[1], num_local, align)
+        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
+            rows, scales, meta, recv_counts, num_local, capacity, align, rows_out
+        )
+        handle = EPHandle(
+            num_tokens=xs[d].shape[0],
+            num_rows=rows_out,
+            rank_ids=plans[d].rank_ids,
+            send_row_map=plans[d].send_row_map,
+            pair_slot=plans[d].pair_slot,
+            send_counts=[capacity] * w,
+            recv_counts=[capacity] * w,
+            recv_row_map=recv_row_map,
+            recv_weights=recv_weights,
+            weights=None if weights is None else weights[d],
+            device_exchange=exchanges[d],
+            recv_counts_dev=recv_counts,
+        )
+        results.append((out, out_scales, offsets, handle))
+    return results

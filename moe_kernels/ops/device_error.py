@@ -26,6 +26,10 @@ _MESSAGES = {
     6: "dispatch: more rows arrived than the dispatch output holds; the rows that did not fit were dropped",
     7: "dispatch: the received counts or meta were inconsistent (corrupt); the rows concerned were dropped",
     8: "dispatch: a rank was sent more rows than its fixed capacity; the rows past it were dropped",
+    9: (
+        "dispatch/combine (device path): a peer's signal did not arrive within the timeout; the results "
+        "of that call are wrong (a peer failed, or ranks called dispatch/combine a different number of times)"
+    ),
 }
 
 

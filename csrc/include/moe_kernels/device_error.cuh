@@ -19,6 +19,7 @@ enum DeviceError : int {
   kEpUnpackRowsOverflow = 6,       // dispatch: more rows arrived than the output holds; dropped
   kEpBadCounts = 7,                // dispatch: received counts or meta inconsistent; rows dropped
   kEpCapacityOverflow = 8,         // dispatch: more rows for a rank than its fixed capacity; dropped
+  kEpTimeout = 9,                  // dispatch/combine: a peer's signal did not come in time
 };
 
 // A plain system-scope store: no atomics over PCIe (not every host supports them), and any
