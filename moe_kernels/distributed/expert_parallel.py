@@ -10,6 +10,7 @@ weights, summed in k order in fp32 and rounded once), plus the shared output, ro
 (``reference.ep_combine``): deterministic, bit-identical run to run.
 """
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -68,8 +69,11 @@ class ExpertParallel:
             (torch.distributed.all_to_all_single over `group`: the CPU path), or "auto" (nccl on
             CUDA, torch on CPU).
         device: where the tokens live (default: the current CUDA device, or CPU without CUDA).
-        comm_side_stream: run the NCCL exchanges on a side stream, so that work issued earlier on
-            the current stream (the shared experts) overlaps them.
+        comm_side_stream: run dispatch and combine on a side stream of their own (CUDA). Each
+            starts after `previous_event` (default: all work issued so far on the current
+            stream) and the current stream waits for it at the end: record an event after the
+            router, issue the shared experts, then dispatch(..., previous_event=event), and the
+            shared experts overlap the dispatch.
 
     Every rank must construct it together (it is collective), with the same num_experts,
     hidden_size, top_k and expert map (checked). Free the communicator with close() or a with block.
@@ -116,10 +120,14 @@ class ExpertParallel:
         self._check_agreement(transport)
         self.transport_name = transport
         self.transport: Transport | None = (
-            TorchTransport(group)
-            if transport == "torch"
-            else NcclTransport(group, self.device, comm_side_stream)
+            TorchTransport(group) if transport == "torch" else NcclTransport(group, self.device)
         )
+        check(
+            not comm_side_stream or self.device.type == "cuda",
+            op,
+            f"comm_side_stream needs a CUDA device, got {self.device}",
+        )
+        self.comm_stream = torch.cuda.Stream(self.device) if comm_side_stream else None
         self.device_exchange: DeviceExchange | None = None
         self._window = None
         if transport == "nccl_device":
@@ -195,6 +203,7 @@ class ExpertParallel:
         x_scales: torch.Tensor | None = None,
         align: int = 1,
         exact: bool = True,
+        previous_event: torch.cuda.Event | None = None,
     ) -> DispatchResult:
         """Send each token's row once to every rank that holds one of its experts, and lay the rows
         each rank receives out expert-major, ready for ``expert_mlp``.
@@ -212,6 +221,8 @@ class ExpertParallel:
                 max_tokens_per_rank rows, and out has the rows of the bound (every rank's
                 max_tokens_per_rank tokens to min(K, L) local experts); rows past
                 expert_offsets[-1] are unspecified.
+            previous_event: with comm_side_stream, what the side stream waits for before it
+                starts (default: everything issued so far on the current stream).
         Returns:
             DispatchResult(out, out_scales, expert_offsets int32 [L + 1], handle for combine).
 
@@ -235,11 +246,37 @@ class ExpertParallel:
         if self.device_exchange is not None:
             self.device_exchange.check_rows(FP8 if quantize else x.dtype, op)
         kwargs = dict(quantize=quantize, pow2_scale=pow2_scale, x_scales=x_scales, align=align, exact=exact)
-        if torch.is_grad_enabled() and x.requires_grad:
-            out, out_scales, offsets, handle = _Dispatch.apply(x, expert_ids, weights, self, kwargs)
+        with self._on_comm_stream(previous_event, (x, expert_ids, weights, x_scales)) as outputs:
+            if torch.is_grad_enabled() and x.requires_grad:
+                result = _Dispatch.apply(x, expert_ids, weights, self, kwargs)
+            else:
+                result = self._dispatch(x, expert_ids, weights, **kwargs)
+            outputs += result[:3]
+        return DispatchResult(*result)
+
+    @contextlib.contextmanager
+    def _on_comm_stream(self, previous_event, inputs):
+        """Runs the block on the side stream (when there is one) after previous_event, then makes
+        the current stream wait for it. The block appends the tensors it made to the yielded list;
+        tensors crossing streams are recorded on the stream that uses them (caching allocator)."""
+        outputs = []
+        if self.comm_stream is None:
+            yield outputs
+            return
+        current = torch.cuda.current_stream(self.device)
+        if previous_event is None:
+            self.comm_stream.wait_stream(current)
         else:
-            out, out_scales, offsets, handle = self._dispatch(x, expert_ids, weights, **kwargs)
-        return DispatchResult(out, out_scales, offsets, handle)
+            self.comm_stream.wait_event(previous_event)
+        for t in inputs:
+            if t is not None:
+                t.record_stream(self.comm_stream)
+        with torch.cuda.stream(self.comm_stream):
+            yield outputs
+        current.wait_stream(self.comm_stream)
+        for t in outputs:
+            if t is not None:
+                t.record_stream(current)
 
     def _check_dispatch_args(self, x, expert_ids, weights, x_scales, quantize, align, op):
         check(
@@ -369,12 +406,18 @@ class ExpertParallel:
 
     # -- combine ---------------------------------------------------------------------------------
     def combine(
-        self, y: torch.Tensor, handle: EPHandle, *, shared_output: torch.Tensor | None = None
+        self,
+        y: torch.Tensor,
+        handle: EPHandle,
+        *,
+        shared_output: torch.Tensor | None = None,
+        previous_event: torch.cuda.Event | None = None,
     ) -> torch.Tensor:
         """Bring the experts' outputs back: [T, H] in y's dtype on the rank that dispatched.
 
         y: [R, H] bfloat16, float16 or float32, the expert outputs in the dispatch's layout (rows
         past expert_offsets[-1] are never read). shared_output: [T, H] (y's dtype), added in fp32.
+        previous_event: as for dispatch, with comm_side_stream.
         Autograd: gradients for y, the dispatch's weights, and shared_output.
         """
         op = "combine"
@@ -401,9 +444,13 @@ class ExpertParallel:
                 f"the nccl_device transport combines bfloat16 or float16 y without autograd, got {y.dtype}",
             )
         inputs = (y, handle.weights, shared_output)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-            return _Combine.apply(y, handle.weights, shared_output, self, handle)
-        return self._combine(y, handle, shared_output)
+        with self._on_comm_stream(previous_event, inputs) as outputs:
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+                out = _Combine.apply(y, handle.weights, shared_output, self, handle)
+            else:
+                out = self._combine(y, handle, shared_output)
+            outputs.append(out)
+        return out
 
     def _combine(self, y, handle, shared_output, weighted=True):
         partials = stages.expert_partials(y, handle.recv_row_map, handle.recv_weights if weighted else None)

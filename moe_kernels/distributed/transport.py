@@ -42,13 +42,10 @@ def _recv_like(send: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class NcclTransport(Transport):
-    """Our own NCCL communicator over the ranks of `group` (unique id broadcast over it).
+    """Our own NCCL communicator over the ranks of `group` (unique id broadcast over it); every
+    exchange runs on the current stream."""
 
-    With side_stream, each exchange runs on a stream of its own, ordered after the current
-    stream's work and before its later work by events, so work issued earlier on the current stream
-    (the shared experts) overlaps the communication."""
-
-    def __init__(self, group, device: torch.device, side_stream: bool = False):
+    def __init__(self, group, device: torch.device):
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.device = device
@@ -58,24 +55,10 @@ class NcclTransport(Transport):
         self.comm = torch.ops.moe_kernels.ep_nccl_comm_init(
             unique_id, self.world_size, self.rank, device.index
         )
-        self.stream = torch.cuda.Stream(device) if side_stream else None
 
     def all_to_all(self, sends, send_counts, recv_counts):
-        recv_rows = sum(recv_counts)
-        if self.stream is None:
-            recvs = [_recv_like(s, recv_rows) for s in sends]
-            self._exchange(sends, recvs, send_counts, recv_counts)
-            return recvs
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            recvs = [_recv_like(s, recv_rows) for s in sends]
-            self._exchange(sends, recvs, send_counts, recv_counts)
-        current.wait_stream(self.stream)
-        for t in sends:
-            t.record_stream(self.stream)
-        for t in recvs:
-            t.record_stream(current)
+        recvs = [_recv_like(s, sum(recv_counts)) for s in sends]
+        self._exchange(sends, recvs, send_counts, recv_counts)
         return recvs
 
     def _exchange(self, sends, recvs, send_counts, recv_counts):
