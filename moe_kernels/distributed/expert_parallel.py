@@ -42,7 +42,8 @@ class EPHandle:
     recv_weights: torch.Tensor  # fp32 [received, K] their gate weights
     weights: torch.Tensor | None  # the gate weights dispatch was given (combine's autograd input)
     device_exchange: DeviceExchange | None = None  # the device path's end of this rank
-    recv_counts_dev: torch.Tensor | None = None  # int32 [W, 1 + L] on the device (device path)
+    send_counts_dev: torch.Tensor | None = None  # int32 [W, 1 + L] sent, on the device (device path)
+    recv_counts_dev: torch.Tensor | None = None  # int32 [W, 1 + L] received, on the device
 
 
 class DispatchResult(NamedTuple):
@@ -65,7 +66,7 @@ class ExpertParallel:
         transport: "nccl" (our own NCCL communicator, created here over `group`: needs CUDA;
             grouped ncclSend / ncclRecv), "nccl_device" (the same communicator's symmetric windows:
             rows stored straight into the other GPUs' memory over NVLink, no host step; every rank
-            on one node; bfloat16, float16 or FP8 rows, no autograd yet), "torch"
+            on one node; bfloat16, float16 or FP8 rows), "torch"
             (torch.distributed.all_to_all_single over `group`: the CPU path), or "auto" (nccl on
             CUDA, torch on CPU).
         device: where the tokens live (default: the current CUDA device, or CPU without CUDA).
@@ -237,12 +238,6 @@ class ExpertParallel:
             op,
             "FP8 rows are not differentiable: with quantize=True pass x.detach()",
         )
-        check(
-            self.device_exchange is None
-            or not (x.requires_grad or (weights is not None and weights.requires_grad)),
-            op,
-            "the nccl_device transport has no autograd yet: use transport 'nccl' to train",
-        )
         if self.device_exchange is not None:
             self.device_exchange.check_rows(FP8 if quantize else x.dtype, op)
         kwargs = dict(quantize=quantize, pow2_scale=pow2_scale, x_scales=x_scales, align=align, exact=exact)
@@ -400,6 +395,7 @@ class ExpertParallel:
             recv_weights=recv_weights,
             weights=weights,
             device_exchange=exchange,
+            send_counts_dev=plan.send_counts,
             recv_counts_dev=recv_counts,
         )
         return out, out_scales, offsets, handle
@@ -439,9 +435,9 @@ class ExpertParallel:
             )
         if handle.device_exchange is not None:
             check(
-                y.dtype in (torch.bfloat16, torch.float16) and not y.requires_grad,
+                y.dtype in (torch.bfloat16, torch.float16),
                 op,
-                f"the nccl_device transport combines bfloat16 or float16 y without autograd, got {y.dtype}",
+                f"the nccl_device transport combines bfloat16 or float16 y, got {y.dtype}",
             )
         inputs = (y, handle.weights, shared_output)
         with self._on_comm_stream(previous_event, inputs) as outputs:
@@ -464,10 +460,22 @@ class ExpertParallel:
     def _send_back_rows(self, grad_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
         """Combine's backward, dispatch direction: each token's gradient row to each of its ranks."""
         grad_send = stages.gather_send_rows(grad_out, handle.send_row_map, sum(handle.send_counts))
+        if handle.device_exchange is not None:
+            handle.device_exchange.rows_send(grad_send, handle.send_counts_dev)
+            return handle.device_exchange.rows_receive(grad_send.dtype)
         (grad_partials,) = self._live_transport().all_to_all(
             [grad_send], handle.send_counts, handle.recv_counts
         )
         return grad_partials
+
+    def _return_weight_grads(self, grad_recv_w: torch.Tensor, handle: EPHandle) -> torch.Tensor:
+        """Combine's backward, combine direction: the gate weights' gradients [rows, K] fp32,
+        computed where the rows went, back in the send block's layout."""
+        if handle.device_exchange is not None:
+            handle.device_exchange.wgrad_send(grad_recv_w, handle.recv_counts_dev)
+            return handle.device_exchange.wgrad_receive()
+        (back,) = self._live_transport().all_to_all([grad_recv_w], handle.recv_counts, handle.send_counts)
+        return back
 
 
 class _Dispatch(torch.autograd.Function):
@@ -505,9 +513,7 @@ class _Combine(torch.autograd.Function):
                 grad_partials, handle.recv_row_map, handle.recv_weights, y if needs_w else None, y.shape[0]
             )
             if needs_w:
-                (back,) = ep._live_transport().all_to_all(
-                    [grad_recv_w], handle.recv_counts, handle.send_counts
-                )
+                back = ep._return_weight_grads(grad_recv_w, handle)
                 flat = torch.cat([back.flatten(), back.new_zeros(1)])  # index -1 -> the zero at the end
                 slot = handle.pair_slot.long()
                 grad_w = flat[torch.where(slot >= 0, slot, flat.numel() - 1)].to(ctx.weights_dtype)

@@ -191,6 +191,7 @@ def _dispatch_device(xs, expert_ids, weights, expert_map, quantize, pow2_scale, 
             recv_weights=recv_weights,
             weights=None if weights is None else weights[d],
             device_exchange=exchanges[d],
+            send_counts_dev=plans[d].send_counts,
             recv_counts_dev=recv_counts,
         )
         results.append((out, out_scales, offsets, handle))
