@@ -76,8 +76,20 @@ def _pack_meta_cpu(*args):
 
 
 @register_fake("ep_pack_meta")
-def _pack_meta_fake(expert_ids, weights, expert_rank, expert_local, expert_row_map, expert_offsets, rank_ids,
-                    send_row_map, rank_offsets, rank_experts, capacity, num_send_rows):  # fmt: skip
+def _pack_meta_fake(
+    expert_ids,
+    weights,
+    expert_rank,
+    expert_local,
+    expert_row_map,
+    expert_offsets,
+    rank_ids,
+    send_row_map,
+    rank_offsets,
+    rank_experts,
+    capacity,
+    num_send_rows,
+):
     _check_ids(expert_ids, "ep_pack_meta")
     t, k = expert_ids.shape
     meta = expert_ids.new_empty((num_send_rows, META_FIELDS, k), dtype=torch.int32)

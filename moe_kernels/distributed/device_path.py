@@ -73,8 +73,14 @@ class DeviceExchange:
     """One rank's end of the device path: its window (a uint8 tensor), every rank's window address
     on this GPU (peers, int64 [W]), and an epoch per flags area (rows, back, wgrad)."""
 
-    def __init__(self, layout: WindowLayout, window: torch.Tensor, peers: torch.Tensor, rank: int,
-                 timeout_s: float = 30.0):  # fmt: skip
+    def __init__(
+        self,
+        layout: WindowLayout,
+        window: torch.Tensor,
+        peers: torch.Tensor,
+        rank: int,
+        timeout_s: float = 30.0,
+    ):
         self.layout, self.window, self.peers, self.rank = layout, window, peers, rank
         self.timeout_s = timeout_s
         self.epochs = torch.zeros(3, dtype=torch.int64, device=window.device)

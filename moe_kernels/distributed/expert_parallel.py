@@ -45,6 +45,38 @@ class EPHandle:
     send_counts_dev: torch.Tensor | None = None  # int32 [W, 1 + L] sent, on the device (device path)
     recv_counts_dev: torch.Tensor | None = None  # int32 [W, 1 + L] received, on the device
 
+    @classmethod
+    def of(
+        cls,
+        plan,
+        num_tokens,
+        num_rows,
+        unpacked,
+        send_counts,
+        recv_counts,
+        weights,
+        *,
+        device_exchange=None,
+        recv_counts_dev=None,
+    ):
+        """The handle of a dispatch: the source's plan, the receiver's unpack (out, out_scales,
+        offsets, row_map, weights), the host row counts, and the device path's end if any."""
+        return cls(
+            num_tokens=num_tokens,
+            num_rows=num_rows,
+            rank_ids=plan.rank_ids,
+            send_row_map=plan.send_row_map,
+            pair_slot=plan.pair_slot,
+            send_counts=send_counts,
+            recv_counts=recv_counts,
+            recv_row_map=unpacked[3],
+            recv_weights=unpacked[4],
+            weights=weights,
+            device_exchange=device_exchange,
+            send_counts_dev=plan.send_counts if device_exchange is not None else None,
+            recv_counts_dev=recv_counts_dev,
+        )
+
 
 class DispatchResult(NamedTuple):
     out: torch.Tensor  # [R, H] x's dtype, or float8_e4m3fn
@@ -354,22 +386,11 @@ class ExpertParallel:
         received = transport.all_to_all(sends, send_rows, recv_rows)
         recv_x, recv_meta = received[0], received[1]
         recv_scales = received[2] if plan.send_scales is not None else None
-        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
+        unpacked = _ops.unpack(
             recv_x, recv_scales, recv_meta, recv_counts_dev, num_local, capacity, align, num_out_rows
         )
-        handle = EPHandle(
-            num_tokens=x.shape[0],
-            num_rows=num_out_rows,
-            rank_ids=plan.rank_ids,
-            send_row_map=plan.send_row_map,
-            pair_slot=plan.pair_slot,
-            send_counts=send_rows,
-            recv_counts=recv_rows,
-            recv_row_map=recv_row_map,
-            recv_weights=recv_weights,
-            weights=weights,
-        )
-        return out, out_scales, offsets, handle
+        handle = EPHandle.of(plan, x.shape[0], num_out_rows, unpacked, send_rows, recv_rows, weights)
+        return (*unpacked[:3], handle)
 
     def _dispatch_device(self, x, plan, weights, align, exact, capacity):
         exchange = self.device_exchange
@@ -380,25 +401,20 @@ class ExpertParallel:
             num_out_rows = stages.padded_rows(recv_counts.cpu(), num_local, align)
         else:
             num_out_rows = stages.rows_bound(self.world_size, capacity, self.top_k, num_local, align)
-        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
-            rows, scales, meta, recv_counts, num_local, capacity, align, num_out_rows
-        )
-        handle = EPHandle(
-            num_tokens=x.shape[0],
-            num_rows=num_out_rows,
-            rank_ids=plan.rank_ids,
-            send_row_map=plan.send_row_map,
-            pair_slot=plan.pair_slot,
-            send_counts=[capacity] * self.world_size,
-            recv_counts=[capacity] * self.world_size,
-            recv_row_map=recv_row_map,
-            recv_weights=recv_weights,
-            weights=weights,
+        unpacked = _ops.unpack(rows, scales, meta, recv_counts, num_local, capacity, align, num_out_rows)
+        fixed = [capacity] * self.world_size
+        handle = EPHandle.of(
+            plan,
+            x.shape[0],
+            num_out_rows,
+            unpacked,
+            fixed,
+            fixed,
+            weights,
             device_exchange=exchange,
-            send_counts_dev=plan.send_counts,
             recv_counts_dev=recv_counts,
         )
-        return out, out_scales, offsets, handle
+        return (*unpacked[:3], handle)
 
     # -- combine ---------------------------------------------------------------------------------
     def combine(

@@ -56,19 +56,7 @@ def dispatch(
         return _dispatch_device(
             xs, expert_ids, weights, expert_map, quantize, pow2_scale, x_scales, align, capacity
         )
-    plans = [
-        stages.plan_send(
-            xs[r],
-            expert_ids[r],
-            None if weights is None else weights[r],
-            expert_map,
-            quantize=quantize,
-            pow2_scale=pow2_scale,
-            x_scales=None if x_scales is None else x_scales[r],
-            capacity=capacity,
-        )
-        for r in range(w)
-    ]
+    plans = _plans(xs, expert_ids, weights, expert_map, quantize, pow2_scale, x_scales, capacity)
     send_counts = torch.stack([p.send_counts for p in plans])  # [src, dst, 1 + L]
     recv_counts = send_counts.transpose(0, 1).contiguous()  # [dst, src, 1 + L]
     rows = send_counts[:, :, 0].cpu() if not capacity else torch.full((w, w), capacity)
@@ -86,7 +74,7 @@ def dispatch(
             rows_out = stages.rows_bound(w, capacity, expert_ids[d].shape[1], num_local, align)
         else:
             rows_out = stages.padded_rows(recv_counts[d].cpu(), num_local, align)
-        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
+        unpacked = _ops.unpack(
             recv_x,
             received[d][2] if fp8 else None,
             received[d][1],
@@ -96,19 +84,16 @@ def dispatch(
             align,
             rows_out,
         )
-        handle = EPHandle(
-            num_tokens=xs[d].shape[0],
-            num_rows=rows_out,
-            rank_ids=plans[d].rank_ids,
-            send_row_map=plans[d].send_row_map,
-            pair_slot=plans[d].pair_slot,
-            send_counts=rows[d].tolist(),
-            recv_counts=rows[:, d].tolist(),
-            recv_row_map=recv_row_map,
-            recv_weights=recv_weights,
-            weights=None if weights is None else weights[d],
+        handle = EPHandle.of(
+            plans[d],
+            xs[d].shape[0],
+            rows_out,
+            unpacked,
+            rows[d].tolist(),
+            rows[:, d].tolist(),
+            None if weights is None else weights[d],
         )
-        results.append((out, out_scales, offsets, handle))
+        results.append((*unpacked[:3], handle))
     return results
 
 
@@ -157,9 +142,34 @@ def _dispatch_device(xs, expert_ids, weights, expert_map, quantize, pow2_scale, 
     check(capacity > 0, "loopback.dispatch", "the device path needs a capacity (rows per source region)")
     w = expert_map.num_ranks
     exchanges = windows(expert_map, capacity, xs[0].shape[1], expert_ids[0].shape[1], xs[0].device)
-    plans = []
-    for r in range(w):
-        plan = stages.plan_send(
+    plans = _plans(xs, expert_ids, weights, expert_map, quantize, pow2_scale, x_scales, capacity)
+    for plan, exchange in zip(plans, exchanges, strict=True):
+        exchange.dispatch_send(plan)
+    results = []
+    for d in range(w):
+        rows, scales, meta, recv_counts = exchanges[d].dispatch_receive(plans[d].send_x.dtype)
+        num_local = expert_map.local_counts[d]
+        rows_out = stages.rows_bound(w, capacity, expert_ids[d].shape[1], num_local, align)
+        unpacked = _ops.unpack(rows, scales, meta, recv_counts, num_local, capacity, align, rows_out)
+        handle = EPHandle.of(
+            plans[d],
+            xs[d].shape[0],
+            rows_out,
+            unpacked,
+            [capacity] * w,
+            [capacity] * w,
+            None if weights is None else weights[d],
+            device_exchange=exchanges[d],
+            recv_counts_dev=recv_counts,
+        )
+        results.append((*unpacked[:3], handle))
+    return results
+
+
+def _plans(xs, expert_ids, weights, expert_map, quantize, pow2_scale, x_scales, capacity):
+    """Every virtual rank's source side."""
+    return [
+        stages.plan_send(
             xs[r],
             expert_ids[r],
             None if weights is None else weights[r],
@@ -169,30 +179,5 @@ def _dispatch_device(xs, expert_ids, weights, expert_map, quantize, pow2_scale, 
             x_scales=None if x_scales is None else x_scales[r],
             capacity=capacity,
         )
-        exchanges[r].dispatch_send(plan)
-        plans.append(plan)
-    results = []
-    for d in range(w):
-        rows, scales, meta, recv_counts = exchanges[d].dispatch_receive(plans[d].send_x.dtype)
-        num_local = expert_map.local_counts[d]
-        rows_out = stages.rows_bound(w, capacity, expert_ids[d].shape[1], num_local, align)
-        out, out_scales, offsets, recv_row_map, recv_weights = _ops.unpack(
-            rows, scales, meta, recv_counts, num_local, capacity, align, rows_out
-        )
-        handle = EPHandle(
-            num_tokens=xs[d].shape[0],
-            num_rows=rows_out,
-            rank_ids=plans[d].rank_ids,
-            send_row_map=plans[d].send_row_map,
-            pair_slot=plans[d].pair_slot,
-            send_counts=[capacity] * w,
-            recv_counts=[capacity] * w,
-            recv_row_map=recv_row_map,
-            recv_weights=recv_weights,
-            weights=None if weights is None else weights[d],
-            device_exchange=exchanges[d],
-            send_counts_dev=plans[d].send_counts,
-            recv_counts_dev=recv_counts,
-        )
-        results.append((out, out_scales, offsets, handle))
-    return results
+        for r in range(len(xs))
+    ]
