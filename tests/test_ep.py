@@ -244,6 +244,27 @@ def test_bad_ids_set_device_error():
         check_device_errors()
 
 
+def test_capacity_overflow_reference_raises():
+    emap = ExpertMap.build(4, 2, None)
+    ids = torch.zeros(5, 1, dtype=torch.int32)  # five tokens, all for rank 0
+    with pytest.raises(ValueError, match="a rank gets more than capacity=2 rows"):
+        stages.plan_send(torch.randn(5, 128).to(torch.bfloat16), ids, None, emap, capacity=2)
+
+
+@requires_sm90
+def test_capacity_overflow_sets_device_error():
+    """More rows for a rank than its region holds: the rows past it are dropped (never written past
+    the region) and the sticky flag says so."""
+    emap = ExpertMap.build(4, 2, None, "cuda")
+    ids = torch.zeros(5, 1, dtype=torch.int32, device="cuda")
+    plan = stages.plan_send(
+        torch.randn(5, 128, device="cuda").to(torch.bfloat16), ids, None, emap, capacity=2
+    )
+    assert plan.send_row_map[:, 0].tolist() == [0, 1, -1, -1, -1], plan.send_row_map[:, 0].tolist()
+    with pytest.raises(RuntimeError, match="more rows than its fixed capacity"):
+        check_device_errors()
+
+
 @requires_sm90
 def test_unpack_rejects_corrupt_meta():
     counts = torch.tensor([[1, 1, 0]], dtype=torch.int32, device="cuda")  # one row, one pair of expert 0
