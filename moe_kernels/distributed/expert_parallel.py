@@ -205,7 +205,8 @@ class ExpertParallel:
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the communicator. Destroy CUDA graphs that captured its ops first."""
+        """Free the windows and the communicator: collective (every rank closes together).
+        Destroy CUDA graphs that captured its ops first (NCCL waits for them)."""
         if self._window is not None:
             self.device_exchange = None
             torch.ops.moe_kernels.ep_nccl_window_destroy(self._window)
