@@ -1,6 +1,7 @@
 """Helpers shared by tests/ and bench/: tolerances and metrics (numeric), timing and JSON results
-(bench), router selection checks (router), tiny offline transformers models (transformers_models,
-imported on demand: it needs transformers)."""
+(bench), router selection checks (router), the multi-process launcher (distributed), expert-parallel
+inputs and checks (ep), tiny offline transformers models (transformers_models). The last three are
+imported on demand (transformers_models needs transformers)."""
 
 from moe_kernels.testing.bench import (
     capture_cuda_graph,
