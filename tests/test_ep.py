@@ -7,14 +7,17 @@ autograd. One GPU: each kernel against its reference; the loopback matrix; real 
 Two or more GPUs: ExpertParallel over NCCL on every GPU (skipped below 2).
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import requires_gpus, requires_sm90
 
-from moe_kernels import reference
+from moe_kernels import MoE, RouterPreset, reference
 from moe_kernels.distributed import ExpertMap, ExpertParallel, _ops, loopback, stages
 from moe_kernels.ops.device_error import check_device_errors
+from moe_kernels.testing import rel_error
 from moe_kernels.testing.distributed import free_port, run_cases, run_ranks
 from moe_kernels.testing.ep import (
     check_combine,
@@ -401,6 +404,50 @@ def ep_graph_case(rank, world, *, device, transport):
         del graph
 
 
+def ep_layer_case(rank, world, *, device, transport, fp8=False, train=False):
+    """MoE with its experts spread over the ranks (expert_parallel=) against the same layer holding
+    every expert. The routed sum is grouped by rank in one and by k in the other, each rounded to
+    bf16 once, so they agree to bf16 rounding, not bit for bit."""
+    hidden, e, k = 128, 4 * world, 2
+    router = RouterPreset(num_experts=e, top_k=k, score_func="sigmoid", uses_bias=True)
+    torch.manual_seed(3)  # the same full layer on every rank
+    full = MoE(hidden, 128, router, shared_intermediate_size=128, device=device)
+    with torch.no_grad():
+        full.gate.e_score_correction_bias.normal_(0, 0.1)
+    gen = torch.Generator().manual_seed(4)
+    tokens = [24 + 8 * r for r in range(world)]
+    xs = [torch.randn(t, hidden, generator=gen).to(torch.bfloat16).to(device) for t in tokens]
+    with ExpertParallel(
+        None, e, hidden, max_tokens_per_rank=max(tokens), top_k=k, transport=transport, device=device
+    ) as ep:
+        layer = MoE(hidden, 128, router, shared_intermediate_size=128, device=device, expert_parallel=ep)
+        with torch.no_grad():
+            layer.gate.load_state_dict(full.gate.state_dict())
+            layer.shared_experts.load_state_dict(full.shared_experts.state_dict())
+            mine = torch.tensor(ep.local_experts, device=device)
+            layer.experts.gate_up_proj.copy_(full.experts.gate_up_proj[mine])
+            layer.experts.down_proj.copy_(full.experts.down_proj[mine])
+        if fp8:
+            full.quantize_()
+            layer.quantize_()
+        msg = f"MoE over {transport} rank {rank}/{world} {fp8=} {train=}"
+        if train:
+            x_full, x_ep = (xs[rank].clone().requires_grad_() for _ in range(2))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the grouped-GEMM fallback's one warning
+                expected, got = full(x_full), layer(x_ep)
+                expected.float().square().sum().backward()
+                got.float().square().sum().backward()
+            assert rel_error(x_ep.grad, x_full.grad) < 2e-2, (
+                f"{msg}: grad x {rel_error(x_ep.grad, x_full.grad)}"
+            )
+        else:
+            with torch.no_grad():
+                expected, got = full(xs[rank]), layer(xs[rank])
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape, msg
+        assert rel_error(got, expected) < 1e-2, f"{msg}: {rel_error(got, expected)}"
+
+
 def ep_cases(device, transport, world):
     uneven = [37 + 13 * r for r in range(world)]
     with_empty = [0 if r == world - 1 else 20 + r for r in range(world)]
@@ -421,6 +468,13 @@ def ep_cases(device, transport, world):
             rank, w, device=device, transport=transport, tokens=uneven, e=4 * world, k=2, dtype=torch.bfloat16
         ),
     }
+    cases["moe_layer"] = lambda rank, w: ep_layer_case(rank, w, device=device, transport=transport)
+    cases["moe_layer_train"] = lambda rank, w: ep_layer_case(
+        rank, w, device=device, transport=transport, train=True
+    )
+    cases["moe_layer_fp8"] = lambda rank, w: ep_layer_case(
+        rank, w, device=device, transport=transport, fp8=True
+    )
     if device != "cpu":
         cases["fp8_align128"] = case(tokens=uneven, e=16 * world, k=6, fp8=True, align=128)
         cases["fp8_not_exact"] = case(tokens=with_empty, e=16 * world, k=6, fp8=True, align=16, exact=False)

@@ -20,7 +20,7 @@ from torch import nn
 from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK, check
 from moe_kernels.distributed import all_reduce_counts
-from moe_kernels.layers.expert_mlp import routed_expert_mlp
+from moe_kernels.layers.expert_mlp import expert_mlp, routed_expert_mlp
 from moe_kernels.layers.parts import Experts, FP8SwiGLUMLP, SwiGLUMLP, TopKGate
 from moe_kernels.layers.transformers_blocks import describe_block, fp32_scales
 from moe_kernels.ops.permute import permute, unpermute
@@ -65,6 +65,11 @@ class MoE(nn.Module):
             ``self.balance_losses`` (a dict) and their sum in ``self.aux_loss``.
         dtype, device: of the parameters (bf16: the only activation dtype of the grouped GEMMs).
         init_std: std of the normal initialisation of every weight (transformers' initializer_range).
+        expert_parallel: a ``moe_kernels.distributed.ExpertParallel`` over the router's E experts:
+            this rank then holds only its experts (``expert_parallel.local_experts``, in that order,
+            in ``self.experts``); the tokens go to the ranks that hold their experts and come back
+            (dispatch / combine, FP8 rows when the experts are FP8), while the router, the shared
+            experts and the balance statistics stay on this rank.
 
     The expert bias (routers with ``uses_bias``) is updated by ``update_bias`` from the counts a
     training forward accumulates in ``routed_counts``. ``quantize_()`` turns the routed experts into
@@ -89,9 +94,18 @@ class MoE(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device=None,
         init_std: float = 0.02,
+        expert_parallel=None,
     ):
         super().__init__()
         preset = PRESETS[router] if isinstance(router, str) else router
+        ep = expert_parallel
+        if ep is not None:
+            check(
+                (ep.num_experts, ep.hidden_size, ep.top_k) == (preset.num_experts, hidden_size, preset.top_k),
+                "MoE",
+                f"expert_parallel is for E={ep.num_experts}, H={ep.hidden_size}, K={ep.top_k}; the layer has "
+                f"E={preset.num_experts}, H={hidden_size}, K={preset.top_k}",
+            )
         for name, size in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
             check(
                 size > 0 and size % QUANT_BLOCK == 0,
@@ -106,7 +120,9 @@ class MoE(nn.Module):
         self.balance = balance_loss or BalanceLoss()
         kw = dict(dtype=dtype, device=device)
         self.gate = TopKGate(hidden_size, preset.num_experts, preset.uses_bias, **kw)
-        self.experts = Experts(preset.num_experts, hidden_size, intermediate_size, **kw)
+        self.expert_parallel = ep
+        num_held = preset.num_experts if ep is None else ep.num_local_experts
+        self.experts = Experts(num_held, hidden_size, intermediate_size, **kw)
         self.shared_experts = (
             SwiGLUMLP(hidden_size, shared_intermediate_size, **kw) if shared_intermediate_size else None
         )
@@ -290,6 +306,8 @@ class MoE(nn.Module):
             self._record_training_stats(logits, ids, counts, x, seq_offsets)
         if self.weights_dtype is not None:
             weights = weights.to(self.weights_dtype)
+        if self.expert_parallel is not None:
+            return self._expert_parallel(tokens, ids, weights, needs_grad, shared).view(x.shape)
         y, row_map = self._routed_experts(tokens, ids, needs_grad)
         out = unpermute(y, row_map, weights, shared_output=self._shared_end(shared, tokens))
         return out.view(x.shape)
@@ -303,15 +321,33 @@ class MoE(nn.Module):
             )
         if not needs_grad:
             return routed_expert_mlp(tokens, ids, self.num_experts, **self.experts.mlp_kwargs())
+        self._warn_fallback()
+        r = permute(tokens, ids, self.num_experts)
+        return _differentiable_expert_mlp(r.out, r.expert_offsets, self.experts), r.row_map
+
+    def _expert_parallel(self, tokens, ids, weights, needs_grad, shared):
+        """Routed experts spread over the ranks: dispatch, this rank's experts, combine (with the
+        shared experts' output, which ran on the side stream meanwhile)."""
+        ep, fp8 = self.expert_parallel, self.is_fp8
+        check(not (needs_grad and fp8), "MoE", "FP8 experts have no backward yet")
+        sent = ep.dispatch(tokens, ids, weights, quantize=fp8)
+        if needs_grad:
+            self._warn_fallback()
+            y = _differentiable_expert_mlp(sent.out, sent.expert_offsets, self.experts)
+        else:
+            y = expert_mlp(
+                sent.out, sent.expert_offsets, x_scales=sent.out_scales, **self.experts.mlp_kwargs()
+            )
+        return ep.combine(y, sent.handle, shared_output=self._shared_end(shared, tokens))
+
+    def _warn_fallback(self) -> None:
         if not self._warned_fallback:
             self._warned_fallback = True
             warnings.warn(
                 "MoE: the grouped GEMMs have no backward yet; while a gradient is needed the experts run "
                 "through torch._grouped_mm (CPU: the reference). Use torch.no_grad() for inference.",
-                stacklevel=3,
+                stacklevel=4,
             )
-        r = permute(tokens, ids, self.num_experts)
-        return _differentiable_expert_mlp(r.out, r.expert_offsets, self.experts), r.row_map
 
     def _record_training_stats(self, logits, ids, counts, x, seq_offsets) -> None:
         if counts is not None:
