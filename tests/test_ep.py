@@ -448,6 +448,38 @@ def ep_layer_case(rank, world, *, device, transport, fp8=False, train=False):
         assert rel_error(got, expected) < 1e-2, f"{msg}: {rel_error(got, expected)}"
 
 
+def ep_soak_case(rank, world, *, device, transport, steps=40):
+    """Many calls on one ExpertParallel with random tokens per rank (0 included), alternating exact
+    and fixed sizes and bf16 / FP8: no hang (the launcher's deadline), no device error, every 8th
+    step checked against the references."""
+    gen = torch.Generator().manual_seed(21)  # the same stream on every rank: all know all inputs
+    e, k, hidden, most = 4 * world, 3, 256, 48
+    with ExpertParallel(
+        None, e, hidden, max_tokens_per_rank=most, top_k=k, transport=transport, device=device
+    ) as ep:
+        for step in range(steps):
+            tokens = torch.randint(0, most + 1, (world,), generator=gen).tolist()
+            tokens[step % world] = 0 if step % 5 == 0 else tokens[step % world]
+            xs, ids, ws = ep_inputs(tokens, e, k, hidden, gen, drop=0.2, device=device)
+            fp8, exact = device != "cpu" and step % 3 == 0, step % 2 == 0
+            out, scales, offsets, handle = ep.dispatch(
+                xs[rank], ids[rank], ws[rank], quantize=fp8, exact=exact
+            )
+            y = stand_in_expert(out, scales)
+            combined = ep.combine(y, handle)
+            if step % 8 == 0:
+                msg = f"soak {transport} step {step} rank {rank} {tokens=} {fp8=} {exact=}"
+                check_dispatch((out, scales, offsets), xs, ids, ep.expert_map, rank, msg, quantize=fp8)
+                rank_of = ep.expert_map.expert_rank.cpu()
+                ys = [
+                    stand_in_expert(*reference.ep_dispatch(xs, ids, rank_of, r, quantize=fp8)[:2])
+                    for r in range(world)
+                ]
+                check_combine(combined, ys, ids, ws, ep.expert_map, rank, msg)
+        if device != "cpu":
+            check_device_errors()
+
+
 def ep_cases(device, transport, world):
     uneven = [37 + 13 * r for r in range(world)]
     with_empty = [0 if r == world - 1 else 20 + r for r in range(world)]
@@ -468,6 +500,7 @@ def ep_cases(device, transport, world):
             rank, w, device=device, transport=transport, tokens=uneven, e=4 * world, k=2, dtype=torch.bfloat16
         ),
     }
+    cases["soak"] = lambda rank, w: ep_soak_case(rank, w, device=device, transport=transport)
     cases["moe_layer"] = lambda rank, w: ep_layer_case(rank, w, device=device, transport=transport)
     cases["moe_layer_train"] = lambda rank, w: ep_layer_case(
         rank, w, device=device, transport=transport, train=True
