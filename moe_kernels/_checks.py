@@ -82,6 +82,18 @@ def check_row_bytes(t: torch.Tensor, op: str, name: str) -> None:
     )
 
 
+def check_expert_ids(expert_ids: torch.Tensor, op: str) -> None:
+    """expert_ids: int32 or int64 [tokens, top_k] with 1 <= top_k <= 32 (permute and the EP layout)."""
+    check_dim(expert_ids, 2, op, "expert_ids", "[tokens, top_k]")
+    check_dtype(expert_ids, (torch.int32, torch.int64), op, "expert_ids")
+    top_k = expert_ids.shape[1]
+    check(
+        1 <= top_k <= PERMUTE_MAX_TOP_K,
+        op,
+        f"top_k (expert_ids.shape[1]) must be in [1, {PERMUTE_MAX_TOP_K}], got {top_k}",
+    )
+
+
 def check_permute_args(
     x: torch.Tensor,
     x_scales: torch.Tensor | None,
@@ -95,17 +107,11 @@ def check_permute_args(
 ) -> None:
     op = "permute"
     check_dim(x, 2, op, "x", "[tokens, hidden]")
-    check_dim(expert_ids, 2, op, "expert_ids", "[tokens, top_k]")
+    check_expert_ids(expert_ids, op)
     check_same_device(x, expert_ids, op, "x", "expert_ids")
     check_dtype(x, (*FLOAT_DTYPES, FP8), op, "x")
-    check_dtype(expert_ids, (torch.int32, torch.int64), op, "expert_ids")
     tokens, top_k = expert_ids.shape
     check(tokens == x.shape[0], op, f"expert_ids has {tokens} rows, x has {x.shape[0]}")
-    check(
-        1 <= top_k <= PERMUTE_MAX_TOP_K,
-        op,
-        f"top_k (expert_ids.shape[1]) must be in [1, {PERMUTE_MAX_TOP_K}], got {top_k}",
-    )
     check(align in PERMUTE_ALIGNMENTS, op, f"align must be one of {PERMUTE_ALIGNMENTS}, got {align}")
     last = first_expert + num_local_experts
     check(

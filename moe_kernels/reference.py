@@ -8,11 +8,12 @@ Contents
     FP8:            quantize_fp8, quantize_fp8_weight, dequantize_fp8
     Router:         router_scores, router, balance_loss (expert_balance_loss, device_balance_loss,
                     sequence_balance_loss), update_expert_bias
-    Data movement:  permute, unpermute, unpermute_backward
+    Data movement:  permute (copy_rows), unpermute, unpermute_backward
     Experts:        grouped_gemm, silu_and_mul, expert_mlp
     Layer:          moe_layer (the MoE module chained from the references above)
-    Expert parallel: ep_token_ranks, ep_pack_meta, ep_pack_rows, ep_unpack (the local steps); ep_local_ids,
-                    ep_dispatch, ep_combine (what every rank must see, all ranks in one process)
+    Expert parallel: ep_token_ranks, ep_pack_meta, ep_unpack (the local steps; copy_rows packs);
+                    ep_local_ids, ep_dispatch, ep_combine (what every rank must see, all ranks in
+                    one process)
 """
 
 import torch
@@ -429,7 +430,6 @@ def permute(
         check_quant_channels(x.shape[1], op, "x")
 
     t, k = ids.shape
-    h = x.shape[1]
     dev = x.device
     local = ids - first_expert
     valid = (ids >= 0) & (local >= 0) & (local < num_local)
@@ -454,21 +454,28 @@ def permute(
         row_map.view(-1)[pairs] = offsets[e] + torch.arange(len(pairs), device=dev)
         start += int(counts[e])
 
-    fp8_out = quantize or x.dtype == FP8
-    out = torch.zeros(rows, h, dtype=torch.uint8 if fp8_out else x.dtype, device=dev)
-    out_scales = torch.ones(rows, h // QUANT_BLOCK, dtype=torch.float32, device=dev) if fp8_out else None
-    flat_map = row_map.flatten()
-    dest = flat_map[flat_map >= 0]
-    src_token = torch.arange(t * k, device=dev).div(k, rounding_mode="floor")[flat_map >= 0]
-    if quantize:
-        q, s = quantize_fp8(x, pow2_scale)
-        out[dest], out_scales[dest] = q.view(torch.uint8)[src_token], s[src_token]
-    elif x.dtype == FP8:
-        out[dest], out_scales[dest] = x.view(torch.uint8)[src_token], x_scales[src_token]
-    else:
-        out[dest] = x[src_token]
-    out = out.view(FP8) if fp8_out else out
+    out, out_scales = copy_rows(x, x_scales, row_map, quantize, pow2_scale, rows)
     return out, out_scales, offsets.to(torch.int32), row_map.to(torch.int32)
+
+
+def copy_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
+    """Row row_map[t, j] of the output = x[t] for every j with row_map[t, j] >= 0: permute's data
+    movement, the EP pack and the EP unpack (csrc/permute/copy_rows.h). FP8-quantised 1x128 when
+    quantize; an e4m3 x moves with its scales. Returns (out [R, H], out_scales [R, H/128] or None);
+    rows no entry names are unspecified (zero, scale 1, here)."""
+    fp8 = quantize or x.dtype == FP8
+    if quantize:
+        x, x_scales = quantize_fp8(x, pow2_scale)
+    out = torch.zeros(num_out_rows, x.shape[1], dtype=torch.uint8 if fp8 else x.dtype, device=x.device)
+    live = row_map >= 0
+    tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(row_map)[live]
+    dest = row_map[live].long()
+    out[dest] = x.view(torch.uint8)[tokens] if fp8 else x[tokens]
+    if not fp8:
+        return out, None
+    scales = torch.ones(num_out_rows, x.shape[1] // QUANT_BLOCK, dtype=torch.float32, device=x.device)
+    scales[dest] = x_scales[tokens]
+    return out.view(FP8), scales
 
 
 def unpermute(
@@ -717,24 +724,6 @@ def ep_pack_meta(
     return meta, pair_slot, send_counts, send_rows.to(torch.int32)
 
 
-def ep_pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
-    """The send block: row row_map[t, j] = x[t] (FP8-quantised 1x128 when quantize; e4m3 x moves with
-    its scales) for every j with row_map[t, j] >= 0. Returns (out [R, H], out_scales [R, H/128] or
-    None); rows no entry names are unspecified (zero here)."""
-    fp8 = quantize or x.dtype == FP8
-    if quantize:
-        x, x_scales = quantize_fp8(x, pow2_scale)
-    out = torch.zeros(num_out_rows, x.shape[1], dtype=torch.uint8 if fp8 else x.dtype, device=x.device)
-    live = row_map >= 0
-    tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(row_map)[live]
-    out[row_map[live].long()] = x.view(torch.uint8)[tokens] if fp8 else x[tokens]
-    if not fp8:
-        return out, None
-    scales = torch.ones(num_out_rows, x.shape[1] // QUANT_BLOCK, dtype=torch.float32, device=x.device)
-    scales[row_map[live].long()] = x_scales[tokens]
-    return out.view(FP8), scales
-
-
 def ep_unpack(
     recv_x: torch.Tensor,
     recv_scales: torch.Tensor | None,
@@ -757,7 +746,6 @@ def ep_unpack(
     op = "ep_unpack"
     w_src = recv_counts.shape[0]
     dev = recv_x.device
-    k = recv_meta.shape[2]
     rows_from = recv_counts[:, 0].long()
     counts = recv_counts[:, 1 : 1 + num_local_experts].long()  # [W, L]
     padded = (counts.sum(0) + align - 1) // align * align
@@ -789,15 +777,7 @@ def ep_unpack(
     row_map = torch.where(entry, base[source[:, None], lc] + eidx, -1)
     weights = torch.where(entry, recv_meta[:, 2].contiguous().view(torch.float32), 0.0)
 
-    fp8 = recv_x.dtype == FP8
-    out = torch.zeros(num_out_rows, recv_x.shape[1], dtype=torch.uint8 if fp8 else recv_x.dtype, device=dev)
-    src_rows = j[:, None].expand(-1, k)[entry]
-    out[row_map[entry]] = recv_x.view(torch.uint8)[src_rows] if fp8 else recv_x[src_rows]
-    out_scales = None
-    if fp8:
-        out = out.view(FP8)
-        out_scales = torch.ones(num_out_rows, recv_x.shape[1] // QUANT_BLOCK, dtype=torch.float32, device=dev)
-        out_scales[row_map[entry]] = recv_scales[src_rows]
+    out, out_scales = copy_rows(recv_x, recv_scales, row_map, False, False, num_out_rows)
     return out, out_scales, offsets.to(torch.int32), row_map.to(torch.int32), weights
 
 

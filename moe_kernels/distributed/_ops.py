@@ -4,7 +4,7 @@ and fake kernels. Only moe_kernels.distributed uses them; the user-facing API is
 import torch
 
 from moe_kernels import reference
-from moe_kernels._checks import FP8, QUANT_BLOCK, check, check_dim
+from moe_kernels._checks import FP8, QUANT_BLOCK, check_expert_ids
 from moe_kernels.ops._library import register_cpu, register_fake
 
 META_FIELDS = 3  # local expert, eidx, gate weight bits (csrc/include/moe_kernels/ep.cuh)
@@ -23,7 +23,7 @@ pack_meta = torch.ops.moe_kernels.ep_pack_meta
 
 
 def pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
-    """(out [R, H], out_scales [R, H/128] or None): see reference.ep_pack_rows."""
+    """(out [R, H], out_scales [R, H/128] or None): see reference.copy_rows."""
     out, scales = torch.ops.moe_kernels.ep_pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows)
     return out, scales if (quantize or x.dtype == FP8) else None
 
@@ -43,35 +43,21 @@ def unpack(
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_ids(expert_ids, op):
-    check_dim(expert_ids, 2, op, "expert_ids", "[tokens, top_k]")
-    check(
-        expert_ids.dtype in (torch.int32, torch.int64),
-        op,
-        f"expert_ids must be int32 or int64, got {str(expert_ids.dtype).removeprefix('torch.')}",
-    )
-    check(
-        1 <= expert_ids.shape[1] <= 32,
-        op,
-        f"top_k (expert_ids.shape[1]) must be in [1, 32], got {expert_ids.shape[1]}",
-    )
-
-
 @register_cpu("ep_token_ranks")
 def _token_ranks_cpu(expert_ids, expert_rank, num_ranks):
-    _check_ids(expert_ids, "ep_token_ranks")
+    check_expert_ids(expert_ids, "ep_token_ranks")
     return reference.ep_token_ranks(expert_ids, expert_rank, num_ranks)
 
 
 @register_fake("ep_token_ranks")
 def _token_ranks_fake(expert_ids, expert_rank, num_ranks):
-    _check_ids(expert_ids, "ep_token_ranks")
+    check_expert_ids(expert_ids, "ep_token_ranks")
     return expert_ids.new_empty(tuple(expert_ids.shape), dtype=torch.int32)
 
 
 @register_cpu("ep_pack_meta")
 def _pack_meta_cpu(*args):
-    _check_ids(args[0], "ep_pack_meta")
+    check_expert_ids(args[0], "ep_pack_meta")
     return reference.ep_pack_meta(*args)
 
 
@@ -90,7 +76,7 @@ def _pack_meta_fake(
     capacity,
     num_send_rows,
 ):
-    _check_ids(expert_ids, "ep_pack_meta")
+    check_expert_ids(expert_ids, "ep_pack_meta")
     t, k = expert_ids.shape
     meta = expert_ids.new_empty((num_send_rows, META_FIELDS, k), dtype=torch.int32)
     pair_slot = expert_ids.new_empty((t, k), dtype=torch.int32)
@@ -100,7 +86,7 @@ def _pack_meta_fake(
 
 @register_cpu("ep_pack_rows")
 def _pack_rows_cpu(x, x_scales, row_map, quantize, pow2_scale, num_out_rows):
-    out, scales = reference.ep_pack_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows)
+    out, scales = reference.copy_rows(x, x_scales, row_map, quantize, pow2_scale, num_out_rows)
     return out, x.new_empty(0, dtype=torch.float32) if scales is None else scales
 
 

@@ -17,6 +17,7 @@ DeviceExchange is one rank's end: ExpertParallel runs its send then its receive;
 runs every virtual rank's send, then every receive.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,10 +87,7 @@ class DeviceExchange:
         self.epochs = torch.zeros(3, dtype=torch.int64, device=window.device)
 
     def _view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         return self.window[offset : offset + nbytes].view(dtype).view(shape)
 
     def check_rows(self, dtype: torch.dtype, op: str) -> None:

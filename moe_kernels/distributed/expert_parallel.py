@@ -33,7 +33,6 @@ class EPHandle:
 
     num_tokens: int
     num_rows: int  # rows of the dispatch output (and of the y combine takes)
-    rank_ids: torch.Tensor  # int32 [T, K]
     send_row_map: torch.Tensor  # int32 [T, K]
     pair_slot: torch.Tensor  # int32 [T, K]
     send_counts: list[int]  # rows sent to each rank
@@ -64,7 +63,6 @@ class EPHandle:
         return cls(
             num_tokens=num_tokens,
             num_rows=num_rows,
-            rank_ids=plan.rank_ids,
             send_row_map=plan.send_row_map,
             pair_slot=plan.pair_slot,
             send_counts=send_counts,
@@ -151,7 +149,6 @@ class ExpertParallel:
         self.max_tokens_per_rank = max_tokens_per_rank
         self.expert_map = ExpertMap.build(num_experts, self.world_size, expert_to_rank, self.device)
         self._check_agreement(transport)
-        self.transport_name = transport
         self.transport: Transport | None = (
             TorchTransport(group) if transport == "torch" else NcclTransport(group, self.device)
         )

@@ -20,7 +20,7 @@ from torch import nn
 from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK, check
 from moe_kernels.distributed import all_reduce_counts
-from moe_kernels.layers.expert_mlp import expert_mlp, routed_expert_mlp
+from moe_kernels.layers.expert_mlp import expert_mlp
 from moe_kernels.layers.parts import Experts, FP8SwiGLUMLP, SwiGLUMLP, TopKGate
 from moe_kernels.layers.transformers_blocks import describe_block, fp32_scales
 from moe_kernels.ops.permute import permute, unpermute
@@ -306,6 +306,11 @@ class MoE(nn.Module):
             self._record_training_stats(logits, ids, counts, x, seq_offsets)
         if self.weights_dtype is not None:
             weights = weights.to(self.weights_dtype)
+        if needs_grad and self.is_fp8:
+            raise NotImplementedError(
+                "MoE: FP8 experts have no backward yet; run inference under torch.no_grad() or "
+                "torch.inference_mode()"
+            )
         if self.expert_parallel is not None:
             return self._expert_parallel(tokens, ids, weights, needs_grad, shared).view(x.shape)
         y, row_map = self._routed_experts(tokens, ids, needs_grad)
@@ -313,34 +318,24 @@ class MoE(nn.Module):
         return out.view(x.shape)
 
     def _routed_experts(self, tokens, ids, needs_grad):
-        fp8 = self.is_fp8
-        if needs_grad and fp8:
-            raise NotImplementedError(
-                "MoE: FP8 experts have no backward yet; run inference under torch.no_grad() or "
-                "torch.inference_mode()"
-            )
-        if not needs_grad:
-            return routed_expert_mlp(tokens, ids, self.num_experts, **self.experts.mlp_kwargs())
-        self._warn_fallback()
-        r = permute(tokens, ids, self.num_experts)
-        return _differentiable_expert_mlp(r.out, r.expert_offsets, self.experts), r.row_map
+        """(y, row_map): the tokens' rows permuted (FP8 in the same pass for FP8 experts), then the
+        experts."""
+        r = permute(tokens, ids, self.num_experts, quantize=self.is_fp8)
+        return self._run_experts(r.out, r.out_scales, r.expert_offsets, needs_grad), r.row_map
 
     def _expert_parallel(self, tokens, ids, weights, needs_grad, shared):
         """Routed experts spread over the ranks: dispatch, this rank's experts, combine (with the
         shared experts' output, which ran on the side stream meanwhile)."""
-        ep, fp8 = self.expert_parallel, self.is_fp8
-        check(not (needs_grad and fp8), "MoE", "FP8 experts have no backward yet")
-        sent = ep.dispatch(tokens, ids, weights, quantize=fp8)
-        if needs_grad:
-            self._warn_fallback()
-            y = _differentiable_expert_mlp(sent.out, sent.expert_offsets, self.experts)
-        else:
-            y = expert_mlp(
-                sent.out, sent.expert_offsets, x_scales=sent.out_scales, **self.experts.mlp_kwargs()
-            )
+        ep = self.expert_parallel
+        sent = ep.dispatch(tokens, ids, weights, quantize=self.is_fp8)
+        y = self._run_experts(sent.out, sent.out_scales, sent.expert_offsets, needs_grad)
         return ep.combine(y, sent.handle, shared_output=self._shared_end(shared, tokens))
 
-    def _warn_fallback(self) -> None:
+    def _run_experts(self, rows, row_scales, offsets, needs_grad):
+        """This layer's experts on rows grouped by expert (our grouped GEMMs, or, while a gradient is
+        needed, the bf16 experts through the differentiable fallback, with one warning)."""
+        if not needs_grad:
+            return expert_mlp(rows, offsets, x_scales=row_scales, **self.experts.mlp_kwargs())
         if not self._warned_fallback:
             self._warned_fallback = True
             warnings.warn(
@@ -348,6 +343,7 @@ class MoE(nn.Module):
                 "through torch._grouped_mm (CPU: the reference). Use torch.no_grad() for inference.",
                 stacklevel=4,
             )
+        return _differentiable_expert_mlp(rows, offsets, self.experts)
 
     def _record_training_stats(self, logits, ids, counts, x, seq_offsets) -> None:
         if counts is not None:
