@@ -1,7 +1,8 @@
 """Run every benchmark family, with DeepSeek-V3 defaults: `python bench/run.py [--out DIR] [--only NAME...]`.
 
 Families: quant, router, permute, grouped_gemm, ep (the expert-parallel steps on one GPU), layer (the
-MoE module against transformers' blocks; needs transformers). Each prints its table (time, GB/s or
+MoE module against transformers' blocks; needs transformers), train (the GEMMs' backward and the layer's
+forward + backward; needs transformers). Each prints its table (time, GB/s or
 TFLOP/s, % of the measured ceiling, ratio to each baseline) and writes DIR/<family>.json stamped with
 device, torch version and git commit.
 """
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moe_kernels.testing import measure_copy_tbps  # noqa: E402
 
-FAMILIES = ["quant", "router", "permute", "grouped_gemm", "ep", "layer"]
+FAMILIES = ["quant", "router", "permute", "grouped_gemm", "ep", "layer", "train"]
 
 
 def main() -> None:

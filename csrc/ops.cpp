@@ -25,6 +25,11 @@ TORCH_LIBRARY(moe_kernels, m) {
   // FP8 e4m3 quantisation: 1x128 activation groups, 128x128 weight blocks (csrc/quant).
   m.def("quantize_fp8(Tensor x, bool pow2_scale=False) -> (Tensor, Tensor)");
   m.def("quantize_fp8_weight(Tensor w, bool pow2_scale=False) -> (Tensor, Tensor)");
+  // Per expert, transposed, one scale per channel and 128 rows: the FP8 wgrad's operands
+  // (q [capacity * C], scales [capacity / 128 * C], padded_offsets [E + 1]; csrc/quant).
+  m.def(
+      "quantize_fp8_transposed(Tensor x, Tensor? x_scales, Tensor expert_offsets, bool pow2_scale) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def("dequantize_fp8(Tensor q, Tensor scales, ScalarType out_dtype) -> Tensor");
 
   // Router: fused scores + expert bias + group-limited top-K + histogram; balance losses; bias
@@ -53,6 +58,17 @@ TORCH_LIBRARY(moe_kernels, m) {
       "grouped_gemm_out(Tensor a, Tensor b, Tensor expert_offsets, Tensor? a_scales, Tensor? b_scales, "
       "Tensor(a!) out, str config=\"auto\") -> ()");
   m.def("silu_mul(Tensor h, Tensor? expert_offsets, bool quantize, bool pow2_scale) -> (Tensor, Tensor)");
+  // Backward of the expert GEMMs and of SwiGLU (training): dgrad (BF16; FP8 runs the forward kernel on
+  // the transposed weight), wgrad grouped along the reduction (BF16, and FP8 on
+  // quantize_fp8_transposed's operands), and (grad_h, act, grad_h e4m3, its scales).
+  m.def("grouped_gemm_dgrad(Tensor grad_out, Tensor b, Tensor expert_offsets) -> Tensor");
+  m.def("grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor expert_offsets, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "grouped_gemm_wgrad_fp8(Tensor grad_t, Tensor grad_t_scales, Tensor act_t, Tensor act_t_scales, "
+      "Tensor padded_offsets, int n, int k, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "silu_mul_backward(Tensor grad_act, Tensor h, Tensor? expert_offsets, bool return_act, bool quantize, "
+      "bool pow2_scale) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Permute / unpermute (csrc/permute): rows grouped by local expert, padded to `align`; optional
   // fused FP8 1x128 quantisation; weighted combine. Returns of permute: (out [R, H], out_scales

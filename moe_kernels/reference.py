@@ -568,6 +568,117 @@ def grouped_gemm(
     return out.to(out_dtype)
 
 
+def grouped_gemm_dgrad(grad_out: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor) -> torch.Tensor:
+    """grad_a[rows of e] = grad_out[rows of e] @ b[e] (b [E, N, K]): the gradient of grouped_gemm's a.
+    fp32 accumulation, bf16 out; rows outside the experts are zero."""
+    offs = [int(o) for o in expert_offsets]
+    out = torch.zeros(grad_out.shape[0], b.shape[2], dtype=torch.float32, device=grad_out.device)
+    for e in range(b.shape[0]):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            out[lo:hi] = grad_out[lo:hi].float() @ b[e].float()
+    return out.to(torch.bfloat16)
+
+
+def grouped_gemm_wgrad(
+    grad_out: torch.Tensor,
+    a: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """grad_b[e] = grad_out[rows of e]^T @ a[rows of e] -> [E, N, K]: the gradient of grouped_gemm's b.
+    fp32 accumulation; an expert without rows gets zeros."""
+    offs = [int(o) for o in expert_offsets]
+    num_experts = len(offs) - 1
+    out = torch.zeros(num_experts, grad_out.shape[1], a.shape[1], dtype=torch.float32, device=a.device)
+    for e in range(num_experts):
+        lo, hi = offs[e], offs[e + 1]
+        if hi > lo:
+            out[e] = grad_out[lo:hi].float().T @ a[lo:hi].float()
+    return out.to(out_dtype)
+
+
+def padded_offsets(expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Offsets of each expert's rows rounded up to 128 rows, from 0 (quantize_fp8_transposed)."""
+    rows = (expert_offsets[1:] - expert_offsets[:-1]).long()
+    tiles = (rows + QUANT_BLOCK - 1) // QUANT_BLOCK
+    return F.pad(torch.cumsum(tiles, 0) * QUANT_BLOCK, (1, 0)).to(torch.int32)
+
+
+def transposed_capacity(rows: int, num_experts: int) -> int:
+    """Rows of quantize_fp8_transposed's padded layout: up to 127 rows of padding per expert."""
+    return (rows // QUANT_BLOCK + num_experts) * QUANT_BLOCK
+
+
+def quantize_fp8_transposed(
+    x: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    x_scales: torch.Tensor | None = None,
+    pow2_scale: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each expert's rows x[offsets[e] : offsets[e+1]] ([R, C]) transposed, padded with zero rows to
+    R_pad (a multiple of 128) and quantised with one scale per channel and 128 rows (DeepSeek-V3's
+    128x1 tiles for the wgrad). Returns flat (q e4m3 [capacity * C] holding expert e's [C, R_pad]
+    block at C * padded[e], scales fp32 [capacity / 128 * C] holding its [R_pad / 128, C] block at
+    C * padded[e] / 128, padded offsets int32 [E + 1]); the tail past padded[E] is unspecified (zero
+    here). e4m3 x is dequantised with its 1x128 x_scales first."""
+    xf = dequantize_fp8(x, x_scales, torch.float32) if x.dtype == FP8 else x.float()
+    channels, num_experts = x.shape[1], expert_offsets.shape[0] - 1
+    padded = padded_offsets(expert_offsets)
+    capacity = transposed_capacity(x.shape[0], num_experts)
+    q = torch.zeros(capacity * channels, dtype=FP8, device=x.device)
+    scales = torch.zeros(capacity // QUANT_BLOCK * channels, dtype=torch.float32, device=x.device)
+    offs, pads = expert_offsets.tolist(), padded.tolist()
+    for e in range(num_experts):
+        lo, hi, first, last = offs[e], offs[e + 1], pads[e], pads[e + 1]
+        if last == first:
+            continue
+        block = torch.zeros(channels, last - first, dtype=torch.float32, device=x.device)
+        block[:, : hi - lo] = xf[lo:hi].T
+        bq, bs = quantize_fp8(block, pow2_scale)
+        q[channels * first : channels * last] = bq.reshape(-1)
+        scales[channels * first // QUANT_BLOCK : channels * last // QUANT_BLOCK] = bs.T.reshape(-1)
+    return q, scales, padded
+
+
+def grouped_gemm_wgrad_fp8(
+    grad_t: torch.Tensor,
+    grad_t_scales: torch.Tensor,
+    act_t: torch.Tensor,
+    act_t_scales: torch.Tensor,
+    padded: torch.Tensor,
+    n: int,
+    k: int,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The FP8 wgrad on quantize_fp8_transposed's operands: out[e] = G_e @ A_e^T [n, k], with G_e
+    [n, R_pad_e] and A_e [k, R_pad_e] each expert's dequantised blocks (fp32 accumulation)."""
+    pads = padded.tolist()
+    num_experts = len(pads) - 1
+    out = torch.zeros(num_experts, n, k, dtype=torch.float32, device=grad_t.device)
+    for e in range(num_experts):
+        first, last = pads[e], pads[e + 1]
+        if last == first:
+            continue
+        blocks = []
+        for q, s, width in ((grad_t, grad_t_scales, n), (act_t, act_t_scales, k)):
+            bq = q[width * first : width * last].view(width, last - first)
+            bs = s[width * first // QUANT_BLOCK : width * last // QUANT_BLOCK].view(-1, width).T
+            blocks.append(dequantize_fp8(bq, bs.contiguous(), torch.float32))
+        out[e] = blocks[0] @ blocks[1].T
+    return out.to(out_dtype)
+
+
+def silu_mul_backward(grad_act: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_h fp32 [M, 2I], act fp32 [M, I]): the gradient of SiLU(gate) * up for h = [gate | up],
+    d/dgate = grad * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate), d/dup = grad * SiLU(gate)."""
+    gate, up = h.float().chunk(2, dim=-1)
+    dy = grad_act.float()
+    s = torch.sigmoid(gate)
+    silu = gate * s
+    return torch.cat([dy * up * s * (1 + gate * (1 - s)), dy * silu], dim=-1), silu * up
+
+
 def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     """SwiGLU activation of a gate_up output [M, 2I] (first I gate, next I up) -> fp32 [M, I]."""
     gate, up = h.float().chunk(2, dim=-1)

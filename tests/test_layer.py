@@ -269,9 +269,7 @@ def test_balance_losses(gen):
     balance = BalanceLoss(expert=0.01, device=0.02, num_devices=4, sequence=0.03)
     moe = make_moe(balance_loss=balance).train()
     x = randn(3, 6, HIDDEN, gen=gen)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the training fallback's warning (tested below)
-        moe(x)
+    moe(x)
     logits = torch.nn.functional.linear(x.reshape(-1, HIDDEN).float(), moe.gate.weight.float())
     _, ids, _ = reference.router(logits, 4, bias=moe.expert_bias, **ROUTERS["deepseek_v3"].router_kwargs())
     kw = dict(score_func="sigmoid")
@@ -291,11 +289,9 @@ def test_balance_losses(gen):
 def test_training_gradients_match_reference_autograd(gen):
     moe = make_moe("qwen3_moe", shared=128, logits_fp32=True).train()
     x = randn(13, HIDDEN, gen=gen).requires_grad_(True)
-    with pytest.warns(UserWarning, match="no backward yet"):
-        out = moe(x)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once only
-        moe(x)
+        warnings.simplefilter("error")  # no fallback, no warning
+        out = moe(x)
     grad_out = randn(13, HIDDEN, gen=gen)
     params = [x, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
     got = torch.autograd.grad(out, params, grad_out)
@@ -307,10 +303,35 @@ def test_training_gradients_match_reference_autograd(gen):
         assert rel_error(g, w) < 1e-2, f"{name}: {rel_error(g, w)}"
 
 
-def test_fp8_needs_inference_mode(gen):
-    moe = make_moe(fp8=True)
-    with pytest.raises(NotImplementedError, match="FP8 experts have no backward"):
-        moe(randn(4, HIDDEN, gen=gen).requires_grad_(True))
+def test_frozen_fp8_experts_pass_the_input_gradient(gen):
+    """Quantised experts get no gradient; their input does (the FP8 recipe's backward), matching
+    the bf16 layer's within FP8 error."""
+    bf16 = make_moe("qwen3_moe", shared=0).train()
+    fp8 = make_moe("qwen3_moe", shared=0).quantize_().train()
+    x = randn(9, HIDDEN, gen=gen)
+    grad_out = randn(9, HIDDEN, gen=gen)
+    grads = []
+    for moe in (bf16, fp8):
+        leaf = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(moe(leaf), leaf, grad_out)
+        grads.append(g)
+    assert grads[1].abs().sum() > 0 and rel_error(grads[1], grads[0]) < 0.1, rel_error(grads[1], grads[0])
+    assert not fp8.experts.gate_up_proj.requires_grad
+
+
+def test_fp8_training_matches_bf16_gradients(gen):
+    """MoE(fp8_training=True): the bf16 master weights get gradients through the FP8 recipe."""
+    bf16 = make_moe("qwen3_moe", shared=0).train()
+    fp8 = make_moe("qwen3_moe", shared=0, fp8_training=True).train()
+    x = randn(11, HIDDEN, gen=gen)
+    grad_out = randn(11, HIDDEN, gen=gen)
+    grads = []
+    for moe in (bf16, fp8):
+        leaf = x.clone().requires_grad_(True)
+        params = [leaf, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
+        grads.append(torch.autograd.grad(moe(leaf), params, grad_out))
+    for name, g8, g16 in zip(("x", "gate", "gate_up", "down"), *reversed(grads), strict=True):
+        assert g8.abs().sum() > 0 and rel_error(g8, g16) < 0.1, f"{name}: {rel_error(g8, g16)}"
 
 
 @pytest.mark.parametrize(
@@ -423,28 +444,6 @@ def test_gpu_shared_gate_on_a_user_stream(gen):
 
 
 @requires_sm90
-def test_gpu_training_fallback_gradients(gen):
-    """While a gradient is needed the bf16 experts run through torch._grouped_mm: the forward
-    agrees with the kernels' and the gradients with the reference's autograd."""
-    moe = make_moe("deepseek_v3", shared=128, device="cuda").train()
-    x = randn(300, HIDDEN, gen=gen, device="cuda")
-    with torch.no_grad():
-        fused = moe(x)
-    x.requires_grad_(True)
-    with pytest.warns(UserWarning, match="no backward yet"):
-        out = moe(x)
-    assert rel_error(out, fused) < 1e-2
-    grad_out = randn(300, HIDDEN, gen=gen, device="cuda")
-    params = [x, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj]
-    got = torch.autograd.grad(out, params, grad_out)
-    cpu = moe.cpu()
-    cpu_params = [x.detach().cpu().requires_grad_(True), *params[1:]]
-    want = torch.autograd.grad(reference_forward(cpu, cpu_params[0]), cpu_params, grad_out.cpu())
-    for name, g, w in zip(("x", "gate", "gate_up", "down"), got, want, strict=True):
-        assert rel_error(g.cpu(), w) < 2e-2, f"{name}: {rel_error(g.cpu(), w)}"
-
-
-@requires_sm90
 @pytest.mark.parametrize("fp8", [False, True])
 def test_cuda_graph_replay_with_new_routing(fp8, gen):
     """Captured once, replayed with new tokens and a new gate: every expert's load changes, one
@@ -466,3 +465,45 @@ def test_cuda_graph_replay_with_new_routing(fp8, gen):
             logits.cpu(), 4, bias=moe.expert_bias.cpu(), **ROUTERS["deepseek_v3"].router_kwargs()
         )
         assert bool((ids == 5).any(-1).all())
+
+
+@requires_sm90
+@pytest.mark.parametrize("fp8_training", [False, True])
+def test_gpu_training_loop(fp8_training, gen):
+    """A few optimiser steps of the layer on the kernels (bf16, and DeepSeek-V3's FP8 recipe): the
+    loss goes down, the expert bias moves against the load it sees, the gradients are those of the
+    reference's autograd."""
+    moe = make_moe("deepseek_v3", device="cuda", fp8_training=fp8_training).train()
+    x = randn(512, HIDDEN, gen=gen, device="cuda")
+    target = randn(512, HIDDEN, gen=gen, device="cuda") * 0.1
+    params = [p for p in moe.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    losses = []
+    for _ in range(6):
+        loss = (moe(x).float() - target.float()).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        counts = moe.routed_counts.clone()
+        bias_before = moe.expert_bias.clone()
+        moe.update_bias(1e-3)
+        moved = (moe.expert_bias - bias_before).sign()
+        assert torch.equal(moved, (counts.float().mean() - counts.float()).sign()), "bias moved the wrong way"
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    # gradients of one more step against the reference's autograd on the CPU
+    leaf = x[:64].clone().requires_grad_(True)
+    grad_out = randn(64, HIDDEN, gen=gen, device="cuda")
+    checked = [leaf, moe.experts.gate_up_proj, moe.experts.down_proj]
+    got = torch.autograd.grad(moe(leaf), checked, grad_out)
+    ref_moe = make_moe("deepseek_v3")
+    ref_moe.load_state_dict({name: t.cpu() for name, t in moe.state_dict().items()})
+    ref_leaves = [
+        leaf.detach().cpu().requires_grad_(True),
+        ref_moe.experts.gate_up_proj,
+        ref_moe.experts.down_proj,
+    ]
+    want = torch.autograd.grad(reference_forward(ref_moe, ref_leaves[0]), ref_leaves, grad_out.cpu())
+    tol = 0.1 if fp8_training else 2e-2
+    for name, g, w in zip(("x", "gate_up", "down"), got, want, strict=True):
+        assert rel_error(g.cpu().float(), w.float()) < tol, f"{name}: {rel_error(g.cpu().float(), w.float())}"

@@ -1,5 +1,6 @@
-// Launcher of the grouped GEMMs: argument checks, the tile-configuration heuristic, the workspace
-// (from torch's caching allocator, so it is allocated once and graph-safe), the current stream.
+// Launchers of the grouped GEMMs (forward, BF16 dgrad, BF16 and FP8 wgrad): argument checks, the
+// tile-configuration heuristic, the workspace (from torch's caching allocator, so it is allocated
+// once and graph-safe), the current stream.
 #include "common/device_error.h"
 #include "moe_kernels/grouped_gemm.h"
 #include "torch_utils.h"
@@ -23,6 +24,11 @@ constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
     MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
+};
+// The dgrad's configurations (BF16, the weight read untransposed), chosen by the same rule.
+constexpr GemmConfig kDgradConfigs[] = {
+    MOE_GEMM_CONFIG(bf16_dgrad_pingpong_64x128, false),
+    MOE_GEMM_CONFIG(bf16_dgrad_cooperative_128x256, false),
 };
 #undef MOE_GEMM_CONFIG
 
@@ -55,6 +61,19 @@ const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t num_experts, 
     return config_named(small ? "fp8_pingpong_64x128" : "fp8_cooperative_128x128");
   }
   return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x256");
+}
+
+// Runs a configuration with a workspace from torch's allocator on the current stream.
+template <class Problem>
+void run_config(const char* op, const char* name, const Problem& p, const at::Tensor& like,
+                size_t (*workspace_bytes)(const Problem&, int),
+                cudaError_t (*run)(const Problem&, void*, int, cudaStream_t)) {
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(workspace_bytes(p, sm_count))}, like.options().dtype(at::kByte));
+  const cudaError_t err = run(p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": CUTLASS ", name, " failed: ", cudaGetErrorName(err), " (",
+              cudaGetErrorString(err), ")");
 }
 
 void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
@@ -122,12 +141,7 @@ void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   p.k = static_cast<int>(k);
   p.num_experts = static_cast<int>(num_experts);
   p.device = a.get_device();
-  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(cfg.workspace_bytes(p, sm_count))}, a.options().dtype(at::kByte));
-  const cudaError_t err = cfg.run(p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUTLASS ", cfg.name, " failed: ", cudaGetErrorName(err), " (",
-              cudaGetErrorString(err), ")");
+  run_config(op, cfg.name, p, a, cfg.workspace_bytes, cfg.run);
 }
 
 at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& expert_offsets,
@@ -140,11 +154,175 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
   return out;
 }
 
+void check_offsets(const at::Tensor& expert_offsets, int64_t num_experts, const at::Tensor& like, const char* op) {
+  MK_CHECK_DTYPE(expert_offsets, at::kInt, op, "expert_offsets");
+  MK_CHECK(expert_offsets.dim() == 1 && expert_offsets.size(0) == num_experts + 1, op,
+           "expert_offsets must be [experts + 1 = ", num_experts + 1, "], got shape ", shape_str(expert_offsets));
+  MK_CHECK(expert_offsets.is_contiguous(), op, "expert_offsets must be contiguous");
+  MK_CHECK_SAME_DEVICE(expert_offsets, like, op, "expert_offsets", "grad_out");
+}
+
+// grad_a [M, K] = grad_out[rows of e] @ b[e] for b [E, N, K] (BF16); rows outside the experts are 0.
+at::Tensor grouped_gemm_dgrad(const at::Tensor& grad_out, const at::Tensor& b, const at::Tensor& expert_offsets) {
+  constexpr const char* op = "grouped_gemm_dgrad";
+  MK_CHECK_CUDA_TENSOR(grad_out, op, "grad_out");
+  MK_CHECK_DIM(grad_out, 2, op, "grad_out", "[rows, N]");
+  MK_CHECK_DIM(b, 3, op, "b", "[experts, N, K]");
+  MK_CHECK_DTYPE(grad_out, at::kBFloat16, op, "grad_out");
+  MK_CHECK_DTYPE(b, at::kBFloat16, op, "b");
+  const int64_t m = grad_out.size(0), n = b.size(1), k = b.size(2), num_experts = b.size(0);
+  MK_CHECK(grad_out.size(1) == n, op, "grad_out must be [rows, N=", n, "], got shape ", shape_str(grad_out));
+  MK_CHECK(k % kBlock == 0 && k > 0 && n % kBlock == 0 && n > 0, op,
+           "b's N and K must be positive multiples of 128, got shape ", shape_str(b));
+  MK_CHECK(num_experts >= 1, op, "b must hold at least one expert");
+  MK_CHECK(grad_out.is_contiguous() && b.is_contiguous(), op, "grad_out and b must be contiguous");
+  MK_CHECK_SAME_DEVICE(b, grad_out, op, "b", "grad_out");
+  check_offsets(expert_offsets, num_experts, grad_out, op);
+  check_hopper(grad_out, op);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  at::Tensor out = at::zeros({m, k}, grad_out.options());
+  if (m == 0) {
+    return out;
+  }
+  const bool small = m <= 64 * num_experts;
+  const GemmConfig& cfg = kDgradConfigs[small ? 0 : 1];
+  GroupedGemmProblem p{};
+  p.a = grad_out.data_ptr();
+  p.b = b.data_ptr();
+  p.out = out.data_ptr();
+  p.expert_offsets = expert_offsets.data_ptr<int32_t>();
+  p.error_flag = device_error_flag();
+  p.m_total = m;
+  p.n = static_cast<int>(k);  // this GEMM's output width and reduction (see GroupedGemmProblem)
+  p.k = static_cast<int>(n);
+  p.num_experts = static_cast<int>(num_experts);
+  p.device = grad_out.get_device();
+  run_config(op, cfg.name, p, grad_out, cfg.workspace_bytes, cfg.run);
+  return out;
+}
+
+at::Tensor wgrad_output(int64_t num_experts, int64_t n, int64_t k, at::ScalarType out_dtype,
+                        const at::Tensor& like, const char* op) {
+  MK_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kFloat, op,
+           "out_dtype must be bfloat16 or float32, got ", out_dtype);
+  return at::empty({num_experts, n, k}, like.options().dtype(out_dtype));
+}
+
+// grad_b [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (BF16 operands, fp32 accumulation).
+at::Tensor grouped_gemm_wgrad(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& expert_offsets,
+                              at::ScalarType out_dtype) {
+  constexpr const char* op = "grouped_gemm_wgrad";
+  MK_CHECK_CUDA_TENSOR(grad_out, op, "grad_out");
+  MK_CHECK_DIM(grad_out, 2, op, "grad_out", "[rows, N]");
+  MK_CHECK_DIM(a, 2, op, "a", "[rows, K]");
+  MK_CHECK_DTYPE(grad_out, at::kBFloat16, op, "grad_out");
+  MK_CHECK_DTYPE(a, at::kBFloat16, op, "a");
+  const int64_t m = grad_out.size(0), n = grad_out.size(1), k = a.size(1);
+  const int64_t num_experts = expert_offsets.dim() == 1 ? expert_offsets.size(0) - 1 : 0;
+  MK_CHECK(a.size(0) == m, op, "a must have grad_out's ", m, " rows, got shape ", shape_str(a));
+  MK_CHECK(k % kBlock == 0 && k > 0 && n % kBlock == 0 && n > 0, op,
+           "N (grad_out.shape[1]) and K (a.shape[1]) must be positive multiples of 128, got ", n, " and ", k);
+  MK_CHECK(num_experts >= 1, op, "expert_offsets must be [experts + 1] with at least one expert, got shape ",
+           shape_str(expert_offsets));
+  MK_CHECK(grad_out.is_contiguous() && a.is_contiguous(), op, "grad_out and a must be contiguous");
+  MK_CHECK_SAME_DEVICE(a, grad_out, op, "a", "grad_out");
+  check_offsets(expert_offsets, num_experts, grad_out, op);
+  check_hopper(grad_out, op);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  at::Tensor out = wgrad_output(num_experts, n, k, out_dtype, grad_out, op);
+  if (m == 0) {
+    return out.zero_();
+  }
+  WgradProblem p{};
+  p.grad = grad_out.data_ptr();
+  p.act = a.data_ptr();
+  p.out = out.data_ptr();
+  p.expert_offsets = expert_offsets.data_ptr<int32_t>();
+  p.error_flag = device_error_flag();
+  p.m_total = m;
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_experts = static_cast<int>(num_experts);
+  p.device = grad_out.get_device();
+  if (out_dtype == at::kFloat) {
+    run_config(op, "bf16_wgrad_fp32_out", p, grad_out, &bf16_wgrad_fp32_out_workspace_bytes,
+               &bf16_wgrad_fp32_out_run);
+  } else {
+    run_config(op, "bf16_wgrad_bf16_out", p, grad_out, &bf16_wgrad_bf16_out_workspace_bytes,
+               &bf16_wgrad_bf16_out_run);
+  }
+  return out;
+}
+
+// The FP8 wgrad on operands from quantize_fp8_transposed (grad_t of grad_out [M, N], act_t of the
+// activations [M, K], both with the same padded offsets).
+at::Tensor grouped_gemm_wgrad_fp8(const at::Tensor& grad_t, const at::Tensor& grad_t_scales,
+                                  const at::Tensor& act_t, const at::Tensor& act_t_scales,
+                                  const at::Tensor& padded_offsets, int64_t n, int64_t k,
+                                  at::ScalarType out_dtype) {
+  constexpr const char* op = "grouped_gemm_wgrad_fp8";
+  MK_CHECK_CUDA_TENSOR(grad_t, op, "grad_t");
+  MK_CHECK(k % kBlock == 0 && k > 0 && n % kBlock == 0 && n > 0, op,
+           "n and k must be positive multiples of 128, got ", n, " and ", k);
+  const std::pair<const at::Tensor*, const char*> operands[] = {{&grad_t, "grad_t"}, {&act_t, "act_t"}};
+  const std::pair<const at::Tensor*, const char*> scales[] = {{&grad_t_scales, "grad_t_scales"},
+                                                              {&act_t_scales, "act_t_scales"}};
+  const int64_t widths[] = {n, k};
+  const int64_t capacity = grad_t.dim() == 1 ? grad_t.numel() / n : -1;
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *operands[i].first;
+    const at::Tensor& s = *scales[i].first;
+    const char* name = operands[i].second;
+    const char* scales_name = scales[i].second;
+    MK_CHECK(t.scalar_type() == kFp8, op, name, " must be float8_e4m3fn, got ", t.scalar_type());
+    MK_CHECK(s.scalar_type() == at::kFloat, op, scales_name, " must be float32, got ", s.scalar_type());
+    MK_CHECK(t.device() == grad_t.device() && s.device() == grad_t.device(), op, name, " and ", scales_name,
+             " must be on grad_t's device ", grad_t.device());
+    MK_CHECK(t.dim() == 1 && t.is_contiguous() && t.numel() == capacity * widths[i] && capacity % kBlock == 0,
+             op, name, " must be quantize_fp8_transposed's flat output for ", widths[i],
+             " channels and the capacity of grad_t, got shape ", shape_str(t));
+    MK_CHECK(s.dim() == 1 && s.is_contiguous() && s.numel() == capacity / kBlock * widths[i], op,
+             scales_name, " must be [", capacity / kBlock * widths[i], "], got shape ", shape_str(s));
+  }
+  const int64_t num_experts = padded_offsets.dim() == 1 ? padded_offsets.size(0) - 1 : 0;
+  MK_CHECK(num_experts >= 1, op, "padded_offsets must be [experts + 1] with at least one expert, got shape ",
+           shape_str(padded_offsets));
+  check_offsets(padded_offsets, num_experts, grad_t, op);
+  check_hopper(grad_t, op);
+  const c10::cuda::CUDAGuard guard(grad_t.device());
+  at::Tensor out = wgrad_output(num_experts, n, k, out_dtype, grad_t, op);
+  if (capacity == 0) {
+    return out.zero_();
+  }
+  WgradProblem p{};
+  p.grad = grad_t.data_ptr();
+  p.act = act_t.data_ptr();
+  p.out = out.data_ptr();
+  p.grad_scales = grad_t_scales.data_ptr<float>();
+  p.act_scales = act_t_scales.data_ptr<float>();
+  p.expert_offsets = padded_offsets.data_ptr<int32_t>();
+  p.error_flag = device_error_flag();
+  p.m_total = capacity;
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.num_experts = static_cast<int>(num_experts);
+  p.device = grad_t.get_device();
+  if (out_dtype == at::kFloat) {
+    run_config(op, "fp8_wgrad_fp32_out", p, grad_t, &fp8_wgrad_fp32_out_workspace_bytes, &fp8_wgrad_fp32_out_run);
+  } else {
+    run_config(op, "fp8_wgrad_bf16_out", p, grad_t, &fp8_wgrad_bf16_out_workspace_bytes, &fp8_wgrad_bf16_out_run);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("grouped_gemm", &grouped_gemm);
   m.impl("grouped_gemm_out", &grouped_gemm_out);
+  m.impl("grouped_gemm_dgrad", &grouped_gemm_dgrad);
+  m.impl("grouped_gemm_wgrad", &grouped_gemm_wgrad);
+  m.impl("grouped_gemm_wgrad_fp8", &grouped_gemm_wgrad_fp8);
 }
 
 }  // namespace gemm

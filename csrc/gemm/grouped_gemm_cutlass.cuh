@@ -1,12 +1,14 @@
-// CUTLASS 3.x Hopper grouped ("pointer-array") GEMM for MoE experts, with every per-expert argument
+// CUTLASS 3.x Hopper grouped ("pointer-array") GEMMs for MoE experts, with every per-expert argument
 // written on the device from expert_offsets: no host sync, CUDA-graph capturable.
 //
-//   out[rows of e] = a[rows of e] @ b[e]^T,  rows of e = [offsets[e], offsets[e+1])
-//   a: [M, K] row-major (K contiguous), b: [E, N, K] (K contiguous), out: [M, N] bf16 row-major.
-//   FP8: e4m3 operands with fp32 scales, a 1x128 ([M, K/128], K-major), b 128x128
-//   ([E, N/128, K/128], K-major), applied to the fp32 accumulators after every 128 of K.
+//   Forward: out[rows of e] = a[rows of e] @ b[e]^T,  rows of e = [offsets[e], offsets[e+1])
+//     a: [M, K] row-major (K contiguous), b: [E, N, K] (K contiguous), out: [M, N] bf16 row-major.
+//     FP8: e4m3 operands with fp32 scales, a 1x128 ([M, K/128], K-major), b 128x128
+//     ([E, N/128, K/128], K-major), applied to the fp32 accumulators after every 128 of K.
+//   Dgrad (BF16): the same with b [E, K, N] read untransposed (grad_a = grad_out @ w[e]).
+//   Wgrad: grouped along the reduction, out[e] = grad[rows of e]^T @ act[rows of e] (WgradProblem).
 //
-// Each config (tile, cluster, schedule) is instantiated in its own .cu so they build in parallel.
+// Each (config, kind) is instantiated in its own .cu so they build in parallel.
 // Framework-free: raw pointers and sizes in, cutlass::Status out.
 #pragma once
 
@@ -81,17 +83,67 @@ struct Bf16Pingpong64x128 {
   static constexpr bool kBlockwise = false;
 };
 
-template <class Config>
+// What a GEMM computes: its operands' layouts (in CUTLASS's M x K / N x K terms), its output type, the
+// problem it is given and the scales' granularity along N (1 row per scale for A, always).
+struct Forward {  // a [M, K] and b[e] [N, K], both K contiguous; 128x128 weight blocks
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using ElementD = cutlass::bfloat16_t;
+  using Problem = GroupedGemmProblem;
+  static constexpr int kScaleN = 128;
+  static constexpr GMMA::Major kScaleMajor = GMMA::Major::K;
+  static constexpr bool kWgrad = false;
+};
+
+struct Dgrad {  // b[e] [K, N] read as the B operand N x K with N contiguous (BF16 only)
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::RowMajor;
+  using ElementD = cutlass::bfloat16_t;
+  using Problem = GroupedGemmProblem;
+  static constexpr int kScaleN = 128;
+  static constexpr GMMA::Major kScaleMajor = GMMA::Major::K;
+  static constexpr bool kWgrad = false;
+};
+
+// BF16 wgrad: A = grad[rows]^T (N x rows, N contiguous), B = act[rows] (K x rows, K contiguous).
+template <class D>
+struct WgradBf16 {
+  using LayoutA = cutlass::layout::ColumnMajor;
+  using LayoutB = cutlass::layout::RowMajor;
+  using ElementD = D;
+  using Problem = WgradProblem;
+  static constexpr int kScaleN = 128;
+  static constexpr GMMA::Major kScaleMajor = GMMA::Major::K;
+  static constexpr bool kWgrad = true;
+};
+
+// FP8 wgrad: both operands transposed per expert (reduction contiguous, as FP8 wgmma needs), each
+// row with its own scale per 128 of the reduction; scales stored [R/128, rows] (MN-major), which
+// is what the transposing quantiser writes with coalesced stores and the mainloop loads in lines.
+template <class D>
+struct WgradFp8 {
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using ElementD = D;
+  using Problem = WgradProblem;
+  static constexpr int kScaleN = 1;
+  static constexpr GMMA::Major kScaleMajor = GMMA::Major::MN;
+  static constexpr bool kWgrad = true;
+};
+
+template <class Config, class Kind = Forward>
 struct GroupedGemm {
   using Element = typename Config::Element;
-  using ElementD = cutlass::bfloat16_t;
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutB = cutlass::layout::ColumnMajor;  // [N, K] with K contiguous
+  using ElementD = typename Kind::ElementD;
+  using LayoutA = typename Kind::LayoutA;
+  using LayoutB = typename Kind::LayoutB;
   using LayoutD = cutlass::layout::RowMajor;
+  using Problem = typename Kind::Problem;
   static constexpr int kAlignment = 16 / sizeof(Element);
   static constexpr int kAlignmentD = 16 / sizeof(ElementD);
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
-  using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, GMMA::Major::K, GMMA::Major::K>;
+  using ScaleConfig =
+      cutlass::detail::Sm90BlockwiseScaleConfig<1, Kind::kScaleN, 128, Kind::kScaleMajor, Kind::kScaleMajor>;
   using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
   using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
 
@@ -162,7 +214,7 @@ struct GroupedGemm {
     return d;
   }
 
-  static typename Gemm::Arguments arguments(const GroupedGemmProblem& p, const DeviceArgs& d, int sm_count) {
+  static typename Gemm::Arguments arguments(const Problem& p, const DeviceArgs& d, int sm_count) {
     cutlass::KernelHardwareInfo hw_info;
     hw_info.device_id = p.device;
     hw_info.sm_count = sm_count;
@@ -184,12 +236,12 @@ struct GroupedGemm {
   }
 
   // Bytes of device workspace run() needs: the argument arrays plus CUTLASS's own (TMA descriptors).
-  static size_t workspace_bytes(const GroupedGemmProblem& p, int sm_count) {
+  static size_t workspace_bytes(const Problem& p, int sm_count) {
     const DeviceArgs none{};
     return args_bytes(p.num_experts) + 256 + Gemm::get_workspace_size(arguments(p, none, sm_count));
   }
 
-  static cudaError_t run(const GroupedGemmProblem& p, void* workspace, int sm_count, cudaStream_t stream);
+  static cudaError_t run(const Problem& p, void* workspace, int sm_count, cudaStream_t stream);
 };
 
 // Fills the per-expert arrays from the offsets. Offsets are clamped into [0, M] and made
@@ -223,12 +275,78 @@ __global__ void setup_grouped_args(GroupedGemmProblem p, typename G::DeviceArgs 
   }
 }
 
-template <class Config>
-cudaError_t GroupedGemm<Config>::run(const GroupedGemmProblem& p, void* workspace, int sm_count,
-                                     cudaStream_t stream) {
+// The wgrad's per-expert arguments. Offsets are clamped and reported as in setup_grouped_args. An
+// expert without rows gets an empty problem (no tiles) and zeros from zero_empty_experts.
+template <class G>
+__global__ void setup_wgrad_args(WgradProblem p, typename G::DeviceArgs d) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= p.num_experts) {
+    return;
+  }
+  const int64_t first = p.expert_offsets[e], last = p.expert_offsets[e + 1];
+  if (first < 0 || last < first || last > p.m_total) {
+    report_device_error(p.error_flag, kGroupedGemmBadOffsets);
+  }
+  const int64_t lo = min(max(first, int64_t(0)), p.m_total);
+  const int64_t hi = min(max(last, lo), p.m_total);
+  const int rows = static_cast<int>(hi - lo), n = p.n, k = p.k;
+  // No tiles for an empty expert; its reduction length stays positive for the descriptors' sake.
+  d.problem_sizes[e] = {rows > 0 ? n : 0, k, rows > 0 ? rows : 128};
+  d.ptr_d[e] = static_cast<typename G::ElementD*>(p.out) + int64_t(e) * n * k;
+  d.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, {n, k, 1});
+  const auto* grad = static_cast<const typename G::Element*>(p.grad);
+  const auto* act = static_cast<const typename G::Element*>(p.act);
+  if (p.grad_scales == nullptr) {  // BF16: the forward's row-major rows, read transposed
+    d.ptr_a[e] = grad + lo * n;
+    d.ptr_b[e] = act + lo * k;
+    d.stride_a[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {n, rows, 1});
+    d.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {k, rows, 1});
+    return;
+  }
+  // FP8: expert e's compact blocks [n, rows] and [k, rows], scales [rows / 128, n] and [rows / 128, k].
+  if (rows % 128 != 0) {
+    report_device_error(p.error_flag, kGroupedGemmBadOffsets);
+    d.problem_sizes[e] = {0, k, 128};
+  }
+  d.ptr_a[e] = grad + lo * n;
+  d.ptr_b[e] = act + lo * k;
+  d.stride_a[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, {n, rows, 1});
+  d.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, {k, rows, 1});
+  d.ptr_sfa[e] = p.grad_scales + lo / 128 * n;
+  d.ptr_sfb[e] = p.act_scales + lo / 128 * k;
+  d.layout_sfa[e] = G::ScaleConfig::tile_atom_to_shape_SFA(make_shape(n, k, rows, 1));
+  d.layout_sfb[e] = G::ScaleConfig::tile_atom_to_shape_SFB(make_shape(n, k, rows, 1));
+}
+
+// Zeros the gradient of every expert without rows (the GEMM gives such an expert no tiles).
+template <class T>
+__global__ void zero_empty_experts(WgradProblem p) {
+  const int e = blockIdx.y;
+  const int32_t first = p.expert_offsets[e], last = p.expert_offsets[e + 1];
+  if (last > first && first >= 0 && last <= p.m_total) {
+    return;
+  }
+  const int64_t size = int64_t(p.n) * p.k;  // a multiple of 128 * 128: whole 16-byte vectors
+  constexpr int kVec = 16 / sizeof(T);
+  uint4* out = reinterpret_cast<uint4*>(static_cast<T*>(p.out) + e * size);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < size / kVec;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <class Config, class Kind>
+cudaError_t GroupedGemm<Config, Kind>::run(const Problem& p, void* workspace, int sm_count,
+                                           cudaStream_t stream) {
   char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(workspace) + 255) / 256 * 256);
   const DeviceArgs d = carve(base, p.num_experts);
-  setup_grouped_args<GroupedGemm<Config>><<<(p.num_experts + 127) / 128, 128, 0, stream>>>(p, d);
+  const int setup_blocks = (p.num_experts + 127) / 128;
+  if constexpr (Kind::kWgrad) {
+    setup_wgrad_args<GroupedGemm><<<setup_blocks, 128, 0, stream>>>(p, d);
+    zero_empty_experts<ElementD><<<dim3(16, p.num_experts), 256, 0, stream>>>(p);
+  } else {
+    setup_grouped_args<GroupedGemm><<<setup_blocks, 128, 0, stream>>>(p, d);
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     return err;

@@ -14,7 +14,9 @@ What runs where:
   weights directly (transformers' own FP8 math needs a kernel downloaded from the Hub).
 - Anything the kernels do not compute exactly (a layout, bias or activation they lack, a dtype other
   than bf16, a GPU other than Hopper) keeps transformers' implementation, with one warning that
-  names it. So does a call whose input requires grad, until the grouped GEMMs get a backward.
+  names it.
+- Training: bf16 experts train end to end (dgrad and wgrad grouped GEMMs, the SwiGLU backward, the
+  router's and the combine's gradients); FP8 experts are frozen and pass their input's gradient.
 """
 
 import warnings
@@ -75,15 +77,6 @@ def _call_reason(experts: nn.Module, kind: str, hidden_states: torch.Tensor) -> 
         return f"{type(experts).__name__}: activations are {hidden_states.dtype}, the kernels take bfloat16"
     if not _kernels_run_on(hidden_states.device):
         return f"{type(experts).__name__}: device {hidden_states.device} is not a Hopper GPU (sm_90)"
-    if torch.is_grad_enabled():
-        weights_train = kind == "bf16" and (
-            experts.gate_up_proj.requires_grad or experts.down_proj.requires_grad
-        )
-        if hidden_states.requires_grad or weights_train:
-            return (
-                f"{type(experts).__name__}: a gradient is needed and the grouped GEMMs have no backward yet "
-                "(run inference under torch.no_grad() or torch.inference_mode())"
-            )
     return None
 
 

@@ -3,6 +3,7 @@
 import torch
 
 from moe_kernels._checks import FP8
+from moe_kernels.layers.fp8_training import fp8_routed_expert_mlp
 from moe_kernels.ops.grouped_gemm import grouped_gemm, silu_mul
 from moe_kernels.ops.permute import permute
 
@@ -28,6 +29,7 @@ def expert_mlp(
             w_*_scales in 128x128 blocks (DeepSeek-V3 FP8 checkpoints' weight + weight_scale_inv).
     Returns:
         bf16 [M, H]; rows outside the experts are unspecified. Matches ``reference.expert_mlp``.
+    BF16 is differentiable (x and both weights). FP8 training: ``layers.fp8_training.fp8_expert_mlp``.
     """
     fp8 = x.dtype == FP8
     h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
@@ -48,7 +50,20 @@ def routed_expert_mlp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens to expert outputs: permute (quantised 1x128 in the same pass when the weights are
     FP8), then expert_mlp. Returns (y bf16 [R, H] in permuted order, row_map int32 [T, K]), what
-    ``unpermute`` combines. Ids of experts outside [0, num_local_experts) are dropped (permute)."""
+    ``unpermute`` combines. Ids of experts outside [0, num_local_experts) are dropped (permute).
+    Differentiable in x (and bf16 weights); x's gradient through FP8 weights uses the FP8 recipe's
+    backward (``fp8_training``)."""
+    if w_gate_up.dtype == FP8 and torch.is_grad_enabled() and x.requires_grad:
+        return fp8_routed_expert_mlp(
+            x,
+            expert_ids,
+            num_experts,
+            w_gate_up,
+            w_down,
+            w_gate_up_scales=w_gate_up_scales,
+            w_down_scales=w_down_scales,
+            num_local_experts=num_local_experts,
+        )
     r = permute(
         x, expert_ids, num_experts, quantize=w_gate_up.dtype == FP8, num_local_experts=num_local_experts
     )

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK, check
 from moe_kernels.distributed import all_reduce_counts
 from moe_kernels.layers.expert_mlp import expert_mlp
+from moe_kernels.layers.fp8_training import fp8_routed_expert_mlp, fp8_weight
 from moe_kernels.layers.parts import Experts, FP8SwiGLUMLP, SwiGLUMLP, TopKGate
 from moe_kernels.layers.transformers_blocks import describe_block, fp32_scales
 from moe_kernels.ops.permute import permute, unpermute
@@ -65,6 +65,10 @@ class MoE(nn.Module):
             ``self.balance_losses`` (a dict) and their sum in ``self.aux_loss``.
         dtype, device: of the parameters (bf16: the only activation dtype of the grouped GEMMs).
         init_std: std of the normal initialisation of every weight (transformers' initializer_range).
+        fp8_training: run the routed experts in FP8 on the bf16 weights, forward and backward
+            (DeepSeek-V3's recipe, ``moe_kernels.layers.fp8_training``): the weights are quantised
+            128x128 once per version (optimiser step), the activations 1x128, the wgrad operands
+            128x1. Without it a training forward runs bf16 GEMMs, forward and backward.
         expert_parallel: a ``moe_kernels.distributed.ExpertParallel`` over the router's E experts:
             this rank then holds only its experts (``expert_parallel.local_experts``, in that order,
             in ``self.experts``); the tokens go to the ranks that hold their experts and come back
@@ -75,9 +79,9 @@ class MoE(nn.Module):
     training forward accumulates in ``routed_counts``. ``quantize_()`` turns the routed experts into
     FP8. ``forward(x [..., H])`` returns x's shape; x is bf16; T = 0 works.
 
-    Gradients: the router, permute, unpermute and balance losses are differentiable; the grouped
-    GEMMs have no backward yet, so while a gradient is needed the bf16 experts run through
-    ``torch._grouped_mm`` (CPU: the reference), with one warning; FP8 experts then raise.
+    Gradients: everything is differentiable (router, permute, grouped GEMMs and SwiGLU, unpermute,
+    balance losses). Frozen FP8 experts (``quantize_()``, FP8 checkpoints) pass gradients to their
+    input and get none. With expert parallelism the bf16 experts train; FP8 there is inference only.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class MoE(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device=None,
         init_std: float = 0.02,
+        fp8_training: bool = False,
         expert_parallel=None,
     ):
         super().__init__()
@@ -118,6 +123,7 @@ class MoE(nn.Module):
         self.router_preset = preset
         self.logits_fp32, self.weights_dtype = logits_fp32, weights_dtype
         self.balance = balance_loss or BalanceLoss()
+        self.fp8_training = fp8_training
         kw = dict(dtype=dtype, device=device)
         self.gate = TopKGate(hidden_size, preset.num_experts, preset.uses_bias, **kw)
         self.expert_parallel = ep
@@ -136,7 +142,6 @@ class MoE(nn.Module):
         self.balance_losses: dict[str, torch.Tensor] = {}
         self.aux_loss: torch.Tensor | None = None
         self._side_streams: dict[int, tuple] = {}  # device index -> (stream, fork event, join event)
-        self._warned_fallback = False
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters(init_std)
 
@@ -306,44 +311,51 @@ class MoE(nn.Module):
             self._record_training_stats(logits, ids, counts, x, seq_offsets)
         if self.weights_dtype is not None:
             weights = weights.to(self.weights_dtype)
-        if needs_grad and self.is_fp8:
-            raise NotImplementedError(
-                "MoE: FP8 experts have no backward yet; run inference under torch.no_grad() or "
-                "torch.inference_mode()"
-            )
         if self.expert_parallel is not None:
-            return self._expert_parallel(tokens, ids, weights, needs_grad, shared).view(x.shape)
+            if needs_grad and self._fp8_compute:
+                raise NotImplementedError(
+                    "MoE: with expert parallelism FP8 experts are inference only (dispatch's FP8 rows carry "
+                    "no gradient); train the bf16 experts, or run under torch.no_grad()"
+                )
+            return self._expert_parallel(tokens, ids, weights, shared).view(x.shape)
         y, row_map = self._routed_experts(tokens, ids, needs_grad)
         out = unpermute(y, row_map, weights, shared_output=self._shared_end(shared, tokens))
         return out.view(x.shape)
 
-    def _routed_experts(self, tokens, ids, needs_grad):
-        """(y, row_map): the tokens' rows permuted (FP8 in the same pass for FP8 experts), then the
-        experts."""
-        r = permute(tokens, ids, self.num_experts, quantize=self.is_fp8)
-        return self._run_experts(r.out, r.out_scales, r.expert_offsets, needs_grad), r.row_map
+    @property
+    def _fp8_compute(self) -> bool:
+        """The routed experts' GEMMs run in FP8 (FP8 weights, or the FP8 training recipe)."""
+        return self.is_fp8 or self.fp8_training
 
-    def _expert_parallel(self, tokens, ids, weights, needs_grad, shared):
+    def _routed_experts(self, tokens, ids, needs_grad):
+        """(y, row_map): the tokens' rows permuted (FP8 in the same pass for FP8 GEMMs), then the
+        experts; bf16 through the differentiable ops, FP8 through the recipe's autograd function
+        when a gradient is needed or the weights are the bf16 masters."""
+        if self.fp8_training or (self.is_fp8 and needs_grad):
+            return fp8_routed_expert_mlp(tokens, ids, self.num_experts, **self.experts.mlp_kwargs())
+        r = permute(tokens, ids, self.num_experts, quantize=self.is_fp8)
+        return self._run_experts(r.out, r.out_scales, r.expert_offsets), r.row_map
+
+    def _expert_parallel(self, tokens, ids, weights, shared):
         """Routed experts spread over the ranks: dispatch, this rank's experts, combine (with the
         shared experts' output, which ran on the side stream meanwhile)."""
         ep = self.expert_parallel
-        sent = ep.dispatch(tokens, ids, weights, quantize=self.is_fp8)
-        y = self._run_experts(sent.out, sent.out_scales, sent.expert_offsets, needs_grad)
+        sent = ep.dispatch(tokens, ids, weights, quantize=self._fp8_compute)
+        y = self._run_experts(sent.out, sent.out_scales, sent.expert_offsets)
         return ep.combine(y, sent.handle, shared_output=self._shared_end(shared, tokens))
 
-    def _run_experts(self, rows, row_scales, offsets, needs_grad):
-        """This layer's experts on rows grouped by expert (our grouped GEMMs, or, while a gradient is
-        needed, the bf16 experts through the differentiable fallback, with one warning)."""
-        if not needs_grad:
-            return expert_mlp(rows, offsets, x_scales=row_scales, **self.experts.mlp_kwargs())
-        if not self._warned_fallback:
-            self._warned_fallback = True
-            warnings.warn(
-                "MoE: the grouped GEMMs have no backward yet; while a gradient is needed the experts run "
-                "through torch._grouped_mm (CPU: the reference). Use torch.no_grad() for inference.",
-                stacklevel=4,
+    def _run_experts(self, rows, row_scales, offsets):
+        """This layer's experts on rows grouped by expert (FP8 rows for FP8 GEMMs)."""
+        kwargs = self.experts.mlp_kwargs()
+        if self.fp8_training and not self.is_fp8:  # the bf16 masters' cached FP8 copies
+            gate_up, down = (fp8_weight(kwargs[name]) for name in ("w_gate_up", "w_down"))
+            kwargs = dict(
+                w_gate_up=gate_up.q,
+                w_down=down.q,
+                w_gate_up_scales=gate_up.scales,
+                w_down_scales=down.scales,
             )
-        return _differentiable_expert_mlp(rows, offsets, self.experts)
+        return expert_mlp(rows, offsets, x_scales=row_scales, **kwargs)
 
     def _record_training_stats(self, logits, ids, counts, x, seq_offsets) -> None:
         if counts is not None:
@@ -421,15 +433,3 @@ def gate_logits(tokens: torch.Tensor, weight: torch.Tensor, fp32: bool) -> torch
         # fp32 logits without writing an fp32 copy of the tokens (only the order of the sum differs).
         return torch.mm(tokens, weight.t(), out_dtype=torch.float32)
     return F.linear(tokens.float(), weight.float())
-
-
-def _differentiable_expert_mlp(x, offsets, experts: Experts) -> torch.Tensor:
-    """The bf16 expert MLP through differentiable torch ops (until the grouped GEMMs get a
-    backward): torch._grouped_mm on CUDA, the fp32 reference on the CPU."""
-    if not x.is_cuda:
-        return reference.expert_mlp(x, offsets, experts.gate_up_proj, experts.down_proj)
-    ends = offsets[1:]
-    h = torch._grouped_mm(x, experts.gate_up_proj.transpose(1, 2), offs=ends)
-    gate, up = h.float().chunk(2, dim=-1)
-    act = (F.silu(gate) * up).to(torch.bfloat16)
-    return torch._grouped_mm(act, experts.down_proj.transpose(1, 2), offs=ends)

@@ -7,6 +7,8 @@ from moe_kernels._checks import (
     FLOAT_DTYPES,
     FP8,
     QUANT_BLOCK,
+    check,
+    check_dim,
     check_dtype,
     check_quantize_fp8_args,
     check_quantize_fp8_weight_args,
@@ -55,6 +57,70 @@ def dequantize_fp8(
         out_dtype: bfloat16, float16 or float32.
     """
     return torch.ops.moe_kernels.dequantize_fp8(q, scales, out_dtype)
+
+
+def quantize_fp8_transposed(
+    x: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    *,
+    x_scales: torch.Tensor | None = None,
+    pow2_scale: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FP8 weight-gradient GEMM's operand: each expert's rows transposed and quantised with one
+    scale per channel and 128 rows (DeepSeek-V3's 128x1 tiles), in one pass.
+
+    Args:
+        x: [M, C] bfloat16, or float8_e4m3fn with its 1x128 ``x_scales`` [M, C/128] (activations the
+            forward cached in FP8: dequantised and requantised in the same kernel). C a multiple of 128.
+        expert_offsets: int32 [E + 1] on x's device: rows of expert e are [offsets[e], offsets[e+1]).
+    Returns:
+        (q, scales, padded_offsets), flat: expert e's rows padded with zeros to R_pad (a multiple of
+        128) form a [C, R_pad] e4m3 block at q[C * padded[e]:], its scales a [R_pad / 128, C] block at
+        scales[C * padded[e] / 128:]; padded_offsets int32 [E + 1] from 0. q holds
+        (M // 128 + E) * 128 * C values (the most padding can take); the tail is unspecified.
+    Bit-exact with ``reference.quantize_fp8_transposed`` (``quantize_fp8``'s rules per group).
+    """
+    return torch.ops.moe_kernels.quantize_fp8_transposed(x, x_scales, expert_offsets, pow2_scale)
+
+
+def _check_transposed_args(x, x_scales, expert_offsets):
+    op = "quantize_fp8_transposed"
+    check_dim(x, 2, op, "x", "[rows, channels]")
+    check_dtype(x, (torch.bfloat16, FP8), op, "x")
+    check(
+        x.shape[1] % QUANT_BLOCK == 0 and x.shape[1] > 0,
+        op,
+        f"x's channels must be a positive multiple of 128, got {x.shape[1]}",
+    )
+    fp8 = x.dtype == FP8
+    check(
+        fp8 == (x_scales is not None),
+        op,
+        "float8_e4m3fn x needs x_scales (1x128)" if fp8 else "bfloat16 x takes no x_scales",
+    )
+    check_dtype(expert_offsets, torch.int32, op, "expert_offsets")
+    check(
+        expert_offsets.dim() == 1 and expert_offsets.shape[0] >= 2,
+        op,
+        f"expert_offsets must be [experts + 1], got shape {list(expert_offsets.shape)}",
+    )
+
+
+@register_fake("quantize_fp8_transposed")
+def _quantize_fp8_transposed_fake(x, x_scales, expert_offsets, pow2_scale):
+    _check_transposed_args(x, x_scales, expert_offsets)
+    capacity = reference.transposed_capacity(x.shape[0], expert_offsets.shape[0] - 1)
+    return (
+        x.new_empty((capacity * x.shape[1],), dtype=FP8),
+        x.new_empty((capacity // QUANT_BLOCK * x.shape[1],), dtype=torch.float32),
+        expert_offsets.new_empty(expert_offsets.shape),
+    )
+
+
+@register_cpu("quantize_fp8_transposed")
+def _quantize_fp8_transposed_cpu(x, x_scales, expert_offsets, pow2_scale):
+    _check_transposed_args(x, x_scales, expert_offsets)
+    return reference.quantize_fp8_transposed(x, expert_offsets, x_scales, pow2_scale)
 
 
 register_cpu("quantize_fp8")(reference.quantize_fp8)
