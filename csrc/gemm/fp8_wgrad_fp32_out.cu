@@ -1,16 +1,4 @@
-// One CUTLASS instantiation per translation unit (they compile in parallel): GroupedGemm<Fp8Cooperative128x128, WgradFp8<float>>.
+// One CUTLASS instantiation per translation unit (they compile in parallel).
 #include "gemm/grouped_gemm_cutlass.cuh"
 
-namespace moe_kernels {
-namespace gemm {
-
-size_t fp8_wgrad_fp32_out_workspace_bytes(const WgradProblem& p, int sm_count) {
-  return GroupedGemm<Fp8Cooperative128x128, WgradFp8<float>>::workspace_bytes(p, sm_count);
-}
-
-cudaError_t fp8_wgrad_fp32_out_run(const WgradProblem& p, void* workspace, int sm_count, cudaStream_t stream) {
-  return GroupedGemm<Fp8Cooperative128x128, WgradFp8<float>>::run(p, workspace, sm_count, stream);
-}
-
-}  // namespace gemm
-}  // namespace moe_kernels
+MOE_DEFINE_GEMM_CONFIG(fp8_wgrad_fp32_out, WgradProblem, GroupedGemm<Fp8Cooperative128x128, WgradFp8<float>>)

@@ -20,6 +20,7 @@ struct GemmConfig {
 };
 
 #define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
+#define MOE_GEMM_CONFIG_OF(name) {#name, &name##_workspace_bytes, &name##_run}
 constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
@@ -30,7 +31,18 @@ constexpr GemmConfig kDgradConfigs[] = {
     MOE_GEMM_CONFIG(bf16_dgrad_pingpong_64x128, false),
     MOE_GEMM_CONFIG(bf16_dgrad_cooperative_128x256, false),
 };
+// The wgrad's configurations, by operand type and output type.
+struct WgradConfig {
+  const char* name;
+  size_t (*workspace_bytes)(const WgradProblem&, int);
+  cudaError_t (*run)(const WgradProblem&, void*, int, cudaStream_t);
+};
+constexpr WgradConfig kWgradConfigs[2][2] = {  // [fp8][fp32 out]
+    {MOE_GEMM_CONFIG_OF(bf16_wgrad_bf16_out), MOE_GEMM_CONFIG_OF(bf16_wgrad_fp32_out)},
+    {MOE_GEMM_CONFIG_OF(fp8_wgrad_bf16_out), MOE_GEMM_CONFIG_OF(fp8_wgrad_fp32_out)},
+};
 #undef MOE_GEMM_CONFIG
+#undef MOE_GEMM_CONFIG_OF
 
 const GemmConfig& config_named(c10::string_view name) {
   for (const GemmConfig& c : kConfigs) {
@@ -201,11 +213,21 @@ at::Tensor grouped_gemm_dgrad(const at::Tensor& grad_out, const at::Tensor& b, c
   return out;
 }
 
-at::Tensor wgrad_output(int64_t num_experts, int64_t n, int64_t k, at::ScalarType out_dtype,
-                        const at::Tensor& like, const char* op) {
+// Allocates the wgrad's [E, N, K] output and runs the configuration for its operand and output
+// types (an all-empty problem just zeros the output).
+at::Tensor run_wgrad(const char* op, WgradProblem p, const at::Tensor& like, bool fp8, at::ScalarType out_dtype) {
   MK_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kFloat, op,
            "out_dtype must be bfloat16 or float32, got ", out_dtype);
-  return at::empty({num_experts, n, k}, like.options().dtype(out_dtype));
+  at::Tensor out = at::empty({p.num_experts, p.n, p.k}, like.options().dtype(out_dtype));
+  if (p.m_total == 0) {
+    return out.zero_();
+  }
+  p.out = out.data_ptr();
+  p.error_flag = device_error_flag();
+  p.device = like.get_device();
+  const WgradConfig& cfg = kWgradConfigs[fp8][out_dtype == at::kFloat];
+  run_config(op, cfg.name, p, like, cfg.workspace_bytes, cfg.run);
+  return out;
 }
 
 // grad_b [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (BF16 operands, fp32 accumulation).
@@ -229,29 +251,15 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& grad_out, const at::Tensor& a, c
   check_offsets(expert_offsets, num_experts, grad_out, op);
   check_hopper(grad_out, op);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  at::Tensor out = wgrad_output(num_experts, n, k, out_dtype, grad_out, op);
-  if (m == 0) {
-    return out.zero_();
-  }
   WgradProblem p{};
   p.grad = grad_out.data_ptr();
   p.act = a.data_ptr();
-  p.out = out.data_ptr();
   p.expert_offsets = expert_offsets.data_ptr<int32_t>();
-  p.error_flag = device_error_flag();
   p.m_total = m;
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   p.num_experts = static_cast<int>(num_experts);
-  p.device = grad_out.get_device();
-  if (out_dtype == at::kFloat) {
-    run_config(op, "bf16_wgrad_fp32_out", p, grad_out, &bf16_wgrad_fp32_out_workspace_bytes,
-               &bf16_wgrad_fp32_out_run);
-  } else {
-    run_config(op, "bf16_wgrad_bf16_out", p, grad_out, &bf16_wgrad_bf16_out_workspace_bytes,
-               &bf16_wgrad_bf16_out_run);
-  }
-  return out;
+  return run_wgrad(op, p, grad_out, /*fp8=*/false, out_dtype);
 }
 
 // The FP8 wgrad on operands from quantize_fp8_transposed (grad_t of grad_out [M, N], act_t of the
@@ -290,29 +298,17 @@ at::Tensor grouped_gemm_wgrad_fp8(const at::Tensor& grad_t, const at::Tensor& gr
   check_offsets(padded_offsets, num_experts, grad_t, op);
   check_hopper(grad_t, op);
   const c10::cuda::CUDAGuard guard(grad_t.device());
-  at::Tensor out = wgrad_output(num_experts, n, k, out_dtype, grad_t, op);
-  if (capacity == 0) {
-    return out.zero_();
-  }
   WgradProblem p{};
   p.grad = grad_t.data_ptr();
   p.act = act_t.data_ptr();
-  p.out = out.data_ptr();
   p.grad_scales = grad_t_scales.data_ptr<float>();
   p.act_scales = act_t_scales.data_ptr<float>();
   p.expert_offsets = padded_offsets.data_ptr<int32_t>();
-  p.error_flag = device_error_flag();
   p.m_total = capacity;
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   p.num_experts = static_cast<int>(num_experts);
-  p.device = grad_t.get_device();
-  if (out_dtype == at::kFloat) {
-    run_config(op, "fp8_wgrad_fp32_out", p, grad_t, &fp8_wgrad_fp32_out_workspace_bytes, &fp8_wgrad_fp32_out_run);
-  } else {
-    run_config(op, "fp8_wgrad_bf16_out", p, grad_t, &fp8_wgrad_bf16_out_workspace_bytes, &fp8_wgrad_bf16_out_run);
-  }
-  return out;
+  return run_wgrad(op, p, grad_t, /*fp8=*/true, out_dtype);
 }
 
 }  // namespace

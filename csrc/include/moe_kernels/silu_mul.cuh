@@ -34,86 +34,28 @@ __device__ __forceinline__ float silu(float x) {
   return x / (1.0f + expf(-x));
 }
 
-__global__ void __launch_bounds__(kSiluThreads) silu_mul_kernel(const SiluMulParams p) {
-  const int64_t groups_per_row = p.intermediate / kQuantBlock;
-  const int64_t g = blockIdx.x * int64_t(kSiluGroupsPerBlock) + threadIdx.x / kSiluThreadsPerGroup;
-  const int lane_in_group = threadIdx.x % kSiluThreadsPerGroup;
-  const int64_t row = g / groups_per_row;
-  int64_t first_row = 0, end_row = p.rows;
-  if (p.expert_offsets != nullptr) {
-    first_row = max(int64_t(p.expert_offsets[0]), int64_t(0));
-    end_row = min(int64_t(p.expert_offsets[p.num_experts]), p.rows);
+// Whether `row` lies in [offsets[0], offsets[E]) (every row when there are no offsets): the rest of a
+// permuted buffer holds no pair.
+__device__ __forceinline__ bool row_in_experts(int64_t row, const int32_t* offsets, int num_experts, int64_t rows) {
+  if (offsets == nullptr) {
+    return row < rows;
   }
-  // Groups of a row stay within 16 aligned lanes, so a skipped row skips whole shuffle groups.
-  if (row < first_row || row >= end_row) {
-    return;
-  }
-  const int64_t col = (g % groups_per_row) * kQuantBlock + lane_in_group * kSiluVec;
-  const __nv_bfloat16* h_row = p.h + row * 2 * p.intermediate;
-  const Vec16<__nv_bfloat16> gate = *reinterpret_cast<const Vec16<__nv_bfloat16>*>(h_row + col);
-  const Vec16<__nv_bfloat16> up =
-      *reinterpret_cast<const Vec16<__nv_bfloat16>*>(h_row + p.intermediate + col);
-  float act[kSiluVec];
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kSiluVec; ++i) {
-    act[i] = silu(to_float(gate.v[i])) * to_float(up.v[i]);
-    amax = fmaxf(amax, finite_abs(act[i]));
-  }
-  const int64_t out_offset = row * p.intermediate + col;
-  if (p.out_fp8 == nullptr) {
-    Vec16<__nv_bfloat16> out;
-#pragma unroll
-    for (int i = 0; i < kSiluVec; ++i) {
-      out.v[i] = from_float<__nv_bfloat16>(act[i]);
-    }
-    *reinterpret_cast<Vec16<__nv_bfloat16>*>(p.out_bf16 + out_offset) = out;
-    return;
-  }
-  // The 16 lanes of a group share a row and reach this together; the other half of the warp may
-  // hold a skipped row, so the shuffle names only this half.
-  const unsigned half = 0xffffu << (threadIdx.x & 16);
-#pragma unroll
-  for (int offset = kSiluThreadsPerGroup / 2; offset > 0; offset /= 2) {
-    amax = fmaxf(amax, __shfl_xor_sync(half, amax, offset, kSiluThreadsPerGroup));
-  }
-  const float scale = fp8_scale(amax, p.pow2_scale);
-  const float inv_scale = fp8_inverse_scale(scale);
-  __align__(8) __nv_fp8x2_storage_t q[kSiluVec / 2];
-#pragma unroll
-  for (int i = 0; i < kSiluVec / 2; ++i) {
-    q[i] = quantize_pair(act[2 * i], act[2 * i + 1], inv_scale);
-  }
-  *reinterpret_cast<uint2*>(p.out_fp8 + out_offset) = *reinterpret_cast<uint2*>(q);
-  if (lane_in_group == 0) {
-    p.out_scales[g] = scale;
-  }
+  return row >= max(int64_t(offsets[0]), int64_t(0)) && row < min(int64_t(offsets[num_experts]), rows);
 }
 
-inline cudaError_t launch_silu_mul(const SiluMulParams& p, cudaStream_t stream) {
-  const int64_t groups = p.rows * (p.intermediate / kQuantBlock);
-  if (groups == 0) {
-    return cudaSuccess;
+template <int N>
+__device__ __forceinline__ void store_bf16(const float (&v)[N], __nv_bfloat16* out) {
+  Vec16<__nv_bfloat16> o;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    o.v[i] = from_float<__nv_bfloat16>(v[i]);
   }
-  silu_mul_kernel<<<(groups + kSiluGroupsPerBlock - 1) / kSiluGroupsPerBlock, kSiluThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  *reinterpret_cast<Vec16<__nv_bfloat16>*>(out) = o;
 }
 
-struct SiluMulBackwardParams {
-  const __nv_bfloat16* h;         // [M, 2I]
-  const __nv_bfloat16* grad_act;  // [M, I]
-  const int32_t* expert_offsets;  // [E + 1] or nullptr (all rows)
-  int num_experts;
-  int64_t rows;
-  int intermediate;                // I
-  __nv_bfloat16* grad_h;           // [M, 2I]
-  __nv_bfloat16* act;              // [M, I] or nullptr
-  __nv_fp8_storage_t* grad_h_fp8;  // [M, 2I] or nullptr
-  float* grad_h_scales;            // [M, 2I / 128] or nullptr
-  bool pow2_scale;
-};
-
-// 16 lanes quantise their 8 values of one 128-channel group (see silu_mul_kernel's shuffle).
+// 16 lanes quantise their 8 values of one 128-channel group: the lanes of a group share a row and
+// reach this together; the other half of the warp may hold a skipped row, so the shuffle names only
+// this half (`half`).
 __device__ __forceinline__ void quantize_group(const float (&v)[kSiluVec], const unsigned half,
                                                bool pow2_scale, __nv_fp8_storage_t* out, float* scale_out,
                                                bool writes_scale) {
@@ -139,15 +81,56 @@ __device__ __forceinline__ void quantize_group(const float (&v)[kSiluVec], const
   }
 }
 
-template <int N>
-__device__ __forceinline__ void store_bf16(const float (&v)[N], __nv_bfloat16* out) {
-  Vec16<__nv_bfloat16> o;
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    o.v[i] = from_float<__nv_bfloat16>(v[i]);
+__global__ void __launch_bounds__(kSiluThreads) silu_mul_kernel(const SiluMulParams p) {
+  const int64_t groups_per_row = p.intermediate / kQuantBlock;
+  const int64_t g = blockIdx.x * int64_t(kSiluGroupsPerBlock) + threadIdx.x / kSiluThreadsPerGroup;
+  const int lane_in_group = threadIdx.x % kSiluThreadsPerGroup;
+  const int64_t row = g / groups_per_row;
+  // Groups of a row stay within 16 aligned lanes, so a skipped row skips whole shuffle groups.
+  if (!row_in_experts(row, p.expert_offsets, p.num_experts, p.rows)) {
+    return;
   }
-  *reinterpret_cast<Vec16<__nv_bfloat16>*>(out) = o;
+  const int64_t col = (g % groups_per_row) * kQuantBlock + lane_in_group * kSiluVec;
+  const __nv_bfloat16* h_row = p.h + row * 2 * p.intermediate;
+  const Vec16<__nv_bfloat16> gate = *reinterpret_cast<const Vec16<__nv_bfloat16>*>(h_row + col);
+  const Vec16<__nv_bfloat16> up =
+      *reinterpret_cast<const Vec16<__nv_bfloat16>*>(h_row + p.intermediate + col);
+  float act[kSiluVec];
+#pragma unroll
+  for (int i = 0; i < kSiluVec; ++i) {
+    act[i] = silu(to_float(gate.v[i])) * to_float(up.v[i]);
+  }
+  const int64_t out_offset = row * p.intermediate + col;
+  if (p.out_fp8 == nullptr) {
+    store_bf16(act, p.out_bf16 + out_offset);
+    return;
+  }
+  quantize_group(act, 0xffffu << (threadIdx.x & 16), p.pow2_scale, p.out_fp8 + out_offset, p.out_scales + g,
+                 lane_in_group == 0);
 }
+
+inline cudaError_t launch_silu_mul(const SiluMulParams& p, cudaStream_t stream) {
+  const int64_t groups = p.rows * (p.intermediate / kQuantBlock);
+  if (groups == 0) {
+    return cudaSuccess;
+  }
+  silu_mul_kernel<<<(groups + kSiluGroupsPerBlock - 1) / kSiluGroupsPerBlock, kSiluThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+struct SiluMulBackwardParams {
+  const __nv_bfloat16* h;         // [M, 2I]
+  const __nv_bfloat16* grad_act;  // [M, I]
+  const int32_t* expert_offsets;  // [E + 1] or nullptr (all rows)
+  int num_experts;
+  int64_t rows;
+  int intermediate;                // I
+  __nv_bfloat16* grad_h;           // [M, 2I]
+  __nv_bfloat16* act;              // [M, I] or nullptr
+  __nv_fp8_storage_t* grad_h_fp8;  // [M, 2I] or nullptr
+  float* grad_h_scales;            // [M, 2I / 128] or nullptr
+  bool pow2_scale;
+};
 
 // d act / d gate = up * s * (1 + gate * (1 - s)) with s = sigmoid(gate); d act / d up = SiLU(gate).
 __global__ void __launch_bounds__(kSiluThreads) silu_mul_backward_kernel(const SiluMulBackwardParams p) {
@@ -155,12 +138,7 @@ __global__ void __launch_bounds__(kSiluThreads) silu_mul_backward_kernel(const S
   const int64_t g = blockIdx.x * int64_t(kSiluGroupsPerBlock) + threadIdx.x / kSiluThreadsPerGroup;
   const int lane_in_group = threadIdx.x % kSiluThreadsPerGroup;
   const int64_t row = g / groups_per_row;
-  int64_t first_row = 0, end_row = p.rows;
-  if (p.expert_offsets != nullptr) {
-    first_row = max(int64_t(p.expert_offsets[0]), int64_t(0));
-    end_row = min(int64_t(p.expert_offsets[p.num_experts]), p.rows);
-  }
-  if (row < first_row || row >= end_row) {
+  if (!row_in_experts(row, p.expert_offsets, p.num_experts, p.rows)) {
     return;
   }
   const int64_t group_in_row = g % groups_per_row;
@@ -188,7 +166,7 @@ __global__ void __launch_bounds__(kSiluThreads) silu_mul_backward_kernel(const S
     store_bf16(act, p.act + row * p.intermediate + col);
   }
   if (p.grad_h_fp8 != nullptr) {
-    const unsigned half = 0xffffu << (threadIdx.x & 16);
+    const unsigned half = 0xffffu << (threadIdx.x & 16);  // see quantize_group
     const bool writes_scale = lane_in_group == 0;
     float* scale_row = p.grad_h_scales + row * (2 * groups_per_row);
     quantize_group(grad_gate, half, p.pow2_scale, p.grad_h_fp8 + row * width + col, scale_row + group_in_row,
