@@ -7,7 +7,6 @@ autograd. One GPU: each kernel against its reference; the loopback matrix; real 
 Two or more GPUs: ExpertParallel over NCCL on every GPU (skipped below 2).
 """
 
-
 import pytest
 import torch
 import torch.distributed as dist
