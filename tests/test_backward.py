@@ -26,9 +26,11 @@ from moe_kernels.ops.quant import quantize_fp8_transposed
 from moe_kernels.testing import BF16_ERROR_FACTOR, FP8_GEMM_CALC_DIFF, calc_diff, rel_error
 
 FP8 = torch.float8_e4m3fn
-# The FP8 recipe's gradients against the fp32 reference: every GEMM operand is e4m3 (~2^-4 relative
-# per value), so a layer gradient lands at a few percent (DeepSeek-V3 reports < 0.25% loss change).
-FP8_GRAD_ERROR = 0.08
+# The FP8 recipe's gradients against the fp32 reference: every GEMM operand is e4m3 (~2.5% RMS
+# relative rounding per value) and a gradient passes two or three such GEMMs: measured 5.5-7%
+# (DeepSeek-V3 reports < 0.25% loss change in training). Against the same recipe run by the CPU
+# references the kernels must agree to FP8_GEMM_CALC_DIFF.
+FP8_GRAD_ERROR = 0.1
 BACKWARD_LOADS = ["balanced_e8", "skewed_e32", "single_expert_e8", "edges_e8", "decode_e256"]
 
 
@@ -383,6 +385,12 @@ def test_expert_mlp_gradients(load, fp8, gen):
         FP8_GRAD_ERROR if fp8 else 2e-2,
         f"{load} {fp8=}",
     )
+    if fp8:  # the same recipe on the CPU references
+        cpu = [t.detach().cpu().requires_grad_() for t in (x, w_gate_up, w_down)]
+        want = torch.autograd.grad(fp8_expert_mlp(cpu[0], offsets.cpu(), cpu[1], cpu[2]), cpu, grad_y.cpu())
+        for name, g, w in zip(("x", "w_gate_up", "w_down"), got, want, strict=True):
+            diff = calc_diff(g.cpu().float(), w.float())
+            assert diff < FP8_GEMM_CALC_DIFF, f"{load} {name}: calc_diff {diff} against the CPU recipe"
 
 
 @requires_sm90
