@@ -62,7 +62,8 @@ TORCH_LIBRARY(moe_kernels, m) {
   // the transposed weight), wgrad grouped along the reduction (BF16, and FP8 on
   // quantize_fp8_transposed's operands), and (grad_h, act, grad_h e4m3, its scales).
   m.def("grouped_gemm_dgrad(Tensor grad_out, Tensor b, Tensor expert_offsets) -> Tensor");
-  m.def("grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor expert_offsets, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor expert_offsets, ScalarType out_dtype) -> Tensor");
   m.def(
       "grouped_gemm_wgrad_fp8(Tensor grad_t, Tensor grad_t_scales, Tensor act_t, Tensor act_t_scales, "
       "Tensor padded_offsets, int n, int k, ScalarType out_dtype) -> Tensor");

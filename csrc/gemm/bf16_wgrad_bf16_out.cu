@@ -1,4 +1,5 @@
 // One CUTLASS instantiation per translation unit (they compile in parallel).
 #include "gemm/grouped_gemm_cutlass.cuh"
 
-MOE_DEFINE_GEMM_CONFIG(bf16_wgrad_bf16_out, WgradProblem, GroupedGemm<Bf16Cooperative128x256, WgradBf16<cutlass::bfloat16_t>>)
+MOE_DEFINE_GEMM_CONFIG(bf16_wgrad_bf16_out, WgradProblem,
+                       GroupedGemm<Bf16Cooperative128x256, WgradBf16<cutlass::bfloat16_t>>)

@@ -1,4 +1,5 @@
 // One CUTLASS instantiation per translation unit (they compile in parallel).
 #include "gemm/grouped_gemm_cutlass.cuh"
 
-MOE_DEFINE_GEMM_CONFIG(bf16_wgrad_fp32_out, WgradProblem, GroupedGemm<Bf16Cooperative128x256, WgradBf16<float>>)
+MOE_DEFINE_GEMM_CONFIG(bf16_wgrad_fp32_out, WgradProblem,
+                       GroupedGemm<Bf16Cooperative128x256, WgradBf16<float>>)

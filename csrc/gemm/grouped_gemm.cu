@@ -37,7 +37,8 @@ struct WgradConfig {
   size_t (*workspace_bytes)(const WgradProblem&, int);
   cudaError_t (*run)(const WgradProblem&, void*, int, cudaStream_t);
 };
-constexpr WgradConfig kWgradConfigs[2][2] = {  // [fp8][fp32 out]
+constexpr WgradConfig kWgradConfigs[2][2] = {
+    // [fp8][fp32 out]
     {MOE_GEMM_CONFIG_OF(bf16_wgrad_bf16_out), MOE_GEMM_CONFIG_OF(bf16_wgrad_fp32_out)},
     {MOE_GEMM_CONFIG_OF(fp8_wgrad_bf16_out), MOE_GEMM_CONFIG_OF(fp8_wgrad_fp32_out)},
 };
@@ -166,16 +167,19 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
   return out;
 }
 
-void check_offsets(const at::Tensor& expert_offsets, int64_t num_experts, const at::Tensor& like, const char* op) {
+void check_offsets(const at::Tensor& expert_offsets, int64_t num_experts, const at::Tensor& like,
+                   const char* op) {
   MK_CHECK_DTYPE(expert_offsets, at::kInt, op, "expert_offsets");
   MK_CHECK(expert_offsets.dim() == 1 && expert_offsets.size(0) == num_experts + 1, op,
-           "expert_offsets must be [experts + 1 = ", num_experts + 1, "], got shape ", shape_str(expert_offsets));
+           "expert_offsets must be [experts + 1 = ", num_experts + 1, "], got shape ",
+           shape_str(expert_offsets));
   MK_CHECK(expert_offsets.is_contiguous(), op, "expert_offsets must be contiguous");
   MK_CHECK_SAME_DEVICE(expert_offsets, like, op, "expert_offsets", "grad_out");
 }
 
 // grad_a [M, K] = grad_out[rows of e] @ b[e] for b [E, N, K] (BF16); rows outside the experts are 0.
-at::Tensor grouped_gemm_dgrad(const at::Tensor& grad_out, const at::Tensor& b, const at::Tensor& expert_offsets) {
+at::Tensor grouped_gemm_dgrad(const at::Tensor& grad_out, const at::Tensor& b,
+                              const at::Tensor& expert_offsets) {
   constexpr const char* op = "grouped_gemm_dgrad";
   MK_CHECK_CUDA_TENSOR(grad_out, op, "grad_out");
   MK_CHECK_DIM(grad_out, 2, op, "grad_out", "[rows, N]");
@@ -215,7 +219,8 @@ at::Tensor grouped_gemm_dgrad(const at::Tensor& grad_out, const at::Tensor& b, c
 
 // Allocates the wgrad's [E, N, K] output and runs the configuration for its operand and output
 // types (an all-empty problem just zeros the output).
-at::Tensor run_wgrad(const char* op, WgradProblem p, const at::Tensor& like, bool fp8, at::ScalarType out_dtype) {
+at::Tensor run_wgrad(const char* op, WgradProblem p, const at::Tensor& like, bool fp8,
+                     at::ScalarType out_dtype) {
   MK_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kFloat, op,
            "out_dtype must be bfloat16 or float32, got ", out_dtype);
   at::Tensor out = at::empty({p.num_experts, p.n, p.k}, like.options().dtype(out_dtype));
@@ -231,8 +236,8 @@ at::Tensor run_wgrad(const char* op, WgradProblem p, const at::Tensor& like, boo
 }
 
 // grad_b [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (BF16 operands, fp32 accumulation).
-at::Tensor grouped_gemm_wgrad(const at::Tensor& grad_out, const at::Tensor& a, const at::Tensor& expert_offsets,
-                              at::ScalarType out_dtype) {
+at::Tensor grouped_gemm_wgrad(const at::Tensor& grad_out, const at::Tensor& a,
+                              const at::Tensor& expert_offsets, at::ScalarType out_dtype) {
   constexpr const char* op = "grouped_gemm_wgrad";
   MK_CHECK_CUDA_TENSOR(grad_out, op, "grad_out");
   MK_CHECK_DIM(grad_out, 2, op, "grad_out", "[rows, N]");
@@ -289,8 +294,8 @@ at::Tensor grouped_gemm_wgrad_fp8(const at::Tensor& grad_t, const at::Tensor& gr
     MK_CHECK(t.dim() == 1 && t.is_contiguous() && t.numel() == capacity * widths[i] && capacity % kBlock == 0,
              op, name, " must be quantize_fp8_transposed's flat output for ", widths[i],
              " channels and the capacity of grad_t, got shape ", shape_str(t));
-    MK_CHECK(s.dim() == 1 && s.is_contiguous() && s.numel() == capacity / kBlock * widths[i], op,
-             scales_name, " must be [", capacity / kBlock * widths[i], "], got shape ", shape_str(s));
+    MK_CHECK(s.dim() == 1 && s.is_contiguous() && s.numel() == capacity / kBlock * widths[i], op, scales_name,
+             " must be [", capacity / kBlock * widths[i], "], got shape ", shape_str(s));
   }
   const int64_t num_experts = padded_offsets.dim() == 1 ? padded_offsets.size(0) - 1 : 0;
   MK_CHECK(num_experts >= 1, op, "padded_offsets must be [experts + 1] with at least one expert, got shape ",

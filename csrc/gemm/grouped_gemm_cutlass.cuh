@@ -366,12 +366,12 @@ cudaError_t GroupedGemm<Config, Kind>::run(const Problem& p, void* workspace, in
 
 // The two entry points of one configuration, declared in moe_kernels/grouped_gemm.h; each
 // csrc/gemm/<name>.cu holds one: MOE_DEFINE_GEMM_CONFIG(name, Problem, GroupedGemm<Config, Kind>).
-#define MOE_DEFINE_GEMM_CONFIG(name, Problem, ...)                                                           \
-  namespace moe_kernels::gemm {                                                                              \
-  size_t name##_workspace_bytes(const Problem& p, int sm_count) {                                            \
-    return __VA_ARGS__::workspace_bytes(p, sm_count);                                                        \
-  }                                                                                                          \
-  cudaError_t name##_run(const Problem& p, void* workspace, int sm_count, cudaStream_t stream) {             \
-    return __VA_ARGS__::run(p, workspace, sm_count, stream);                                                 \
-  }                                                                                                          \
+#define MOE_DEFINE_GEMM_CONFIG(name, Problem, ...)                                               \
+  namespace moe_kernels::gemm {                                                                  \
+  size_t name##_workspace_bytes(const Problem& p, int sm_count) {                                \
+    return __VA_ARGS__::workspace_bytes(p, sm_count);                                            \
+  }                                                                                              \
+  cudaError_t name##_run(const Problem& p, void* workspace, int sm_count, cudaStream_t stream) { \
+    return __VA_ARGS__::run(p, workspace, sm_count, stream);                                     \
+  }                                                                                              \
   }

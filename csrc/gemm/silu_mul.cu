@@ -6,7 +6,8 @@ namespace moe_kernels {
 namespace {
 
 // The checks both directions share: h bf16 [rows, 2I] with I a multiple of 128, optional offsets.
-void check_silu_args(const at::Tensor& h_in, const std::optional<at::Tensor>& expert_offsets, const char* op) {
+void check_silu_args(const at::Tensor& h_in, const std::optional<at::Tensor>& expert_offsets,
+                     const char* op) {
   MK_CHECK_CUDA_TENSOR(h_in, op, "h");
   MK_CHECK_DIM(h_in, 2, op, "h", "[rows, 2 * intermediate]");
   MK_CHECK_DTYPE(h_in, at::kBFloat16, op, "h");

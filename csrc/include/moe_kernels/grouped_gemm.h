@@ -34,12 +34,12 @@ struct GroupedGemmProblem {
 struct WgradProblem {
   const void* grad;
   const void* act;
-  void* out;                       // [E, N, K] row-major, bf16 or fp32
-  const float* grad_scales;        // FP8 only
-  const float* act_scales;         // FP8 only
-  const int32_t* expert_offsets;   // [E + 1] on the device
+  void* out;                      // [E, N, K] row-major, bf16 or fp32
+  const float* grad_scales;       // FP8 only
+  const float* act_scales;        // FP8 only
+  const int32_t* expert_offsets;  // [E + 1] on the device
   int* error_flag;
-  int64_t m_total;                 // rows of grad / act (BF16) or of the padded blocks (FP8)
+  int64_t m_total;  // rows of grad / act (BF16) or of the padded blocks (FP8)
   int n, k, num_experts, device;
 };
 

@@ -27,8 +27,8 @@ struct QuantizeTransposedParams {
   __nv_fp8_storage_t* q;          // capacity * C
   float* scales;                  // capacity / 128 * C
   int* error_flag;
-  int64_t rows;                   // M
-  int channels;                   // C, a multiple of 128
+  int64_t rows;  // M
+  int channels;  // C, a multiple of 128
   int num_experts;
   bool pow2_scale;
 };
@@ -78,8 +78,8 @@ __global__ void padded_offsets_kernel(const QuantizeTransposedParams p) {
 // reduces 64 rows of its column, the halves meet in shared memory, and each thread writes its 64
 // quantised rows as 4 x 16 bytes of the transposed row j.
 template <typename T>
-__global__ void __launch_bounds__(kTransposeThreads) quantize_fp8_transposed_kernel(
-    const QuantizeTransposedParams p) {
+__global__ void __launch_bounds__(kTransposeThreads)
+    quantize_fp8_transposed_kernel(const QuantizeTransposedParams p) {
   constexpr int kPitch = kQuantBlock + 16 / sizeof(T);  // one 16-byte vector of padding per row
   __shared__ __align__(16) T tile[kQuantBlock][kPitch];
   __shared__ float row_scale[kQuantBlock];
@@ -162,7 +162,8 @@ __global__ void __launch_bounds__(kTransposeThreads) quantize_fp8_transposed_ker
     *reinterpret_cast<uint4*>(q_row + half * kHalfRows + chunk * 16) = *reinterpret_cast<uint4*>(out);
   }
   if (half == 0) {
-    p.scales[int64_t(p.channels) * (pad_first / kQuantBlock) + tile_in_expert * p.channels + col0 + j] = scale;
+    p.scales[int64_t(p.channels) * (pad_first / kQuantBlock) + tile_in_expert * p.channels + col0 + j] =
+        scale;
   }
 }
 

@@ -36,7 +36,8 @@ __device__ __forceinline__ float silu(float x) {
 
 // Whether `row` lies in [offsets[0], offsets[E]) (every row when there are no offsets): the rest of a
 // permuted buffer holds no pair.
-__device__ __forceinline__ bool row_in_experts(int64_t row, const int32_t* offsets, int num_experts, int64_t rows) {
+__device__ __forceinline__ bool row_in_experts(int64_t row, const int32_t* offsets, int num_experts,
+                                               int64_t rows) {
   if (offsets == nullptr) {
     return row < rows;
   }
@@ -146,7 +147,8 @@ __global__ void __launch_bounds__(kSiluThreads) silu_mul_backward_kernel(const S
   const int64_t width = 2 * int64_t(p.intermediate);
   const __nv_bfloat16* h_row = p.h + row * width;
   const Vec16<__nv_bfloat16> gate = *reinterpret_cast<const Vec16<__nv_bfloat16>*>(h_row + col);
-  const Vec16<__nv_bfloat16> up = *reinterpret_cast<const Vec16<__nv_bfloat16>*>(h_row + p.intermediate + col);
+  const Vec16<__nv_bfloat16> up =
+      *reinterpret_cast<const Vec16<__nv_bfloat16>*>(h_row + p.intermediate + col);
   const Vec16<__nv_bfloat16> grad =
       *reinterpret_cast<const Vec16<__nv_bfloat16>*>(p.grad_act + row * p.intermediate + col);
   float grad_gate[kSiluVec], grad_up[kSiluVec], act[kSiluVec];
