@@ -9,10 +9,11 @@
    step and not timed here; wgrad = both operands transposed and quantised 128x1, from the bf16
    gradient and the forward's cached e4m3 input, + the FP8 GEMM).
 2. The layer: transformers 5.x's DeepSeek-V3 and Qwen3-30B-A3B blocks (grouped_mm, its fastest
-   experts implementation) against MoE.from_transformers(block) on the same tensors, bf16 and
-   fp8_training=True (FP8 routed experts on the bf16 weights). One step = forward + the gradients
-   of the input and every parameter. The router draws the loads (uneven). Peak memory: the most a
-   step allocates above what was resident before it (FP8 weight copies are reported separately).
+   experts implementation) against MoE.from_transformers(block) on the same tensors, bf16,
+   fp8_training=True (FP8 routed experts on the bf16 weights, BF16 wgrads) and with fp8_wgrad too.
+   One step = forward + the gradients of the input and every parameter. The router draws the loads
+   (uneven). Peak memory: the most a step allocates above what was resident before it (FP8 weight
+   copies are reported separately).
 
 Writes train.json (the GEMMs) and train_layer.json (the layers).
 """
@@ -79,6 +80,12 @@ def gemm_rows(rows, gen):
                     "ours FP8": lambda g=grad_out, q=a_q, s=a_scales, o=offsets: grouped_gemm_wgrad(
                         g, q, o, a_scales=s, fp8=True
                     ),
+                    "ours bf16 pingpong": lambda g=grad_out, a=a, o=offsets: grouped_gemm_wgrad(
+                        g, a, o, config="pingpong"
+                    ),
+                    "ours FP8 pingpong": lambda g=grad_out, q=a_q, s=a_scales, o=offsets: grouped_gemm_wgrad(
+                        g, q, o, a_scales=s, fp8=True, config="pingpong"
+                    ),
                 },
             }
             (want_a,) = impls["dgrad"]["torch"]()
@@ -87,7 +94,7 @@ def gemm_rows(rows, gen):
             flops = 2.0 * EP8_ROWS * n * k
             for kind, fns in impls.items():
                 times = {name: time_cuda_us(fn, warmup=3, reps=20) for name, fn in fns.items()}
-                for name in ("ours bf16", "ours FP8"):
+                for name in (n for n in fns if n != "torch"):
                     rows.append(
                         {
                             "case": f"EP8 {gemm} {kind}",
@@ -162,15 +169,19 @@ def layer_rows(rows):
         ours_bf16 = MoE.from_transformers(block).train()
         ours_fp8 = MoE.from_transformers(block).train()
         ours_fp8.fp8_training = True
+        ours_fp8_wgrad = MoE.from_transformers(block).train()
+        ours_fp8_wgrad.fp8_training = ours_fp8_wgrad.fp8_wgrad = True
         impls = {
             "transformers grouped_mm": transformers_forward,
             "ours bf16": ours_bf16,
             "ours FP8": ours_fp8,
+            "ours FP8 + FP8 wgrad": ours_fp8_wgrad,
         }
+        ours_names = [name for name in impls if name.startswith("ours")]
         steps = {name: step_fn(fn, x, params, grad_out) for name, fn in impls.items()}
         want = steps["transformers grouped_mm"]()
         errors = {}
-        for name in ("ours bf16", "ours FP8"):
+        for name in ours_names:
             got = steps[name]()
             errors[name] = {
                 "x": rel_error(got[0].float(), want[0].float()),
@@ -196,7 +207,7 @@ def layer_rows(rows):
             lambda weights=weights: [make_fp8_weight(w) for w in weights], warmup=1, reps=3
         )
         base = times["transformers grouped_mm"]
-        for name in ("ours bf16", "ours FP8"):
+        for name in ours_names:
             row = {
                 "layer": family,
                 "T": tokens,
@@ -209,11 +220,11 @@ def layer_rows(rows):
                 "rel err grad x": errors[name]["x"],
                 "rel err grad params": errors[name]["params"],
             }
-            if name == "ours FP8":
+            if name != "ours bf16":
                 row["FP8 weight copies GiB"] = cache_bytes / 2**30
                 row["weight quantisation ms (per step)"] = quantise_us / 1e3
             rows.append(row)
-        del impls, steps, ours_bf16, ours_fp8, cache
+        del impls, steps, ours_bf16, ours_fp8, ours_fp8_wgrad, cache
         torch.cuda.empty_cache()
 
 

@@ -63,10 +63,11 @@ TORCH_LIBRARY(moe_kernels, m) {
   // quantize_fp8_transposed's operands), and (grad_h, act, grad_h e4m3, its scales).
   m.def("grouped_gemm_dgrad(Tensor grad_out, Tensor b, Tensor expert_offsets) -> Tensor");
   m.def(
-      "grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor expert_offsets, ScalarType out_dtype) -> Tensor");
+      "grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor expert_offsets, ScalarType out_dtype, "
+      "str config=\"auto\") -> Tensor");
   m.def(
       "grouped_gemm_wgrad_fp8(Tensor grad_t, Tensor grad_t_scales, Tensor act_t, Tensor act_t_scales, "
-      "Tensor padded_offsets, int n, int k, ScalarType out_dtype) -> Tensor");
+      "Tensor padded_offsets, int n, int k, ScalarType out_dtype, str config=\"auto\") -> Tensor");
   m.def(
       "silu_mul_backward(Tensor grad_act, Tensor h, Tensor? expert_offsets, bool return_act, bool quantize, "
       "bool pow2_scale) -> (Tensor, Tensor, Tensor, Tensor)");

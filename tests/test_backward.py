@@ -6,6 +6,7 @@ Each op against its reference: BF16 GEMMs within 2x torch's own bf16 error, FP8 
 gradients of the FP8 recipe against the fp32 reference's autograd (FP8 tolerance).
 """
 
+import functools
 import itertools
 
 import pytest
@@ -15,7 +16,7 @@ from test_grouped_gemm import LOADS, offsets_from_counts
 
 import moe_kernels
 from moe_kernels import reference
-from moe_kernels.layers.expert_mlp import expert_mlp
+from moe_kernels.layers.expert_mlp import expert_mlp, routed_expert_mlp
 from moe_kernels.layers.fp8_training import fp8_expert_mlp, fp8_routed_expert_mlp, fp8_weight
 from moe_kernels.ops.grouped_gemm import (
     grouped_gemm_dgrad,
@@ -171,6 +172,10 @@ def test_fake_kernels():
             "grouped_gemm_wgrad: out_dtype must be bfloat16 or float32",
         ),
         (
+            lambda g, a, b, o: grouped_gemm_wgrad(g, a, o, out_dtype=torch.float32, config="pingpong"),
+            "grouped_gemm_wgrad: the pingpong configuration writes bfloat16 only",
+        ),
+        (
             lambda g, a, b, o: grouped_gemm_wgrad(g, a.float(), o),
             "grouped_gemm_wgrad: a must be",
         ),
@@ -208,6 +213,13 @@ def test_fp8_operands_are_not_differentiable(gen):
         moe_kernels.grouped_gemm(a, b, offsets_from_counts([4]), a_scales=a_scales, b_scales=b_scales)
 
 
+def mlp_of(mode):
+    """The expert MLP of a test mode: False (bf16), "fp8" (the recipe, BF16 wgrads) or "fp8_wgrad"."""
+    if not mode:
+        return expert_mlp
+    return functools.partial(fp8_expert_mlp, fp8_wgrad=mode == "fp8_wgrad")
+
+
 def _mlp_case(counts, hidden, inter, gen, device):
     x = rows_of(counts, hidden, gen, device)
     offsets = offsets_from_counts(counts).to(device)
@@ -237,11 +249,11 @@ def _check_grads(got, want, tol, case):
         assert err < tol, f"{case} {name}: {err}"
 
 
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, "fp8", "fp8_wgrad"])
 def test_expert_mlp_gradients_cpu(fp8, gen):
     x, offsets, w_gate_up, w_down, grad_y = _mlp_case([5, 0, 9], 128, 128, gen, "cpu")
     leaves = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
-    mlp = fp8_expert_mlp if fp8 else expert_mlp
+    mlp = mlp_of(fp8)
     got = torch.autograd.grad(mlp(leaves[0], offsets, leaves[1], leaves[2]), leaves, grad_y)
     _check_grads(
         got,
@@ -290,13 +302,15 @@ def test_dgrad_matches_reference(load, gen):
 
 @requires_sm90
 @pytest.mark.parametrize("load", BACKWARD_LOADS)
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_wgrad_matches_reference(load, out_dtype, gen):
+@pytest.mark.parametrize(
+    "out_dtype, config", [(torch.bfloat16, "auto"), (torch.float32, "auto"), (torch.bfloat16, "pingpong")]
+)
+def test_wgrad_matches_reference(load, out_dtype, config, gen):
     counts = LOADS[load]
     offsets = offsets_from_counts(counts, head=2).cuda()
     grad_out = rows_of(counts, 256, gen, "cuda", head=2, tail=3)
     a = rows_of(counts, 384, gen, "cuda", head=2, tail=3)
-    out = grouped_gemm_wgrad(grad_out, a, offsets, out_dtype=out_dtype)
+    out = grouped_gemm_wgrad(grad_out, a, offsets, out_dtype=out_dtype, config=config)
     assert out.dtype == out_dtype and out.shape == (len(counts), 256, 384)
     ref = reference.grouped_gemm_wgrad(grad_out.cpu(), a.cpu(), offsets.cpu(), torch.float32)
     for e, rows in enumerate(counts):
@@ -333,12 +347,15 @@ def test_transposed_quantisation_bit_exact(load, fp8_input, gen):
 
 @requires_sm90
 @pytest.mark.parametrize("load", BACKWARD_LOADS)
-def test_fp8_wgrad_matches_reference(load, gen):
+@pytest.mark.parametrize("out_dtype, config", [(torch.float32, "auto"), (torch.bfloat16, "pingpong")])
+def test_fp8_wgrad_matches_reference(load, out_dtype, config, gen):
     counts = LOADS[load]
     offsets = offsets_from_counts(counts).cuda()
     grad_out, a = rows_of(counts, 256, gen, "cuda"), rows_of(counts, 512, gen, "cuda")
     a_q, a_scales = moe_kernels.quantize_fp8(a)  # the forward's cached FP8 input
-    out = grouped_gemm_wgrad(grad_out, a_q, offsets, a_scales=a_scales, fp8=True, out_dtype=torch.float32)
+    out = grouped_gemm_wgrad(
+        grad_out, a_q, offsets, a_scales=a_scales, fp8=True, out_dtype=out_dtype, config=config
+    ).float()
     gq, gs, padded = quantize_fp8_transposed(grad_out, offsets)
     aq, as_, _ = quantize_fp8_transposed(a_q, offsets, x_scales=a_scales)
     ref = reference.grouped_gemm_wgrad_fp8(
@@ -378,12 +395,12 @@ def test_silu_mul_backward_matches_reference(quantize, gen):
 
 @requires_sm90
 @pytest.mark.parametrize("load", ["balanced_e8", "skewed_e32", "single_expert_e8", "edges_e8"])
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, "fp8", "fp8_wgrad"])
 def test_expert_mlp_gradients(load, fp8, gen):
     """Gradients of x and both weights against the fp32 reference's autograd."""
     x, offsets, w_gate_up, w_down, grad_y = _mlp_case(LOADS[load], 256, 256, gen, "cuda")
     leaves = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
-    mlp = fp8_expert_mlp if fp8 else expert_mlp
+    mlp = mlp_of(fp8)
     got = torch.autograd.grad(mlp(leaves[0], offsets, leaves[1], leaves[2]), leaves, grad_y)
     _check_grads(
         got,
@@ -393,7 +410,7 @@ def test_expert_mlp_gradients(load, fp8, gen):
     )
     if fp8:  # the same recipe on the CPU references
         cpu = [t.detach().cpu().requires_grad_() for t in (x, w_gate_up, w_down)]
-        want = torch.autograd.grad(fp8_expert_mlp(cpu[0], offsets.cpu(), cpu[1], cpu[2]), cpu, grad_y.cpu())
+        want = torch.autograd.grad(mlp(cpu[0], offsets.cpu(), cpu[1], cpu[2]), cpu, grad_y.cpu())
         for name, g, w in zip(("x", "w_gate_up", "w_down"), got, want, strict=True):
             diff = calc_diff(g.cpu().float(), w.float())
             assert diff < FP8_GEMM_CALC_DIFF, f"{load} {name}: calc_diff {diff} against the CPU recipe"
@@ -414,7 +431,7 @@ def test_fp8_routed_gradients_reach_tokens_and_are_deterministic(gen):
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
     # against the bf16 path's autograd through the same permute / unpermute
-    y_bf16, row_map_bf16 = moe_kernels.layers.expert_mlp.routed_expert_mlp(tokens, ids, 8, w_gate_up, w_down)
+    y_bf16, row_map_bf16 = routed_expert_mlp(tokens, ids, 8, w_gate_up, w_down)
     out_bf16 = moe_kernels.unpermute(y_bf16, row_map_bf16)
     want = torch.autograd.grad(out_bf16.float().square().sum(), (tokens, w_gate_up, w_down))
     for name, g, w in zip(("tokens", "w_gate_up", "w_down"), grads[0], want, strict=True):
@@ -422,7 +439,7 @@ def test_fp8_routed_gradients_reach_tokens_and_are_deterministic(gen):
 
 
 @requires_sm90
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8", [False, "fp8", "fp8_wgrad"])
 def test_backward_is_graph_capturable(fp8, gen):
     """Forward + backward of the expert MLP captured once (no host sync anywhere), replayed with new
     rows and new offsets (an expert going from 0 rows to most of them): the eager gradients, bit
@@ -430,7 +447,7 @@ def test_backward_is_graph_capturable(fp8, gen):
     counts = [40, 0, 300, 17]
     x, offsets, w_gate_up, w_down, grad_y = _mlp_case(counts, 256, 128, gen, "cuda")
     leaves = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
-    mlp = fp8_expert_mlp if fp8 else expert_mlp
+    mlp = mlp_of(fp8)
 
     def step():
         return torch.autograd.grad(mlp(leaves[0], offsets, leaves[1], leaves[2]), leaves, grad_y)

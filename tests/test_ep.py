@@ -467,8 +467,9 @@ def ep_soak_case(rank, world, *, device, transport, steps=40):
                 msg = f"soak {transport} step {step} rank {rank} {tokens=} {fp8=} {exact=}"
                 check_dispatch((out, scales, offsets), xs, ids, ep.expert_map, rank, msg, quantize=fp8)
                 rank_of = ep.expert_map.expert_rank.cpu()
+                xs_cpu, ids_cpu = [x.cpu() for x in xs], [i.cpu() for i in ids]
                 ys = [
-                    stand_in_expert(*reference.ep_dispatch(xs, ids, rank_of, r, quantize=fp8)[:2])
+                    stand_in_expert(*reference.ep_dispatch(xs_cpu, ids_cpu, rank_of, r, quantize=fp8)[:2])
                     for r in range(world)
                 ]
                 check_combine(combined, ys, ids, ws, ep.expert_map, rank, msg)

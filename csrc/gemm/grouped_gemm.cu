@@ -20,7 +20,6 @@ struct GemmConfig {
 };
 
 #define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
-#define MOE_GEMM_CONFIG_OF(name) {#name, &name##_workspace_bytes, &name##_run}
 constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
@@ -31,19 +30,40 @@ constexpr GemmConfig kDgradConfigs[] = {
     MOE_GEMM_CONFIG(bf16_dgrad_pingpong_64x128, false),
     MOE_GEMM_CONFIG(bf16_dgrad_cooperative_128x256, false),
 };
-// The wgrad's configurations, by operand type and output type.
+// The wgrad's configurations: the cooperative tiles for either output type ("auto"), and pingpong
+// tiles (bf16 out) that overlap each tile's epilogue with the other's MMAs.
 struct WgradConfig {
   const char* name;
+  bool fp8, fp32_out;
   size_t (*workspace_bytes)(const WgradProblem&, int);
   cudaError_t (*run)(const WgradProblem&, void*, int, cudaStream_t);
 };
-constexpr WgradConfig kWgradConfigs[2][2] = {
-    // [fp8][fp32 out]
-    {MOE_GEMM_CONFIG_OF(bf16_wgrad_bf16_out), MOE_GEMM_CONFIG_OF(bf16_wgrad_fp32_out)},
-    {MOE_GEMM_CONFIG_OF(fp8_wgrad_bf16_out), MOE_GEMM_CONFIG_OF(fp8_wgrad_fp32_out)},
+#define MOE_WGRAD_CONFIG(name, fp8, fp32_out) {#name, fp8, fp32_out, &name##_workspace_bytes, &name##_run}
+constexpr WgradConfig kWgradConfigs[] = {
+    MOE_WGRAD_CONFIG(bf16_wgrad_bf16_out, false, false),
+    MOE_WGRAD_CONFIG(bf16_wgrad_fp32_out, false, true),
+    MOE_WGRAD_CONFIG(fp8_wgrad_bf16_out, true, false),
+    MOE_WGRAD_CONFIG(fp8_wgrad_fp32_out, true, true),
+    MOE_WGRAD_CONFIG(bf16_wgrad_pingpong_64x256, false, false),
+    MOE_WGRAD_CONFIG(fp8_wgrad_pingpong_64x128, true, false),
 };
+#undef MOE_WGRAD_CONFIG
+
+// "auto": the cooperative configuration of the operand and output types; "pingpong": the pingpong one.
+const WgradConfig& choose_wgrad_config(bool fp8, bool fp32_out, c10::string_view requested, const char* op) {
+  MK_CHECK(requested == "auto" || requested == "pingpong", op, "config must be 'auto' or 'pingpong', got '",
+           requested, "'");
+  const bool pingpong = requested == "pingpong";
+  MK_CHECK(!(pingpong && fp32_out), op, "the pingpong configuration writes bfloat16 only");
+  for (const WgradConfig& c : kWgradConfigs) {
+    const bool is_pingpong = c10::string_view(c.name).find("pingpong") != c10::string_view::npos;
+    if (c.fp8 == fp8 && c.fp32_out == fp32_out && is_pingpong == pingpong) {
+      return c;
+    }
+  }
+  return kWgradConfigs[0];
+}
 #undef MOE_GEMM_CONFIG
-#undef MOE_GEMM_CONFIG_OF
 
 const GemmConfig& config_named(c10::string_view name) {
   for (const GemmConfig& c : kConfigs) {
@@ -220,7 +240,7 @@ at::Tensor grouped_gemm_dgrad(const at::Tensor& grad_out, const at::Tensor& b,
 // Allocates the wgrad's [E, N, K] output and runs the configuration for its operand and output
 // types (an all-empty problem just zeros the output).
 at::Tensor run_wgrad(const char* op, WgradProblem p, const at::Tensor& like, bool fp8,
-                     at::ScalarType out_dtype) {
+                     at::ScalarType out_dtype, c10::string_view config) {
   MK_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kFloat, op,
            "out_dtype must be bfloat16 or float32, got ", out_dtype);
   at::Tensor out = at::empty({p.num_experts, p.n, p.k}, like.options().dtype(out_dtype));
@@ -230,14 +250,15 @@ at::Tensor run_wgrad(const char* op, WgradProblem p, const at::Tensor& like, boo
   p.out = out.data_ptr();
   p.error_flag = device_error_flag();
   p.device = like.get_device();
-  const WgradConfig& cfg = kWgradConfigs[fp8][out_dtype == at::kFloat];
+  const WgradConfig& cfg = choose_wgrad_config(fp8, out_dtype == at::kFloat, config, op);
   run_config(op, cfg.name, p, like, cfg.workspace_bytes, cfg.run);
   return out;
 }
 
 // grad_b [E, N, K] = grad_out[rows of e]^T @ a[rows of e] (BF16 operands, fp32 accumulation).
 at::Tensor grouped_gemm_wgrad(const at::Tensor& grad_out, const at::Tensor& a,
-                              const at::Tensor& expert_offsets, at::ScalarType out_dtype) {
+                              const at::Tensor& expert_offsets, at::ScalarType out_dtype,
+                              c10::string_view config) {
   constexpr const char* op = "grouped_gemm_wgrad";
   MK_CHECK_CUDA_TENSOR(grad_out, op, "grad_out");
   MK_CHECK_DIM(grad_out, 2, op, "grad_out", "[rows, N]");
@@ -264,7 +285,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& grad_out, const at::Tensor& a,
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   p.num_experts = static_cast<int>(num_experts);
-  return run_wgrad(op, p, grad_out, /*fp8=*/false, out_dtype);
+  return run_wgrad(op, p, grad_out, /*fp8=*/false, out_dtype, config);
 }
 
 // The FP8 wgrad on operands from quantize_fp8_transposed (grad_t of grad_out [M, N], act_t of the
@@ -272,7 +293,7 @@ at::Tensor grouped_gemm_wgrad(const at::Tensor& grad_out, const at::Tensor& a,
 at::Tensor grouped_gemm_wgrad_fp8(const at::Tensor& grad_t, const at::Tensor& grad_t_scales,
                                   const at::Tensor& act_t, const at::Tensor& act_t_scales,
                                   const at::Tensor& padded_offsets, int64_t n, int64_t k,
-                                  at::ScalarType out_dtype) {
+                                  at::ScalarType out_dtype, c10::string_view config) {
   constexpr const char* op = "grouped_gemm_wgrad_fp8";
   MK_CHECK_CUDA_TENSOR(grad_t, op, "grad_t");
   MK_CHECK(k % kBlock == 0 && k > 0 && n % kBlock == 0 && n > 0, op,
@@ -313,7 +334,7 @@ at::Tensor grouped_gemm_wgrad_fp8(const at::Tensor& grad_t, const at::Tensor& gr
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   p.num_experts = static_cast<int>(num_experts);
-  return run_wgrad(op, p, grad_t, /*fp8=*/true, out_dtype);
+  return run_wgrad(op, p, grad_t, /*fp8=*/true, out_dtype, config);
 }
 
 }  // namespace

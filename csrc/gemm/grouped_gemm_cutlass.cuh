@@ -74,6 +74,15 @@ struct Bf16Cooperative128x256 {
   static constexpr bool kBlockwise = false;
 };
 
+struct Bf16Pingpong64x256 {  // the wgrad's short reductions: epilogues overlap the other tile's MMAs
+  using Element = cutlass::bfloat16_t;
+  using Tile = Shape<_64, _256, _64>;
+  using Cluster = Shape<_1, _1, _1>;
+  using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  static constexpr bool kBlockwise = false;
+};
+
 struct Bf16Pingpong64x128 {
   using Element = cutlass::bfloat16_t;
   using Tile = Shape<_64, _128, _64>;

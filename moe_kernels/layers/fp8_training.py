@@ -4,8 +4,11 @@
               -> down (FP8 GEMM)
     backward: grad_y 1x128 -> dgrad of down (forward kernel on the transposed FP8 weight)
               -> SwiGLU backward (+ grad_h 1x128 in the same pass) -> dgrad of gate_up
-              wgrads: both operands transposed and quantised per 128 rows of each expert (128x1
-              tiles), the cached FP8 activations dequantised and requantised in the same kernel.
+              wgrads: BF16 GEMMs on the bf16 gradients and the cached FP8 activations dequantised
+              (default: faster on the H200 than the FP8 wgrad, see bench/results/train.json), or
+              with fp8_wgrad=True DeepSeek-V3's FP8 wgrad: both operands transposed and quantised per
+              128 rows of each expert (128x1 tiles), the cached FP8 activations dequantised and
+              requantised in the same kernel.
 
 The weights are the bf16 master parameters; their 128x128 e4m3 copies, and the transposed copies
 the dgrad needs (the block scales are unchanged by a transpose), are made once per weight version,
@@ -23,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from moe_kernels._checks import FP8, check
 from moe_kernels.ops.grouped_gemm import grouped_gemm, grouped_gemm_wgrad, silu_mul, silu_mul_backward
 from moe_kernels.ops.permute import permute
-from moe_kernels.ops.quant import quantize_fp8, quantize_fp8_weight
+from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,16 @@ class _FP8ExpertMLP(torch.autograd.Function):
     bf16 master weights."""
 
     @staticmethod
-    def forward(ctx, tokens, w_gate_up, w_down, x_q, x_scales, offsets, row_map, gate_up, down, pow2_scale):
+    def forward(
+        ctx, tokens, w_gate_up, w_down, x_q, x_scales, offsets, row_map, gate_up, down, pow2_scale, fp8_wgrad
+    ):
         h = grouped_gemm(x_q, gate_up.q, offsets, a_scales=x_scales, b_scales=gate_up.scales)
         act, act_scales = silu_mul(h, offsets, quantize=True, pow2_scale=pow2_scale)
         y = grouped_gemm(act, down.q, offsets, a_scales=act_scales, b_scales=down.scales)
         ctx.save_for_backward(x_q, x_scales, offsets, row_map, h)
         ctx.weights = (gate_up, down)
         ctx.pow2_scale = pow2_scale
+        ctx.fp8_wgrad = fp8_wgrad
         ctx.num_tokens = tokens.shape[0]
         ctx.weight_dtypes = (w_gate_up.dtype, w_down.dtype)
         return y
@@ -97,19 +103,16 @@ class _FP8ExpertMLP(torch.autograd.Function):
             grad_act, h, offsets, return_act=needs_down, quantize=needs_x, pow2_scale=pow2
         )
         grad_tokens = grad_gate_up = grad_down = None
+        wgrad = dict(fp8=ctx.fp8_wgrad, pow2_scale=pow2)
         if needs_down:
-            grad_down = grouped_gemm_wgrad(
-                grad_y, act, offsets, fp8=True, out_dtype=ctx.weight_dtypes[1], pow2_scale=pow2
-            )
+            grad_down = grouped_gemm_wgrad(grad_y, act, offsets, out_dtype=ctx.weight_dtypes[1], **wgrad)
         if needs_gate_up:
+            if ctx.fp8_wgrad:  # the cached e4m3 rows, requantised 128x1 in the transposing kernel
+                x, x_arg = x_q, dict(a_scales=x_scales)
+            else:
+                x, x_arg = dequantize_fp8(x_q, x_scales), {}
             grad_gate_up = grouped_gemm_wgrad(
-                grad_h,
-                x_q,
-                offsets,
-                a_scales=x_scales,
-                fp8=True,
-                out_dtype=ctx.weight_dtypes[0],
-                pow2_scale=pow2,
+                grad_h, x, offsets, out_dtype=ctx.weight_dtypes[0], **x_arg, **wgrad
             )
         if needs_x:
             # Rows outside the experts get no product: zeros, so permute's backward sums only gradients.
@@ -120,7 +123,7 @@ class _FP8ExpertMLP(torch.autograd.Function):
             grad_tokens = (
                 grad_x if row_map is None else torch.ops.moe_kernels.unpermute(grad_x, row_map, None, None)
             )
-        return grad_tokens, grad_gate_up, grad_down, None, None, None, None, None, None, None
+        return grad_tokens, grad_gate_up, grad_down, None, None, None, None, None, None, None, None
 
 
 def fp8_expert_mlp(
@@ -132,14 +135,26 @@ def fp8_expert_mlp(
     w_gate_up_scales: torch.Tensor | None = None,
     w_down_scales: torch.Tensor | None = None,
     pow2_scale: bool = False,
+    fp8_wgrad: bool = False,
 ) -> torch.Tensor:
     """``expert_mlp`` in DeepSeek-V3's FP8 recipe, differentiable: x bf16 permuted rows [M, H]
     (quantised 1x128 here), w_gate_up [E, 2I, H] and w_down [E, H, I] bf16 master weights (or e4m3
-    with their 128x128 scales, frozen). Returns bf16 [M, H]; rows outside the experts unspecified."""
+    with their 128x128 scales, frozen). Returns bf16 [M, H]; rows outside the experts unspecified.
+    fp8_wgrad: the weight gradients in FP8 too (DeepSeek-V3's 128x1 wgrad) instead of BF16 GEMMs."""
     check(x.dtype == torch.bfloat16, "fp8_expert_mlp", f"x must be bfloat16, got {x.dtype}")
     x_q, x_scales = quantize_fp8(x.detach(), pow2_scale=pow2_scale)
     return _apply(
-        x, x_q, x_scales, expert_offsets, None, w_gate_up, w_down, w_gate_up_scales, w_down_scales, pow2_scale
+        x,
+        x_q,
+        x_scales,
+        expert_offsets,
+        None,
+        w_gate_up,
+        w_down,
+        w_gate_up_scales,
+        w_down_scales,
+        pow2_scale,
+        fp8_wgrad,
     )
 
 
@@ -154,6 +169,7 @@ def fp8_routed_expert_mlp(
     w_down_scales: torch.Tensor | None = None,
     num_local_experts: int | None = None,
     pow2_scale: bool = False,
+    fp8_wgrad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens [T, H] bf16 -> (y bf16 [R, H] in permuted order, row_map [T, K]) like
     ``routed_expert_mlp``, in the FP8 recipe and differentiable in the tokens and bf16 weights: permute
@@ -177,15 +193,26 @@ def fp8_routed_expert_mlp(
         w_gate_up_scales,
         w_down_scales,
         pow2_scale,
+        fp8_wgrad,
     )
     return y, r.row_map
 
 
 def _apply(
-    tokens, x_q, x_scales, offsets, row_map, w_gate_up, w_down, gate_up_scales, down_scales, pow2_scale
+    tokens,
+    x_q,
+    x_scales,
+    offsets,
+    row_map,
+    w_gate_up,
+    w_down,
+    gate_up_scales,
+    down_scales,
+    pow2_scale,
+    fp8_wgrad,
 ):
     gate_up = fp8_weight(w_gate_up, gate_up_scales, pow2_scale=pow2_scale)
     down = fp8_weight(w_down, down_scales, pow2_scale=pow2_scale)
     return _FP8ExpertMLP.apply(
-        tokens, w_gate_up, w_down, x_q, x_scales, offsets, row_map, gate_up, down, pow2_scale
+        tokens, w_gate_up, w_down, x_q, x_scales, offsets, row_map, gate_up, down, pow2_scale, fp8_wgrad
     )

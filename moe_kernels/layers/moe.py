@@ -67,8 +67,11 @@ class MoE(nn.Module):
         init_std: std of the normal initialisation of every weight (transformers' initializer_range).
         fp8_training: run the routed experts in FP8 on the bf16 weights, forward and backward
             (DeepSeek-V3's recipe, ``moe_kernels.layers.fp8_training``): the weights are quantised
-            128x128 once per version (optimiser step), the activations 1x128, the wgrad operands
-            128x1. Without it a training forward runs bf16 GEMMs, forward and backward.
+            128x128 once per version (optimiser step), the activations and gradients 1x128; the
+            weight gradients run as BF16 GEMMs on the dequantised cached activations, faster on the
+            H200 (bench/results/train.json) than the FP8 wgrad with 128x1 operands, which
+            ``moe.fp8_wgrad = True`` selects. Without fp8_training a training forward runs bf16
+            GEMMs, forward and backward.
         expert_parallel: a ``moe_kernels.distributed.ExpertParallel`` over the router's E experts:
             this rank then holds only its experts (``expert_parallel.local_experts``, in that order,
             in ``self.experts``); the tokens go to the ranks that hold their experts and come back
@@ -124,6 +127,7 @@ class MoE(nn.Module):
         self.logits_fp32, self.weights_dtype = logits_fp32, weights_dtype
         self.balance = balance_loss or BalanceLoss()
         self.fp8_training = fp8_training
+        self.fp8_wgrad = False
         kw = dict(dtype=dtype, device=device)
         self.gate = TopKGate(hidden_size, preset.num_experts, preset.uses_bias, **kw)
         self.expert_parallel = ep
@@ -332,7 +336,9 @@ class MoE(nn.Module):
         experts; bf16 through the differentiable ops, FP8 through the recipe's autograd function
         when a gradient is needed or the weights are the bf16 masters."""
         if self.fp8_training or (self.is_fp8 and needs_grad):
-            return fp8_routed_expert_mlp(tokens, ids, self.num_experts, **self.experts.mlp_kwargs())
+            return fp8_routed_expert_mlp(
+                tokens, ids, self.num_experts, fp8_wgrad=self.fp8_wgrad, **self.experts.mlp_kwargs()
+            )
         r = permute(tokens, ids, self.num_experts, quantize=self.is_fp8)
         return self._run_experts(r.out, r.out_scales, r.expert_offsets), r.row_map
 

@@ -96,6 +96,7 @@ def grouped_gemm_wgrad(
     fp8: bool = False,
     out_dtype: torch.dtype = torch.bfloat16,
     pow2_scale: bool = False,
+    config: str = "auto",
 ) -> torch.Tensor:
     """The gradient of grouped_gemm's b: grad_b[e] = grad_out[rows of e]^T @ a[rows of e] -> [E, N, K].
 
@@ -107,11 +108,13 @@ def grouped_gemm_wgrad(
         grad_out: bf16 [M, N]. a: bf16 [M, K], or (fp8=True only) e4m3 with its 1x128 a_scales.
         fp8: DeepSeek-V3's FP8 wgrad: both operands transposed and quantised per 128 rows of each
             expert (``quantize_fp8_transposed``, one kernel each), then the FP8 GEMM.
+        config: "auto" (cooperative tiles) or "pingpong" (bf16 out only: each tile's epilogue
+            overlaps the other tile's MMAs, for short reductions).
     """
     raise_pending_device_error()
     if not fp8:
         check(a_scales is None, "grouped_gemm_wgrad", "a_scales is for fp8=True (an e4m3 a)")
-        return torch.ops.moe_kernels.grouped_gemm_wgrad(grad_out, a, expert_offsets, out_dtype)
+        return torch.ops.moe_kernels.grouped_gemm_wgrad(grad_out, a, expert_offsets, out_dtype, config)
     grad_t, grad_t_scales, padded = torch.ops.moe_kernels.quantize_fp8_transposed(
         grad_out, None, expert_offsets, pow2_scale
     )
@@ -119,7 +122,7 @@ def grouped_gemm_wgrad(
         a, a_scales, expert_offsets, pow2_scale
     )
     return torch.ops.moe_kernels.grouped_gemm_wgrad_fp8(
-        grad_t, grad_t_scales, act_t, act_t_scales, padded, grad_out.shape[1], a.shape[1], out_dtype
+        grad_t, grad_t_scales, act_t, act_t_scales, padded, grad_out.shape[1], a.shape[1], out_dtype, config
     )
 
 
@@ -265,11 +268,20 @@ def _check_multiple_of_128(op, **sizes):
         )
 
 
-def _check_out_dtype(out_dtype, op):
+WGRAD_CONFIGS = ("auto", "pingpong")
+
+
+def _check_out_dtype(out_dtype, op, config="auto"):
     check(
         out_dtype in (torch.bfloat16, torch.float32),
         op,
         f"out_dtype must be bfloat16 or float32, got {out_dtype}",
+    )
+    check(config in WGRAD_CONFIGS, op, f"config must be 'auto' or 'pingpong', got {config!r}")
+    check(
+        not (config == "pingpong" and out_dtype == torch.float32),
+        op,
+        "the pingpong configuration writes bfloat16 only",
     )
 
 
@@ -301,7 +313,7 @@ def _grouped_gemm_dgrad_cpu(grad_out, b, expert_offsets):
     return reference.grouped_gemm_dgrad(grad_out, b, expert_offsets)
 
 
-def _check_wgrad_args(grad_out, a, expert_offsets, out_dtype):
+def _check_wgrad_args(grad_out, a, expert_offsets, out_dtype, config):
     op = "grouped_gemm_wgrad"
     check_dim(grad_out, 2, op, "grad_out", "[rows, N]")
     check_dim(a, 2, op, "a", "[rows, K]")
@@ -315,24 +327,24 @@ def _check_wgrad_args(grad_out, a, expert_offsets, out_dtype):
     _check_multiple_of_128(op, N=grad_out.shape[1], K=a.shape[1])
     check_dim(expert_offsets, 1, op, "expert_offsets", "[experts + 1]")
     _check_offsets(expert_offsets, expert_offsets.shape[0] - 1, op)
-    _check_out_dtype(out_dtype, op)
+    _check_out_dtype(out_dtype, op, config)
 
 
 @register_fake("grouped_gemm_wgrad")
-def _grouped_gemm_wgrad_fake(grad_out, a, expert_offsets, out_dtype):
-    _check_wgrad_args(grad_out, a, expert_offsets, out_dtype)
+def _grouped_gemm_wgrad_fake(grad_out, a, expert_offsets, out_dtype, config="auto"):
+    _check_wgrad_args(grad_out, a, expert_offsets, out_dtype, config)
     shape = (expert_offsets.shape[0] - 1, grad_out.shape[1], a.shape[1])
     return grad_out.new_empty(shape, dtype=out_dtype)
 
 
 @register_cpu("grouped_gemm_wgrad")
-def _grouped_gemm_wgrad_cpu(grad_out, a, expert_offsets, out_dtype):
-    _check_wgrad_args(grad_out, a, expert_offsets, out_dtype)
+def _grouped_gemm_wgrad_cpu(grad_out, a, expert_offsets, out_dtype, config="auto"):
+    _check_wgrad_args(grad_out, a, expert_offsets, out_dtype, config)
     _check_offset_values(grad_out, expert_offsets)
     return reference.grouped_gemm_wgrad(grad_out, a, expert_offsets, out_dtype)
 
 
-def _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype):
+def _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype, config):
     op = "grouped_gemm_wgrad_fp8"
     _check_multiple_of_128(op, n=n, k=k)
     capacity = grad_t.numel() // n
@@ -352,18 +364,22 @@ def _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n,
         )
     check_dim(padded, 1, op, "padded_offsets", "[experts + 1]")
     _check_offsets(padded, padded.shape[0] - 1, op)
-    _check_out_dtype(out_dtype, op)
+    _check_out_dtype(out_dtype, op, config)
 
 
 @register_fake("grouped_gemm_wgrad_fp8")
-def _grouped_gemm_wgrad_fp8_fake(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype):
-    _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype)
+def _grouped_gemm_wgrad_fp8_fake(
+    grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype, config="auto"
+):
+    _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype, config)
     return grad_t.new_empty((padded.shape[0] - 1, n, k), dtype=out_dtype)
 
 
 @register_cpu("grouped_gemm_wgrad_fp8")
-def _grouped_gemm_wgrad_fp8_cpu(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype):
-    _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype)
+def _grouped_gemm_wgrad_fp8_cpu(
+    grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype, config="auto"
+):
+    _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype, config)
     return reference.grouped_gemm_wgrad_fp8(
         grad_t, grad_t_scales, act_t, act_t_scales, padded, n, k, out_dtype
     )

@@ -63,6 +63,8 @@ MOE_DECLARE_WGRAD(bf16_wgrad_bf16_out)
 MOE_DECLARE_WGRAD(bf16_wgrad_fp32_out)
 MOE_DECLARE_WGRAD(fp8_wgrad_bf16_out)
 MOE_DECLARE_WGRAD(fp8_wgrad_fp32_out)
+MOE_DECLARE_WGRAD(bf16_wgrad_pingpong_64x256)  // bf16 out only
+MOE_DECLARE_WGRAD(fp8_wgrad_pingpong_64x128)   // bf16 out only
 #undef MOE_DECLARE_WGRAD
 
 }  // namespace gemm
