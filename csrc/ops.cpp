@@ -25,6 +25,8 @@ TORCH_LIBRARY(moe_kernels, m) {
   // FP8 e4m3 quantisation: 1x128 activation groups, 128x128 weight blocks (csrc/quant).
   m.def("quantize_fp8(Tensor x, bool pow2_scale=False) -> (Tensor, Tensor)");
   m.def("quantize_fp8_weight(Tensor w, bool pow2_scale=False) -> (Tensor, Tensor)");
+  // The same and the transposed e4m3 copy [.., K, N] in one pass (the FP8 dgrad's weight operand).
+  m.def("quantize_fp8_weight_transposed(Tensor w, bool pow2_scale=False) -> (Tensor, Tensor, Tensor)");
   // Per expert, transposed, one scale per channel and 128 rows: the FP8 wgrad's operands
   // (q [capacity * C], scales [capacity / 128 * C], padded_offsets [E + 1]; csrc/quant).
   m.def(

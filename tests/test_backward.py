@@ -23,7 +23,7 @@ from moe_kernels.ops.grouped_gemm import (
     grouped_gemm_wgrad,
     silu_mul_backward,
 )
-from moe_kernels.ops.quant import quantize_fp8_transposed
+from moe_kernels.ops.quant import quantize_fp8_transposed, quantize_fp8_weight_transposed
 from moe_kernels.testing import (
     BF16_ERROR_FACTOR,
     FP8_GEMM_CALC_DIFF,
@@ -461,3 +461,15 @@ def test_backward_is_graph_capturable(fp8, gen):
         eager = step()
         for name, got, want in zip(("x", "w_gate_up", "w_down"), static_grads, eager, strict=True):
             assert torch.equal(got, want), f"{fp8=} {new_counts} {name}"
+
+
+@requires_sm90
+@pytest.mark.parametrize("shape", [(3, 256, 384), (384, 128)])
+def test_weight_quantisation_with_transpose_bit_exact(shape, gen):
+    """One pass gives quantize_fp8_weight's q and scales and the transposed q (the dgrad's operand)."""
+    w = torch.randn(*shape, generator=gen).bfloat16()
+    q, scales, q_t = quantize_fp8_weight_transposed(w.cuda())
+    want_q, want_scales = reference.quantize_fp8_weight(w)
+    assert torch.equal(q.view(torch.uint8).cpu(), want_q.view(torch.uint8))
+    assert torch.equal(scales.cpu(), want_scales)
+    assert torch.equal(q_t.view(torch.uint8).cpu(), want_q.view(torch.uint8).transpose(-1, -2))

@@ -31,8 +31,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x_in, bool pow
   return {q, scales};
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_fp8_weight(const at::Tensor& w_in, bool pow2_scale) {
-  constexpr const char* op = "quantize_fp8_weight";
+// (q, scales, q_t): q_t the transposed e4m3 copy [.., K, N] when `transposed` (else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_weight(const at::Tensor& w_in, bool pow2_scale,
+                                                               bool transposed, const char* op) {
   MK_CHECK_CUDA_TENSOR(w_in, op, "w");
   MK_CHECK(w_in.dim() == 2 || w_in.dim() == 3, op, "w must be [N, K] or [experts, N, K], got shape ",
            shape_str(w_in));
@@ -43,21 +44,37 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_weight(const at::Tensor& w_in, b
   const at::Tensor w = w_in.contiguous();
   const int64_t batch = w.dim() == 3 ? w.size(0) : 1, n = w.size(-2), k = w.size(-1);
   const int64_t row_blocks = (n + kQuantBlock - 1) / kQuantBlock;
+  MK_CHECK(!transposed || n % kQuantBlock == 0, op,
+           "w's N must be a multiple of 128 for the transposed copy, got ", n);
   at::Tensor q = at::empty(w.sizes(), w.options().dtype(kFp8));
+  std::vector<int64_t> t_sizes = w.sizes().vec();
+  std::swap(t_sizes[t_sizes.size() - 1], t_sizes[t_sizes.size() - 2]);
+  at::Tensor q_t = transposed ? at::empty(t_sizes, q.options()) : at::empty({0}, q.options());
   at::Tensor scales = w.dim() == 3
                           ? at::empty({batch, row_blocks, k / kQuantBlock}, w.options().dtype(at::kFloat))
                           : at::empty({row_blocks, k / kQuantBlock}, w.options().dtype(at::kFloat));
   if (q.numel() == 0) {
-    return {q, scales};
+    return {q, scales, q_t};
   }
   dispatch_float_type(w.scalar_type(), op, "w", [&](auto* type_tag) {
     using T = std::remove_pointer_t<decltype(type_tag)>;
     MK_CUDA_CHECK(launch_quantize_fp8_128x128<T>(
                       static_cast<const T*>(w.data_ptr()), static_cast<__nv_fp8_storage_t*>(q.data_ptr()),
-                      scales.data_ptr<float>(), batch, n, k, pow2_scale, at::cuda::getCurrentCUDAStream()),
+                      scales.data_ptr<float>(), batch, n, k, pow2_scale, at::cuda::getCurrentCUDAStream(),
+                      transposed ? static_cast<__nv_fp8_storage_t*>(q_t.data_ptr()) : nullptr),
                   op);
   });
+  return {q, scales, q_t};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_weight(const at::Tensor& w, bool pow2_scale) {
+  auto [q, scales, q_t] = quantize_weight(w, pow2_scale, /*transposed=*/false, "quantize_fp8_weight");
   return {q, scales};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_fp8_weight_transposed(const at::Tensor& w,
+                                                                              bool pow2_scale) {
+  return quantize_weight(w, pow2_scale, /*transposed=*/true, "quantize_fp8_weight_transposed");
 }
 
 at::Tensor dequantize_fp8(const at::Tensor& q_in, const at::Tensor& scales_in, at::ScalarType out_dtype) {
@@ -101,6 +118,7 @@ at::Tensor dequantize_fp8(const at::Tensor& q_in, const at::Tensor& scales_in, a
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("quantize_fp8", &quantize_fp8);
   m.impl("quantize_fp8_weight", &quantize_fp8_weight);
+  m.impl("quantize_fp8_weight_transposed", &quantize_fp8_weight_transposed);
   m.impl("dequantize_fp8", &dequantize_fp8);
 }
 

@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from moe_kernels._checks import FP8, check
 from moe_kernels.ops.grouped_gemm import grouped_gemm, grouped_gemm_wgrad, silu_mul, silu_mul_backward
 from moe_kernels.ops.permute import permute
-from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight
+from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight_transposed
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ def make_fp8_weight(
     if w.dtype == FP8:
         check(scales is not None, "fp8_weight", "an e4m3 weight needs its 128x128 scales")
         q, s = w, scales
-    else:
-        q, s = quantize_fp8_weight(w.detach(), pow2_scale=pow2_scale)
-    # e4m3 transposes as bytes (torch copies float8 like any 1-byte type).
-    q_t = q.view(torch.uint8).transpose(1, 2).contiguous().view(FP8)
+        # a checkpoint's e4m3 transposes as bytes (torch copies float8 like any 1-byte type)
+        q_t = q.view(torch.uint8).transpose(1, 2).contiguous().view(FP8)
+    else:  # both layouts from one read of the bf16 weight
+        q, s, q_t = quantize_fp8_weight_transposed(w.detach(), pow2_scale=pow2_scale)
     return FP8Weight(q, s, q_t, s.transpose(1, 2).contiguous())
 
 

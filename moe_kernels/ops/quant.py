@@ -46,6 +46,14 @@ def quantize_fp8_weight(w: torch.Tensor, *, pow2_scale: bool = False) -> tuple[t
     return torch.ops.moe_kernels.quantize_fp8_weight(w, pow2_scale)
 
 
+def quantize_fp8_weight_transposed(
+    w: torch.Tensor, *, pow2_scale: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_fp8_weight`` and, in the same pass, the transposed e4m3 copy [.., K, N] (N a
+    multiple of 128): (q, scales, q_t). The transpose's 128x128 scales are ``scales`` transposed."""
+    return torch.ops.moe_kernels.quantize_fp8_weight_transposed(w, pow2_scale)
+
+
 def dequantize_fp8(
     q: torch.Tensor, scales: torch.Tensor, *, out_dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
@@ -142,6 +150,31 @@ def _quantize_fp8_weight_fake(w, pow2_scale=False):
     n, k = w.shape[-2], w.shape[-1]
     scales_shape = (*w.shape[:-2], (n + QUANT_BLOCK - 1) // QUANT_BLOCK, k // QUANT_BLOCK)
     return w.new_empty(w.shape, dtype=FP8), w.new_empty(scales_shape, dtype=torch.float32)
+
+
+def _quantize_fp8_weight_transposed_cpu(w, pow2_scale=False):
+    check_quantize_fp8_weight_args(w)
+    check(
+        w.shape[-2] % QUANT_BLOCK == 0,
+        "quantize_fp8_weight_transposed",
+        f"w's N must be a multiple of 128 for the transposed copy, got {w.shape[-2]}",
+    )
+    q, scales = reference.quantize_fp8_weight(w, pow2_scale)
+    return q, scales, q.view(torch.uint8).transpose(-1, -2).contiguous().view(FP8)
+
+
+register_cpu("quantize_fp8_weight_transposed")(_quantize_fp8_weight_transposed_cpu)
+
+
+@register_fake("quantize_fp8_weight_transposed")
+def _quantize_fp8_weight_transposed_fake(w, pow2_scale=False):
+    q, scales = _quantize_fp8_weight_fake(w, pow2_scale)
+    check(
+        w.shape[-2] % QUANT_BLOCK == 0,
+        "quantize_fp8_weight_transposed",
+        f"w's N must be a multiple of 128 for the transposed copy, got {w.shape[-2]}",
+    )
+    return q, scales, q.transpose(-1, -2).contiguous()
 
 
 @register_fake("dequantize_fp8")

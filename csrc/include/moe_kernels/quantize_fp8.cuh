@@ -104,12 +104,14 @@ cudaError_t launch_quantize_fp8_1x128(const T* x, int64_t x_row_stride, __nv_fp8
 // ---------------------------------------------------------------------------------------------
 // Weights, 128x128 blocks. One thread block per (column block, row block, batch); the whole tile
 // stays in registers between the amax reduction and the conversion. Rows past N are skipped, so N
-// need not be a multiple of 128 (the last row block is partial).
+// need not be a multiple of 128 (the last row block is partial). Optionally also the transposed
+// e4m3 copy (N a multiple of 128), through shared memory.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void __launch_bounds__(256)
     quantize_fp8_128x128_kernel(const T* __restrict__ w, __nv_fp8_storage_t* __restrict__ q,
-                                float* __restrict__ scales, int64_t n, int64_t k, bool pow2_scale) {
+                                float* __restrict__ scales, __nv_fp8_storage_t* __restrict__ q_t, int64_t n,
+                                int64_t k, bool pow2_scale) {
   constexpr int kThreads = 256;
   constexpr int kVec = Vec16<T>::kSize;
   constexpr int kThreadsPerRow = kQuantBlock / kVec;
@@ -133,6 +135,7 @@ __global__ void __launch_bounds__(256)
     }
   }
   __shared__ float warp_amax[kThreads / 32];
+  __shared__ __nv_fp8_storage_t tile[kQuantBlock][kQuantBlock + 16];  // for q_t only
   amax = group_max<32>(amax);
   if (threadIdx.x % 32 == 0) {
     warp_amax[threadIdx.x / 32] = amax;
@@ -162,18 +165,47 @@ __global__ void __launch_bounds__(256)
       } else {
         *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<uint32_t*>(out);
       }
+      if (q_t != nullptr) {  // staged for the transposed copy below
+        const int local_row = static_cast<int>(row - blockIdx.y * int64_t(kQuantBlock));
+        const int local_col = static_cast<int>(col - blockIdx.x * int64_t(kQuantBlock));
+        const auto* bytes = reinterpret_cast<const __nv_fp8_storage_t*>(out);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          tile[local_row][local_col + i] = bytes[i];
+        }
+      }
     }
+  }
+  if (q_t == nullptr) {
+    return;
+  }
+  // The transposed copy [B, K, N] (the dgrad's weight operand; N a multiple of 128): the block's
+  // tile, the same values and the same scale, written as its columns: thread (column c, half h)
+  // writes 64 consecutive bytes of row c of the transpose.
+  __syncthreads();
+  const int c = threadIdx.x / 2, half = threadIdx.x % 2;
+  __align__(16) __nv_fp8_storage_t column[kQuantBlock / 2];
+#pragma unroll
+  for (int i = 0; i < kQuantBlock / 2; ++i) {
+    column[i] = tile[half * (kQuantBlock / 2) + i][c];
+  }
+  __nv_fp8_storage_t* dst = q_t + batch_offset + (blockIdx.x * int64_t(kQuantBlock) + c) * n +
+                            blockIdx.y * int64_t(kQuantBlock) + half * (kQuantBlock / 2);
+#pragma unroll
+  for (int i = 0; i < kQuantBlock / 2; i += 16) {
+    *reinterpret_cast<uint4*>(dst + i) = *reinterpret_cast<const uint4*>(column + i);
   }
 }
 
 template <typename T>
 cudaError_t launch_quantize_fp8_128x128(const T* w, __nv_fp8_storage_t* q, float* scales, int64_t batch,
-                                        int64_t n, int64_t k, bool pow2_scale, cudaStream_t stream) {
+                                        int64_t n, int64_t k, bool pow2_scale, cudaStream_t stream,
+                                        __nv_fp8_storage_t* q_t = nullptr) {
   if (batch == 0 || n == 0 || k == 0) {
     return cudaSuccess;
   }
   const dim3 grid(k / kQuantBlock, (n + kQuantBlock - 1) / kQuantBlock, batch);
-  quantize_fp8_128x128_kernel<T><<<grid, 256, 0, stream>>>(w, q, scales, n, k, pow2_scale);
+  quantize_fp8_128x128_kernel<T><<<grid, 256, 0, stream>>>(w, q, scales, q_t, n, k, pow2_scale);
   return cudaGetLastError();
 }
 
