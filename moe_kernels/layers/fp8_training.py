@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from moe_kernels._checks import FP8, check
 from moe_kernels.ops.grouped_gemm import grouped_gemm, grouped_gemm_wgrad, silu_mul, silu_mul_backward
-from moe_kernels.ops.permute import permute
+from moe_kernels.ops.permute import permute, unpermute
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight_transposed
 
 
@@ -117,12 +117,10 @@ class _FP8ExpertMLP(torch.autograd.Function):
         if needs_x:
             # Rows outside the experts get no product: zeros, so permute's backward sums only gradients.
             grad_x = torch.zeros(x_q.shape, dtype=torch.bfloat16, device=x_q.device)
-            torch.ops.moe_kernels.grouped_gemm_out(
-                grad_h_q, gate_up.q_t, offsets, grad_h_scales, gate_up.scales_t, grad_x, "auto"
+            grouped_gemm(
+                grad_h_q, gate_up.q_t, offsets, a_scales=grad_h_scales, b_scales=gate_up.scales_t, out=grad_x
             )
-            grad_tokens = (
-                grad_x if row_map is None else torch.ops.moe_kernels.unpermute(grad_x, row_map, None, None)
-            )
+            grad_tokens = grad_x if row_map is None else unpermute(grad_x, row_map)
         return grad_tokens, grad_gate_up, grad_down, None, None, None, None, None, None, None, None
 
 
