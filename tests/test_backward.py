@@ -220,6 +220,13 @@ def mlp_of(mode):
     return functools.partial(fp8_expert_mlp, fp8_wgrad=mode == "fp8_wgrad")
 
 
+def _mlp_grads(mode, x, offsets, w_gate_up, w_down, grad_y):
+    """Gradients of x, w_gate_up and w_down through the expert MLP of a test mode."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w_gate_up, w_down)]
+    out = mlp_of(mode)(leaves[0], offsets, leaves[1], leaves[2])
+    return torch.autograd.grad(out, leaves, grad_y)
+
+
 def _mlp_case(counts, hidden, inter, gen, device):
     x = rows_of(counts, hidden, gen, device)
     offsets = offsets_from_counts(counts).to(device)
@@ -252,15 +259,9 @@ def _check_grads(got, want, tol, case):
 @pytest.mark.parametrize("fp8", [False, "fp8", "fp8_wgrad"])
 def test_expert_mlp_gradients_cpu(fp8, gen):
     x, offsets, w_gate_up, w_down, grad_y = _mlp_case([5, 0, 9], 128, 128, gen, "cpu")
-    leaves = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
-    mlp = mlp_of(fp8)
-    got = torch.autograd.grad(mlp(leaves[0], offsets, leaves[1], leaves[2]), leaves, grad_y)
-    _check_grads(
-        got,
-        _reference_mlp_grads(x, offsets, w_gate_up, w_down, grad_y),
-        FP8_GRAD_ERROR if fp8 else 2e-2,
-        f"{fp8=}",
-    )
+    got = _mlp_grads(fp8, x, offsets, w_gate_up, w_down, grad_y)
+    want = _reference_mlp_grads(x, offsets, w_gate_up, w_down, grad_y)
+    _check_grads(got, want, FP8_GRAD_ERROR if fp8 else 2e-2, f"{fp8=}")
 
 
 def test_fp8_weight_cache_follows_versions(gen):
@@ -399,18 +400,11 @@ def test_silu_mul_backward_matches_reference(quantize, gen):
 def test_expert_mlp_gradients(load, fp8, gen):
     """Gradients of x and both weights against the fp32 reference's autograd."""
     x, offsets, w_gate_up, w_down, grad_y = _mlp_case(LOADS[load], 256, 256, gen, "cuda")
-    leaves = [t.clone().requires_grad_() for t in (x, w_gate_up, w_down)]
-    mlp = mlp_of(fp8)
-    got = torch.autograd.grad(mlp(leaves[0], offsets, leaves[1], leaves[2]), leaves, grad_y)
-    _check_grads(
-        got,
-        _reference_mlp_grads(x, offsets, w_gate_up, w_down, grad_y),
-        FP8_GRAD_ERROR if fp8 else 2e-2,
-        f"{load} {fp8=}",
-    )
+    got = _mlp_grads(fp8, x, offsets, w_gate_up, w_down, grad_y)
+    want = _reference_mlp_grads(x, offsets, w_gate_up, w_down, grad_y)
+    _check_grads(got, want, FP8_GRAD_ERROR if fp8 else 2e-2, f"{load} {fp8=}")
     if fp8:  # the same recipe on the CPU references
-        cpu = [t.detach().cpu().requires_grad_() for t in (x, w_gate_up, w_down)]
-        want = torch.autograd.grad(mlp(cpu[0], offsets.cpu(), cpu[1], cpu[2]), cpu, grad_y.cpu())
+        want = _mlp_grads(fp8, *(t.cpu() for t in (x, offsets, w_gate_up, w_down, grad_y)))
         for name, g, w in zip(("x", "w_gate_up", "w_down"), got, want, strict=True):
             diff = calc_diff(g.cpu().float(), w.float())
             assert diff < FP8_GEMM_CALC_DIFF, f"{load} {name}: calc_diff {diff} against the CPU recipe"

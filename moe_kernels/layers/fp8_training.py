@@ -86,7 +86,6 @@ class _FP8ExpertMLP(torch.autograd.Function):
         ctx.weights = (gate_up, down)
         ctx.pow2_scale = pow2_scale
         ctx.fp8_wgrad = fp8_wgrad
-        ctx.num_tokens = tokens.shape[0]
         ctx.weight_dtypes = (w_gate_up.dtype, w_down.dtype)
         return y
 
@@ -115,8 +114,10 @@ class _FP8ExpertMLP(torch.autograd.Function):
                 grad_h, x, offsets, out_dtype=ctx.weight_dtypes[0], **x_arg, **wgrad
             )
         if needs_x:
-            # Rows outside the experts get no product: zeros, so permute's backward sums only gradients.
-            grad_x = torch.zeros(x_q.shape, dtype=torch.bfloat16, device=x_q.device)
+            # Rows outside the experts get no product. Permute's backward reads only the rows the
+            # pairs were permuted to (all inside the experts), so only a caller's own rows need zeros.
+            alloc = torch.zeros if row_map is None else torch.empty
+            grad_x = alloc(x_q.shape, dtype=torch.bfloat16, device=x_q.device)
             grouped_gemm(
                 grad_h_q, gate_up.q_t, offsets, a_scales=grad_h_scales, b_scales=gate_up.scales_t, out=grad_x
             )

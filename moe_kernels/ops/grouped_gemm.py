@@ -167,12 +167,7 @@ def _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config):
     check(b.shape[2] == k, op, f"b must be [experts, N, K={k}], got shape {list(b.shape)}")
     check(k % QUANT_BLOCK == 0 and k > 0, op, f"K (a.shape[1]) must be a positive multiple of 128, got {k}")
     check(n % QUANT_BLOCK == 0 and n > 0, op, f"N (b.shape[1]) must be a positive multiple of 128, got {n}")
-    check_dtype(expert_offsets, torch.int32, op, "expert_offsets")
-    check(
-        tuple(expert_offsets.shape) == (b.shape[0] + 1,),
-        op,
-        f"expert_offsets must be [experts + 1 = {b.shape[0] + 1}], got shape {list(expert_offsets.shape)}",
-    )
+    _check_offsets(expert_offsets, b.shape[0], op)
     fp8 = a.dtype == FP8
     check(
         fp8 == (a_scales is not None) and fp8 == (b_scales is not None),
@@ -255,9 +250,19 @@ def _silu_mul_cpu(h, expert_offsets, quantize, pow2_scale):
 def _check_offsets(expert_offsets, num_experts, op):
     check_dtype(expert_offsets, torch.int32, op, "expert_offsets")
     check(
-        tuple(expert_offsets.shape) == (num_experts + 1,) and num_experts >= 1,
+        tuple(expert_offsets.shape) == (num_experts + 1,),
         op,
         f"expert_offsets must be [experts + 1 = {num_experts + 1}], got shape {list(expert_offsets.shape)}",
+    )
+
+
+def _check_grouped_offsets(expert_offsets, op, name="expert_offsets"):
+    """Offsets whose length gives the expert count (the wgrads): int32 [E + 1] with E >= 1."""
+    check_dtype(expert_offsets, torch.int32, op, name)
+    check(
+        expert_offsets.dim() == 1 and expert_offsets.shape[0] >= 2,
+        op,
+        f"{name} must be [experts + 1] with at least one expert, got shape {list(expert_offsets.shape)}",
     )
 
 
@@ -271,7 +276,7 @@ def _check_multiple_of_128(op, **sizes):
 WGRAD_CONFIGS = ("auto", "pingpong")
 
 
-def _check_out_dtype(out_dtype, op, config="auto"):
+def _check_wgrad_options(out_dtype, config, op):
     check(
         out_dtype in (torch.bfloat16, torch.float32),
         op,
@@ -297,6 +302,7 @@ def _check_dgrad_args(grad_out, b, expert_offsets):
         f"grad_out must be [rows, N={b.shape[1]}], got shape {list(grad_out.shape)}",
     )
     _check_multiple_of_128(op, N=b.shape[1], K=b.shape[2])
+    check(b.shape[0] >= 1, op, "b must hold at least one expert")
     _check_offsets(expert_offsets, b.shape[0], op)
 
 
@@ -325,9 +331,8 @@ def _check_wgrad_args(grad_out, a, expert_offsets, out_dtype, config):
         f"a must have grad_out's {grad_out.shape[0]} rows, got {a.shape[0]}",
     )
     _check_multiple_of_128(op, N=grad_out.shape[1], K=a.shape[1])
-    check_dim(expert_offsets, 1, op, "expert_offsets", "[experts + 1]")
-    _check_offsets(expert_offsets, expert_offsets.shape[0] - 1, op)
-    _check_out_dtype(out_dtype, op, config)
+    _check_grouped_offsets(expert_offsets, op)
+    _check_wgrad_options(out_dtype, config, op)
 
 
 @register_fake("grouped_gemm_wgrad")
@@ -362,9 +367,8 @@ def _check_wgrad_fp8_args(grad_t, grad_t_scales, act_t, act_t_scales, padded, n,
             op,
             f"{name}_scales must be [{capacity // QUANT_BLOCK * width}], got shape {list(scales.shape)}",
         )
-    check_dim(padded, 1, op, "padded_offsets", "[experts + 1]")
-    _check_offsets(padded, padded.shape[0] - 1, op)
-    _check_out_dtype(out_dtype, op, config)
+    _check_grouped_offsets(padded, op, "padded_offsets")
+    _check_wgrad_options(out_dtype, config, op)
 
 
 @register_fake("grouped_gemm_wgrad_fp8")

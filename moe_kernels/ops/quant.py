@@ -152,28 +152,26 @@ def _quantize_fp8_weight_fake(w, pow2_scale=False):
     return w.new_empty(w.shape, dtype=FP8), w.new_empty(scales_shape, dtype=torch.float32)
 
 
-def _quantize_fp8_weight_transposed_cpu(w, pow2_scale=False):
-    check_quantize_fp8_weight_args(w)
+def _check_transposable(w):
     check(
         w.shape[-2] % QUANT_BLOCK == 0,
         "quantize_fp8_weight_transposed",
         f"w's N must be a multiple of 128 for the transposed copy, got {w.shape[-2]}",
     )
+
+
+@register_cpu("quantize_fp8_weight_transposed")
+def _quantize_fp8_weight_transposed_cpu(w, pow2_scale=False):
+    check_quantize_fp8_weight_args(w)
+    _check_transposable(w)
     q, scales = reference.quantize_fp8_weight(w, pow2_scale)
     return q, scales, q.view(torch.uint8).transpose(-1, -2).contiguous().view(FP8)
 
 
-register_cpu("quantize_fp8_weight_transposed")(_quantize_fp8_weight_transposed_cpu)
-
-
 @register_fake("quantize_fp8_weight_transposed")
 def _quantize_fp8_weight_transposed_fake(w, pow2_scale=False):
+    _check_transposable(w)
     q, scales = _quantize_fp8_weight_fake(w, pow2_scale)
-    check(
-        w.shape[-2] % QUANT_BLOCK == 0,
-        "quantize_fp8_weight_transposed",
-        f"w's N must be a multiple of 128 for the transposed copy, got {w.shape[-2]}",
-    )
     return q, scales, q.transpose(-1, -2).contiguous()
 
 
