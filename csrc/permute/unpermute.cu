@@ -105,7 +105,8 @@ at::Tensor unpermute(const at::Tensor& y_in, const at::Tensor& row_map_in,
     p.shared = shared.defined() ? static_cast<const T*>(shared.data_ptr()) : nullptr;
     p.shared_row_stride = shared.defined() ? shared.stride(0) : 0;
     p.out = static_cast<T*>(out.data_ptr());
-    MK_CUDA_CHECK(launch_unpermute(p, tokens, at::cuda::getCurrentCUDAStream()), op);
+    const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    MK_CUDA_CHECK(launch_unpermute(p, tokens, sm_count, at::cuda::getCurrentCUDAStream()), op);
   });
   return out;
 }

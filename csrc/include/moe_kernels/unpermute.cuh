@@ -9,8 +9,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
+#include "moe_kernels/bulk_copy.cuh"
 #include "moe_kernels/device_error.cuh"
 #include "moe_kernels/vec.cuh"
 
@@ -114,8 +116,155 @@ __global__ void __launch_bounds__(kUnpermuteThreads, 8) unpermute_kernel(Unpermu
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The bulk-copy path (top_k <= kBulkMaxTopK). A work item is one 4 KB piece of one token's output
+// row: the K rows' pieces are brought into shared memory by cp.async.bulk (one instruction per row
+// piece, issued by warp 0 lane k for pair k), then each thread sums one 16-byte vector over the K
+// rows in k order. Persistent blocks keep `stages` items in flight, so an SM has up to ~200 KB of
+// reads outstanding with few instructions, which the register-fed kernel above cannot reach.
+// ---------------------------------------------------------------------------------------------
+constexpr int kBulkThreads = 256;
+constexpr int kBulkPieceBytes = kBulkThreads * 16;
+constexpr int kBulkMaxTopK = 8;
+constexpr int kBulkMaxStages = 8;
+constexpr int kBulkStageTargetBytes = 96 * 1024 / 3;  // 3 stages of 8 rows: 2 blocks per SM
+
+struct BulkLayout {
+  int stages;
+  int stage_bytes;
+  size_t smem_bytes() const { return size_t(stages) * stage_bytes; }
+};
+
+inline BulkLayout bulk_layout(int top_k) {
+  const int stage_bytes = top_k * kBulkPieceBytes;
+  const int stages = std::min(kBulkMaxStages, std::max(2, 3 * kBulkStageTargetBytes / stage_bytes));
+  return {stages, stage_bytes};
+}
+
 template <typename T, typename W>
-cudaError_t launch_unpermute(const UnpermuteParams<T, W>& p, int64_t tokens, cudaStream_t stream) {
+__global__ void __launch_bounds__(kBulkThreads) unpermute_bulk_kernel(UnpermuteParams<T, W> p, int64_t tokens,
+                                                                      BulkLayout layout) {
+  extern __shared__ __align__(128) uint8_t pieces_smem[];
+  __shared__ uint64_t full[kBulkMaxStages];
+  __shared__ int rows[kBulkMaxStages][kBulkMaxTopK];
+  __shared__ float weights[kBulkMaxStages][kBulkMaxTopK];
+  constexpr int kElems = Vec16<T>::kSize;
+  const int64_t row_bytes = p.row_vecs * 16;
+  const int pieces = static_cast<int>((row_bytes + kBulkPieceBytes - 1) / kBulkPieceBytes);
+  const int64_t items = tokens * pieces;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < layout.stages; ++s) {
+      bulk::mbarrier_init(&full[s]);
+    }
+    bulk::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // Warp 0: lane k reads pair k of the item's token and starts the copy of its row piece.
+  auto issue = [&](int64_t item, int stage) {
+    const int lane = threadIdx.x;
+    const int64_t token = item / pieces, offset = (item % pieces) * int64_t(kBulkPieceBytes);
+    const uint32_t bytes = static_cast<uint32_t>(min(int64_t(kBulkPieceBytes), row_bytes - offset));
+    int row = -1;
+    if (lane < p.top_k) {
+      const int64_t pair = token * p.top_k + lane;
+      row = p.row_map[pair];
+      if (row >= p.y_rows) {
+        report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
+        row = -1;
+      }
+      rows[stage][lane] = row;
+      weights[stage][lane] = p.weights != nullptr ? to_float(p.weights[pair]) : 1.0f;
+    }
+    const int copies = __popc(__ballot_sync(0xffffffffu, row >= 0));
+    if (lane == 0) {  // the rows and weights above are released to the consumers by this arrival
+      bulk::mbarrier_arrive_expect_tx(&full[stage], copies * bytes);
+    }
+    __syncwarp();
+    if (row >= 0) {
+      const char* src = reinterpret_cast<const char*>(p.y + row * p.y_row_stride) + offset;
+      bulk::copy_to_shared(pieces_smem + stage * layout.stage_bytes + lane * kBulkPieceBytes, src, bytes,
+                           &full[stage]);
+    }
+  };
+
+  const int64_t step = gridDim.x;
+  if (threadIdx.x < 32) {
+    for (int s = 0; s < layout.stages && blockIdx.x + s * step < items; ++s) {
+      issue(blockIdx.x + s * step, s);
+    }
+  }
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int64_t item = blockIdx.x; item < items; item += step) {
+    bulk::mbarrier_wait(&full[stage], phase);
+    const int64_t token = item / pieces, offset = (item % pieces) * int64_t(kBulkPieceBytes);
+    const int64_t vec = offset / 16 + threadIdx.x;
+    if (vec < p.row_vecs) {
+      const uint8_t* stage_smem = pieces_smem + stage * layout.stage_bytes + threadIdx.x * 16;
+      float acc[kElems] = {};
+#pragma unroll
+      for (int k = 0; k < kBulkMaxTopK; ++k) {
+        if (k < p.top_k && rows[stage][k] >= 0) {
+          const Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(stage_smem + k * kBulkPieceBytes);
+          const float w = weights[stage][k];
+#pragma unroll
+          for (int c = 0; c < kElems; ++c) {
+            acc[c] = __fadd_rn(acc[c], __fmul_rn(to_float(v.v[c]), w));
+          }
+        }
+      }
+      if (p.shared != nullptr) {
+        const Vec16<T> s = reinterpret_cast<const Vec16<T>*>(p.shared + token * p.shared_row_stride)[vec];
+#pragma unroll
+        for (int c = 0; c < kElems; ++c) {
+          acc[c] = __fadd_rn(acc[c], to_float(s.v[c]));
+        }
+      }
+      Vec16<T> result;
+#pragma unroll
+      for (int c = 0; c < kElems; ++c) {
+        result.v[c] = from_float<T>(acc[c]);
+      }
+      reinterpret_cast<Vec16<T>*>(p.out + token * p.row_vecs * kElems)[vec] = result;
+    }
+    __syncthreads();  // the stage's pieces, rows and weights are free again
+    if (threadIdx.x < 32 && item + layout.stages * step < items) {
+      issue(item + layout.stages * step, stage);
+    }
+    if (++stage == layout.stages) {
+      stage = 0;
+      phase ^= 1u;
+    }
+  }
+}
+
+// Persistent grid: as many blocks as fit on the GPU (shared memory bounds it), never more than items.
+template <typename T, typename W>
+cudaError_t launch_unpermute_bulk(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count,
+                                  cudaStream_t stream) {
+  const BulkLayout layout = bulk_layout(p.top_k);
+  auto* kernel = unpermute_bulk_kernel<T, W>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.smem_bytes()));
+  int per_sm = 0;
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBulkThreads, layout.smem_bytes());
+  }
+  if (err != cudaSuccess) {
+    return err;
+  }
+  const int64_t pieces = (p.row_vecs * 16 + kBulkPieceBytes - 1) / kBulkPieceBytes;
+  const int64_t grid = std::min<int64_t>(int64_t(std::max(per_sm, 1)) * sm_count, tokens * pieces);
+  kernel<<<static_cast<unsigned>(grid), kBulkThreads, layout.smem_bytes(), stream>>>(p, tokens, layout);
+  return cudaGetLastError();
+}
+
+template <typename T, typename W>
+cudaError_t launch_unpermute(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count, cudaStream_t stream) {
+  if (p.top_k <= kBulkMaxTopK) {
+    return launch_unpermute_bulk(p, tokens, sm_count, stream);
+  }
   unpermute_kernel<T, W><<<static_cast<unsigned>(tokens), kUnpermuteThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
