@@ -72,6 +72,65 @@ void dispatch_router_kernel(at::ScalarType dtype, int vpt, ScoreFunc score_func,
   }
 }
 
+// Experts per lane of router_forward_pair_kernel (two tokens per warp), or 0 where it does not
+// apply: sigmoid scores, E = 16 * vpt for an instantiated vpt, groups (if any) of whole lanes.
+inline int pair_values_per_lane(int64_t num_experts, int64_t num_groups, ScoreFunc score_func) {
+  if (score_func != ScoreFunc::kSigmoid || num_experts % kHalfWarp != 0 || kHalfWarp % num_groups != 0) {
+    return 0;
+  }
+  const int vpt = static_cast<int>(num_experts / kHalfWarp);
+  return (vpt == 2 || vpt == 4 || vpt == 8 || vpt == 16 || vpt == 24) ? vpt : 0;
+}
+
+// Calls f.template operator()<T, kVpt>() for a vpt accepted by pair_values_per_lane.
+template <typename F>
+void dispatch_router_pair_kernel(at::ScalarType dtype, int vpt, const char* op, F&& f) {
+  auto by_vpt = [&]<typename T>() {
+    switch (vpt) {
+      case 2: {
+        f.template operator()<T, 2>();
+        break;
+      }
+      case 4: {
+        f.template operator()<T, 4>();
+        break;
+      }
+      case 8: {
+        f.template operator()<T, 8>();
+        break;
+      }
+      case 16: {
+        f.template operator()<T, 16>();
+        break;
+      }
+      case 24: {
+        f.template operator()<T, 24>();
+        break;
+      }
+      default: {
+        MK_CHECK(false, op, "no two-tokens-per-warp kernel for ", vpt, " experts per lane");
+      }
+    }
+  };
+  switch (dtype) {
+    case at::ScalarType::BFloat16: {
+      by_vpt.template operator()<__nv_bfloat16>();
+      break;
+    }
+    case at::ScalarType::Half: {
+      by_vpt.template operator()<__half>();
+      break;
+    }
+    case at::ScalarType::Float: {
+      by_vpt.template operator()<float>();
+      break;
+    }
+    default: {
+      MK_CHECK(false, op, "logits must be bfloat16, float16 or float32, got ", dtype);
+    }
+  }
+}
+
 // Grid of a warp-per-token kernel: enough 8-warp blocks for every token, at most `waves` per SM.
 inline int warp_per_token_grid(int64_t num_tokens, int warps_per_block, int waves) {
   const int64_t needed = (num_tokens + warps_per_block - 1) / warps_per_block;

@@ -75,10 +75,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
   p.vectorized = rows_vectorizable(logits, vpt);
   p.scaling_factor = static_cast<float>(scaling_factor);
 
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // Two tokens per warp where it applies (DeepSeek-V3, Kimi-K2): the same results, half the
+  // per-token cost of the warp collectives.
+  const int pair_vpt = pair_values_per_lane(num_experts, num_groups, score_func);
+  if (pair_vpt > 0) {
+    p.vpt = pair_vpt;
+    p.lane_local_groups = true;
+    p.group_lanes_log2 = __builtin_ctz(static_cast<unsigned>(kHalfWarp / num_groups));
+    p.vectorized = rows_vectorizable(logits, pair_vpt);
+    const int pair_grid = warp_per_token_grid((num_tokens + 1) / 2, kWarpsPerBlock, 8);
+    dispatch_router_pair_kernel(logits.scalar_type(), pair_vpt, op, [&]<typename T, int kVpt>() {
+      router_forward_pair_kernel<T, kVpt><<<pair_grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+      MK_CUDA_CHECK(cudaGetLastError(), op);
+    });
+    return {weights, ids, counts};
+  }
+
   const size_t group_smem =
       (num_groups > 1 && !p.lane_local_groups) ? kWarpsPerBlock * num_experts * sizeof(float) : 0;
   const int grid = warp_per_token_grid(num_tokens, kWarpsPerBlock, 8);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_router_kernel(
       logits.scalar_type(), vpt, score_func, op, [&]<typename T, int kMaxVpt, bool kSigmoid>() {
         router_forward_kernel<T, kMaxVpt, kSigmoid><<<grid, kWarpsPerBlock * 32, group_smem, stream>>>(p);

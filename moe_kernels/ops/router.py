@@ -152,22 +152,7 @@ def _router_backward_fake(grad_weights, logits, ids, score_func, renormalize, sc
     return torch.empty_like(logits)
 
 
-def _router_setup_context(ctx, inputs, output):
-    logits, _, _, score_func, _, _, _, renormalize, scaling_factor, _ = inputs
-    ctx.save_for_backward(logits, output[1])
-    ctx.config = (score_func, renormalize, scaling_factor)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _router_backward(ctx, grad_weights, grad_ids, grad_counts):
-    logits, ids = ctx.saved_tensors
-    grad_logits = None
-    if ctx.needs_input_grad[0]:
-        grad_logits = torch.ops.moe_kernels.router_backward(grad_weights.float(), logits, ids, *ctx.config)
-    return grad_logits, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("moe_kernels::router", _router_backward, setup_context=_router_setup_context)
+# The router's autograd is registered in C++ (csrc/router/router_autograd.cpp): host time.
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 // kept in registers (kMaxVpt, a power of two >= vpt, sizes the arrays). Selection compares 32-bit
 // order-preserving keys, so the warp-wide argmax of a top-K round is one redux.sync plus a ballot;
 // ties go to the lowest lane and, inside a lane, to the lowest slot: the lower expert index.
+// router_forward_pair_kernel routes two tokens per warp (16 lanes each) for sigmoid scores and
+// E = 16 * kVpt, with the same results; see its comment.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -71,8 +73,13 @@ __device__ __forceinline__ float nan_to_neg_inf(float x) {
 }
 
 // 1 / (1 + e^-x) with the fast exponential and reciprocal (a few ulp; -inf -> 0, +inf -> 1).
+// __expf(-x) is ex2.approx(x * -log2(e)); its non-ftz form only differs (by handling results below
+// 2^-126) where 1 + e^-x rounds to 1 anyway, so ex2.approx.ftz gives the same bits in 4
+// instructions instead of 7.
 __device__ __forceinline__ float sigmoid(float x) {
-  return __fdividef(1.0f, 1.0f + __expf(-x));
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * -0x1.715476p+0f));
+  return __fdividef(1.0f, 1.0f + e);
 }
 
 // Softmax of a row held by the warp: exp(l - max) / sum; when the max is not finite (a +inf logit,
@@ -430,6 +437,286 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(con
   if (p.counts != nullptr) {
     __syncthreads();
     for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+      if (block_counts[e] != 0) {
+        atomicAdd(&p.counts[e], block_counts[e]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Two tokens per warp: sigmoid scores, E = 16 * kVpt, groups (if any) made of 2^n whole lanes.
+//
+// Lanes 0-15 route one token and lanes 16-31 the next (a "half" each); lane l of a half owns the
+// experts [l*kVpt, (l+1)*kVpt), with kVpt exact, so no slot is padding. Each collective serves both
+// tokens, halving the fixed per-token costs of the one-token kernel. Selection, per half:
+//   1. group scores and kept groups as in mask_groups, masking by a per-lane flag;
+//   2. tau = the K-th largest of the kept lanes' top two (lower on ties): at least K experts reach
+//      tau, so none below it can be in the top K;
+//   3. the experts >= tau (about K + 1 on generic data) are compacted in expert order into shared
+//      memory, one per lane, and ranked against each other; rank r < K is the r-th pick.
+// A half whose tau is -inf (fewer than K finite experts in the kept groups) or that has more than 16
+// candidates makes the warp take K rounds of argmax over every expert (select_by_rounds per half).
+// The picks' scores are recomputed from their logits (same function, same bits) rather than
+// carried through the selection, and the renormalising sum adds them in the one-token kernel's
+// order: weights and ids are bit-identical to router_forward_kernel's.
+// ------------------------------------------------------------------------------------------------
+constexpr int kHalfWarp = 16;
+
+struct alignas(8) PairCandidate {  // one 8-byte shared store (append_if_at_least)
+  float sel;
+  int id;
+};
+static_assert(sizeof(PairCandidate) == 8, "append_if_at_least stores 8 bytes");
+
+// Inverse of select_key for keys of non-NaN values.
+__device__ __forceinline__ float key_value(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// Max of v over this lane's half, on every lane. Two full-warp redux.sync: one over a 16-lane mask
+// is serialised per distinct mask (WARPSYNC.COLLECTIVE). 0 is the identity: keys are unsigned.
+__device__ __forceinline__ uint32_t half_max(uint32_t v, bool upper) {
+  const uint32_t lower_max = __reduce_max_sync(0xffffffffu, upper ? 0u : v);
+  const uint32_t upper_max = __reduce_max_sync(0xffffffffu, upper ? v : 0u);
+  return upper ? upper_max : lower_max;
+}
+
+// The number of lanes j < `rounds` of this lane's half (read with 16-wide shuffles, lane
+// j * lane_step) whose key beats `mine`: greater, or equal with j < my_index (lower index wins
+// ties). That is one 64-bit compare, (other, my_index) > (mine, j), and a predicated add. The loop
+// bound must be uniform.
+__device__ __forceinline__ int count_beating(uint32_t mine, int rounds, int lane_step, int my_index) {
+  int count = 0;
+  for (int j = 0; j < rounds; ++j) {
+    const uint32_t other = __shfl_sync(0xffffffffu, mine, j * lane_step, kHalfWarp);
+    asm("{\n\t.reg .pred p;\n\t.reg .b64 a, b;\n\tmov.b64 a, {%1, %2};\n\tmov.b64 b, {%3, %4};\n\t"
+        "setp.gt.u64 p, a, b;\n\t@p add.s32 %0, %0, 1;\n\t}"
+        : "+r"(count)
+        : "r"(my_index), "r"(other), "r"(j), "r"(mine));
+  }
+  return count;
+}
+
+// count + (x >= threshold), and the append of a candidate (x, id) at the shared-memory address
+// `dst` when x >= threshold (dst then advances). A NaN threshold never passes. The count uses set
+// (an all-ones mask), not a predicate, or ptxas merges the two compares and keeps 16 predicates
+// alive through P2R; the append is a predicated store, where C++ gets a branch per expert.
+__device__ __forceinline__ int count_at_least(int count, float x, float threshold) {
+  uint32_t passes;
+  asm("set.ge.u32.f32 %0, %1, %2;" : "=r"(passes) : "f"(x), "f"(threshold));
+  return count - static_cast<int>(passes);
+}
+
+__device__ __forceinline__ void append_if_at_least(uint32_t& dst, float x, int id, float threshold) {
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ge.f32 p, %1, %2;\n\t@p st.shared.v2.b32 [%0], {%3, %4};\n\t"
+      "@p add.u32 %0, %0, 8;\n\t}"
+      : "+r"(dst)
+      : "f"(x), "f"(threshold), "r"(__float_as_uint(x)), "r"(id)
+      : "memory");
+}
+
+// The lane's kVpt logits as fp32, 0 for a half past the last token (its results are not stored).
+template <typename T, int kVpt>
+__device__ __forceinline__ void load_lane_logits(const T* src, bool valid, bool vectorized,
+                                                 float (&v)[kVpt]) {
+  constexpr int kVec = Vec16<T>::kSize;
+  if constexpr (kVpt % kVec == 0) {
+    if (vectorized) {
+#pragma unroll
+      for (int j = 0; j < kVpt / kVec; ++j) {
+        Vec16<T> piece = {};
+        if (valid) {
+          piece = *reinterpret_cast<const Vec16<T>*>(src + j * kVec);
+        }
+#pragma unroll
+        for (int q = 0; q < kVec; ++q) {
+          v[j * kVec + q] = to_float(piece.v[q]);
+        }
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kVpt; ++i) {
+    v[i] = valid ? to_float(src[i]) : 0.0f;
+  }
+}
+
+template <typename T, int kVpt>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_pair_kernel(const ForwardParams p) {
+  constexpr int kExperts = kHalfWarp * kVpt;
+  __shared__ int32_t block_counts[kExperts];
+  __shared__ PairCandidate candidates[kWarpsPerBlock][32];
+  __shared__ int32_t picks[kWarpsPerBlock][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const bool upper = lane >= kHalfWarp;
+  const int half_lane = lane % kHalfWarp, half_base = lane - half_lane;
+  const int first_expert = half_lane * kVpt;
+  const uint32_t half_mask = 0xffffu << half_base;
+  PairCandidate* half_candidates = candidates[warp] + half_base;
+  int32_t* half_picks = picks[warp] + half_base;
+  if (p.counts != nullptr) {
+    for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+      block_counts[e] = 0;
+    }
+    __syncthreads();
+  }
+
+  // The bias of the lane's experts, NaN as -inf: s + bias is then never NaN (s is in [0, 1]) and
+  // equals nan_to_neg_inf(s + bias) for every bias.
+  float bias[kVpt];
+#pragma unroll
+  for (int i = 0; i < kVpt; ++i) {
+    bias[i] = p.bias != nullptr ? nan_to_neg_inf(p.bias[first_expert + i]) : 0.0f;
+  }
+
+  const T* logits = static_cast<const T*>(p.logits);
+  for (int64_t t0 = (blockIdx.x * int64_t(kWarpsPerBlock) + warp) * 2; t0 < p.num_tokens;
+       t0 += int64_t(gridDim.x) * kWarpsPerBlock * 2) {
+    const int64_t t = t0 + (upper ? 1 : 0);
+    const bool valid = t < p.num_tokens;  // false for the upper half of an odd last pair
+    const T* row = logits + t * kExperts;
+    float sel[kVpt];
+    load_lane_logits<T, kVpt>(row + first_expert, valid, p.vectorized, sel);
+    // fmaxf(x, -inf) is nan_to_neg_inf in one instruction (maxNum returns the non-NaN operand).
+#pragma unroll
+    for (int i = 0; i < kVpt; ++i) {
+      sel[i] = sigmoid(fmaxf(sel[i], -INFINITY)) + bias[i];
+    }
+    // The lane's top two (values with multiplicity; nothing is NaN).
+    float best = -INFINITY, second = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kVpt; ++i) {
+      second = fmaxf(second, fminf(best, sel[i]));
+      best = fmaxf(best, sel[i]);
+    }
+
+    // Groups: every lane of a group ends up with the group's top two, hence the same score.
+    bool kept = true;
+    if (p.num_groups > 1) {
+      float group_best = best, group_second = second;
+      for (int offset = 1; offset < (1 << p.group_lanes_log2); offset *= 2) {
+        const float other_best = __shfl_xor_sync(0xffffffffu, group_best, offset);
+        const float other_second = __shfl_xor_sync(0xffffffffu, group_second, offset);
+        merge_top2(group_best, group_second, other_best, other_second);
+      }
+      const uint32_t group_key =
+          select_key(p.group_top2 ? nan_to_neg_inf(group_best + group_second) : group_best);
+      // Kept: fewer than topk_groups groups beat this one (higher score, or equal and lower index),
+      // the groups kept by mask_groups' rounds. Group g is read from its first lane.
+      const int my_group = half_lane >> p.group_lanes_log2;
+      kept = count_beating(group_key, p.num_groups, 1 << p.group_lanes_log2, my_group) < p.topk_groups;
+    }
+
+    // tau: K rounds popping the largest head of the half; masked lanes offer none (0). Every lane
+    // holding the maximum pops, so each round pops at least one head and all popped heads are >=
+    // the last round's maximum: at least K heads (distinct experts) are >= tau. Without ties that
+    // is the K-th largest head; ties only lower tau. tau is 0 when the kept lanes run out of heads.
+    uint32_t head = kept ? select_key(best) : 0u, next_head = kept ? select_key(second) : 0u;
+    uint32_t tau = 0;
+    for (int k = 0; k < p.top_k; ++k) {
+      tau = half_max(head, upper);
+      if (head == tau) {
+        head = next_head;
+        next_head = 0;
+      }
+    }
+    // Above the key of -inf, tau is a real value and the masked experts (-inf) are below it. A NaN
+    // threshold makes a lane offer no candidate (masked lanes, the empty half, the fallback).
+    const bool usable = tau > select_key(-INFINITY);
+    const float threshold = (valid && kept && usable) ? key_value(tau) : __uint_as_float(0x7fffffffu);
+    int count = 0;
+#pragma unroll
+    for (int i = 0; i < kVpt; ++i) {
+      count = count_at_least(count, sel[i], threshold);
+    }
+    int position = count;  // inclusive prefix sum over the half's lanes, then exclusive
+#pragma unroll
+    for (int offset = 1; offset < kHalfWarp; offset *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, position, offset, kHalfWarp);
+      position += half_lane >= offset ? other : 0;
+    }
+    const int num_candidates = __shfl_sync(0xffffffffu, position, kHalfWarp - 1, kHalfWarp);
+    position -= count;
+    const bool fallback = valid && (!usable || num_candidates > kHalfWarp);
+
+    const bool writer = valid && half_lane < p.top_k;
+    int my_id = 0;  // lane k < K of the half: the k-th pick
+    if (!__any_sync(0xffffffffu, fallback)) {
+      uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(half_candidates + position));
+#pragma unroll
+      for (int i = 0; i < kVpt; ++i) {
+        append_if_at_least(dst, sel[i], first_expert + i, threshold);
+      }
+      __syncwarp();
+      // Lanes past the half's candidates rank key 0, below every candidate (> the key of -inf).
+      const bool candidate = half_lane < num_candidates;
+      const PairCandidate mine = candidate ? half_candidates[half_lane] : PairCandidate{0.0f, 0};
+      // Rank: candidates above, plus equal ones earlier in expert order (lower index wins ties).
+      const int rounds = __reduce_max_sync(0xffffffffu, num_candidates);  // both halves at once
+      const int rank = count_beating(candidate ? select_key(mine.sel) : 0u, rounds, 1, half_lane);
+      if (candidate && rank < p.top_k) {
+        half_picks[rank] = mine.id;
+      }
+      __syncwarp();
+      my_id = writer ? half_picks[half_lane] : 0;
+    } else {
+      // K rounds of argmax over every expert, per half; masked experts count as -inf.
+      uint32_t key[kVpt];
+#pragma unroll
+      for (int i = 0; i < kVpt; ++i) {
+        key[i] = select_key(kept ? sel[i] : -INFINITY);
+      }
+      for (int k = 0; k < p.top_k; ++k) {
+        uint32_t lane_best = 0;
+        int best_slot = 0;
+#pragma unroll
+        for (int i = 0; i < kVpt; ++i) {
+          if (key[i] > lane_best) {
+            lane_best = key[i];
+            best_slot = i;
+          }
+        }
+        // Every expert's key is above 0 and E >= K: each half has a winner in every round.
+        const bool top = lane_best == half_max(lane_best, upper);
+        const int winner = __ffs(__ballot_sync(0xffffffffu, top) & half_mask) - 1;
+        if (lane == winner) {
+#pragma unroll
+          for (int i = 0; i < kVpt; ++i) {
+            key[i] = i == best_slot ? 0u : key[i];
+          }
+        }
+        const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
+        if (half_lane == k) {
+          my_id = id;
+        }
+      }
+    }
+
+    // Lane k < K: the k-th pick's score, recomputed as above. The renormalising sum runs over the
+    // half as warp_sum does over lanes 0-15 in the one-token kernel (lanes 16-31 add +0 there).
+    float weight = writer ? sigmoid(nan_to_neg_inf(to_float(row[my_id]))) : 0.0f;
+    if (p.renormalize) {
+      float sum = weight;
+#pragma unroll
+      for (int offset = kHalfWarp / 2; offset > 0; offset /= 2) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      }
+      weight = weight / (sum + kRenormEps);
+    }
+    if (writer) {
+      p.weights[t * p.top_k + half_lane] = weight * p.scaling_factor;
+      p.ids[t * p.top_k + half_lane] = my_id;
+      if (p.counts != nullptr) {
+        atomicAdd(&block_counts[my_id], 1);
+      }
+    }
+  }
+  if (p.counts != nullptr) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
       if (block_counts[e] != 0) {
         atomicAdd(&p.counts[e], block_counts[e]);
       }
