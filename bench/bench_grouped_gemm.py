@@ -1,10 +1,15 @@
 """Grouped GEMM benchmark: our CUTLASS kernels vs what a user would otherwise call.
 
 FP8 (ours: 1x128 / 128x128 blockwise scales, fp32 promotion every 128 of K) against
-torch._scaled_grouped_mm (FP8 rowwise, coarser scales) and a loop of torch._scaled_mm; BF16 against
+torch._scaled_grouped_mm (FP8 rowwise, coarser scales) with fast accumulation (the fastest setting,
+the baseline of the targets) and with its default, and a loop of torch._scaled_mm; BF16 against
 torch._grouped_mm. The ceiling is one dense cuBLAS GEMM with the same FLOPs (FP8 rowwise with fast
 accumulation for FP8, bf16 for BF16), measured in the same run. TFLOP/s count useful rows only.
-Decode rows also report GB/s of expert weights read (all their bytes must stream from HBM).
+
+Loads: "realistic" counts are what a router gives (T*K picks drawn from uniform experts, so the
+fullest of 32 experts gets ~5% more rows than the mean), "skewed" a Zipf router, "balanced" equal
+counts. Decode rows also report GB/s of expert weights read (all their bytes must stream from HBM)
+and that rate as % of the copy bandwidth measured in the same process.
 """
 
 import argparse
@@ -13,7 +18,7 @@ import itertools
 import torch
 
 import moe_kernels
-from moe_kernels.testing import report, time_cuda_us
+from moe_kernels.testing import measure_copy_tbps, report, time_cuda_us
 
 FP8 = torch.float8_e4m3fn
 # "auto" is what users get; the named configurations are timed too, to keep the heuristic honest.
@@ -30,6 +35,12 @@ def balanced(rows, experts):
     return base
 
 
+def realistic(rows, experts, gen):
+    """Counts of `rows` picks, each drawn uniformly over the experts (a router on random tokens)."""
+    picks = torch.randint(experts, (rows,), generator=gen)
+    return torch.bincount(picks, minlength=experts).tolist()
+
+
 def skewed(rows, experts, gen):
     """Token counts from a skewed router: expert popularity ~ Zipf(1), drawn per token."""
     weights = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64)
@@ -40,14 +51,18 @@ def skewed(rows, experts, gen):
 # (name, counts, N, K): DeepSeek-V3 H=7168, I=2048 (gate_up N=4096); Qwen3-30B-A3B H=2048, I=768.
 def cases(gen):
     return [
-        ("EP8 gate_up E=32", balanced(32768, 32), 4096, 7168),
-        ("EP8 down E=32", balanced(32768, 32), 7168, 2048),
+        ("EP8 gate_up E=32", realistic(32768, 32, gen), 4096, 7168),
+        ("EP8 down E=32", realistic(32768, 32, gen), 7168, 2048),
+        ("EP8 gate_up balanced", balanced(32768, 32), 4096, 7168),
+        ("EP8 down balanced", balanced(32768, 32), 7168, 2048),
         ("EP8 gate_up skewed", skewed(32768, 32, gen), 4096, 7168),
-        ("1 GPU gate_up E=256", balanced(32768, 256), 4096, 7168),
-        ("1 GPU down E=256", balanced(32768, 256), 7168, 2048),
-        ("decode gate_up E=256", balanced(2048, 256), 4096, 7168),
-        ("Qwen3 gate_up E=128", balanced(32768, 128), 1536, 2048),
-        ("Qwen3 down E=128", balanced(32768, 128), 2048, 768),
+        ("1 GPU gate_up E=256", realistic(32768, 256, gen), 4096, 7168),
+        ("1 GPU down E=256", realistic(32768, 256, gen), 7168, 2048),
+        ("1 GPU gate_up E=256 balanced", balanced(32768, 256), 4096, 7168),
+        ("decode gate_up E=256", realistic(2048, 256, gen), 4096, 7168),
+        ("decode gate_up E=256 balanced", balanced(2048, 256), 4096, 7168),
+        ("Qwen3 gate_up E=128", realistic(32768, 128, gen), 1536, 2048),
+        ("Qwen3 down E=128", realistic(32768, 128, gen), 2048, 768),
     ]
 
 
@@ -61,7 +76,7 @@ def rowwise_fp8(x):
     return (x.float() / scale.unsqueeze(-1)).to(FP8), scale
 
 
-def gemm_row(name, dtype, counts, n, k, per_config, us_dense, baselines):
+def gemm_row(name, dtype, counts, n, k, per_config, us_dense, baselines, copy_tbps):
     """One result row: "auto" timings against the dense ceiling and each baseline (name -> µs)."""
     m, us = sum(counts), per_config["auto"]
     flops = 2.0 * m * n * k
@@ -79,12 +94,13 @@ def gemm_row(name, dtype, counts, n, k, per_config, us_dense, baselines):
         "dense TFLOP/s": flops / (us_dense * 1e-6) / 1e12,
         **{ratio: baseline_us / us for ratio, baseline_us in baselines.items()},
         "weights GB/s": weight_bytes / (us * 1e-6) / 1e9,
+        "weights % of copy": 100 * weight_bytes / (us * 1e-6) / (copy_tbps * 1e12),
         "best config": min(per_config, key=per_config.get),
         "us per config": per_config,
     }
 
 
-def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache):
+def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbps):
     """Ours (blockwise scales) vs torch rowwise FP8, and the dense FP8 ceiling."""
     m = sum(counts)
     a, a_scales = moe_kernels.quantize_fp8(a_bf16)
@@ -100,11 +116,20 @@ def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache):
         )
         for c in CONFIGS["fp8"]
     }
-    us_scaled = time_cuda_us(
-        lambda: torch._scaled_grouped_mm(
-            a_row, b_row.transpose(1, 2), sa_row, sb_row, offs=ends, out_dtype=torch.bfloat16
+
+    def scaled_grouped_mm(fast_accum):
+        return torch._scaled_grouped_mm(
+            a_row,
+            b_row.transpose(1, 2),
+            sa_row,
+            sb_row,
+            offs=ends,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=fast_accum,
         )
-    )
+
+    us_fast = time_cuda_us(lambda: scaled_grouped_mm(True))
+    us_default = time_cuda_us(lambda: scaled_grouped_mm(False))
     bounds = list(itertools.pairwise([0, *itertools.accumulate(counts)]))
 
     def scaled_mm_loop():
@@ -131,11 +156,11 @@ def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache):
             )
         )
     us_dense = dense_cache[(m, n, k)]
-    baselines = {"x scaled_grouped_mm": us_scaled, "x scaled_mm loop": us_loop}
-    return gemm_row(name, "fp8", counts, n, k, per_config, us_dense, baselines)
+    baselines = {"x torch fast-accum": us_fast, "x torch default": us_default, "x scaled_mm loop": us_loop}
+    return gemm_row(name, "fp8", counts, n, k, per_config, us_dense, baselines, copy_tbps)
 
 
-def bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets):
+def bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets, copy_tbps):
     """Ours vs torch._grouped_mm, and the dense bf16 ceiling."""
     ends = offsets[1:].contiguous()
     per_config = {
@@ -145,26 +170,27 @@ def bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets):
     us_torch = time_cuda_us(lambda: torch._grouped_mm(a_bf16, b_bf16.transpose(1, 2), offs=ends))
     dense_b = b_bf16[0].T
     us_dense = time_cuda_us(lambda: a_bf16 @ dense_b)
-    return gemm_row(name, "bf16", counts, n, k, per_config, us_dense, {"x grouped_mm": us_torch})
+    return gemm_row(name, "bf16", counts, n, k, per_config, us_dense, {"x grouped_mm": us_torch}, copy_tbps)
 
 
-def bench_case(name, counts, n, k, dense_cache):
+def bench_case(name, counts, n, k, dense_cache, copy_tbps):
     e, m = len(counts), sum(counts)
     offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
     a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
     b_bf16 = (torch.randn(e, n, k, device="cuda") / k**0.5).bfloat16()
-    rows = [bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache)]
+    rows = [bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbps)]
     torch.cuda.empty_cache()
-    rows.append(bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets))
+    rows.append(bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets, copy_tbps))
     return rows
 
 
 def main(out_dir="bench/results", copy_tbps=None):
+    copy_tbps = copy_tbps or measure_copy_tbps()
     gen = torch.Generator().manual_seed(0)
     dense_cache = {}
     rows = []
     for case in cases(gen):
-        rows += bench_case(*case, dense_cache)
+        rows += bench_case(*case, dense_cache, copy_tbps)
         torch.cuda.empty_cache()
     columns = [
         "case",
@@ -176,14 +202,17 @@ def main(out_dir="bench/results", copy_tbps=None):
         "us",
         "TFLOP/s",
         "% of dense",
-        "x scaled_grouped_mm",
+        "x torch fast-accum",
+        "x torch default",
         "x scaled_mm loop",
         "x grouped_mm",
         "weights GB/s",
+        "weights % of copy",
         "best config",
     ]
     title = "Grouped GEMM (ceiling: dense cuBLAS GEMM with the same FLOPs, same run)"
-    report(title, "grouped_gemm", rows, columns, out_dir, ["x scaled_grouped_mm", "x grouped_mm"])
+    ratios = ["x torch fast-accum", "x torch default", "x grouped_mm"]
+    report(title, "grouped_gemm", rows, columns, out_dir, ratios, {"copy_tbps": copy_tbps})
     return rows
 
 
