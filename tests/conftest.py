@@ -1,5 +1,7 @@
 """Markers that skip cleanly where the hardware is missing: requires_cuda, requires_sm90, requires_gpus(n)."""
 
+import os
+
 import pytest
 import torch
 
@@ -24,3 +26,50 @@ def requires_gpus(n: int):
 def gen():
     """A seeded generator per test: fresh random data, reproducible failures."""
     return torch.Generator().manual_seed(1234)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hypothesis profiles (tests/test_properties.py): "ci" is small and derandomised, so the CPU suite
+# stays fast and reproducible; "gpu" explores more examples where the kernels run. HYPOTHESIS_PROFILE
+# overrides the choice.
+# ------------------------------------------------------------------------------------------------
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    settings = None
+
+HYPOTHESIS_EXAMPLES = {"ci": 12, "gpu": 150}
+
+if settings is not None:
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile(
+        "ci",
+        max_examples=HYPOTHESIS_EXAMPLES["ci"],
+        derandomize=True,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=_slow_ok,
+    )
+    settings.register_profile(
+        "gpu",
+        max_examples=HYPOTHESIS_EXAMPLES["gpu"],
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=_slow_ok,
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if _is_sm90() else "ci"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Soak tests run only when asked for (-m soak): they take minutes on the GPU.
+# ------------------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: select it with -m soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

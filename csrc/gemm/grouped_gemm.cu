@@ -155,19 +155,26 @@ void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor
     MK_CHECK_SAME_DEVICE(sa, a, op, "a_scales", "a");
     MK_CHECK_SAME_DEVICE(sb, a, op, "b_scales", "a");
   }
+  MK_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, op,
+           "out must start at a 16-byte aligned address (TMA stores), got a view offset by ",
+           reinterpret_cast<uintptr_t>(out.data_ptr()) % 16, " bytes");
   check_hopper(a, op);
   const GemmConfig& cfg = choose_config(fp8, m, num_experts, config);
   if (m == 0) {
     return;
   }
   const c10::cuda::CUDAGuard guard(a.device());
+  // TMA loads need 16-byte aligned bases: a view offset into its storage is copied (rare, so the
+  // copy costs nothing in the usual case), offsets are made contiguous for the setup kernel.
+  const at::Tensor a_base = aligned_rows(a), b_base = aligned_rows(b);
+  const at::Tensor offsets = expert_offsets.contiguous();
   GroupedGemmProblem p{};
-  p.a = a.data_ptr();
-  p.b = b.data_ptr();
+  p.a = a_base.data_ptr();
+  p.b = b_base.data_ptr();
   p.out = out.data_ptr();
   p.a_scales = fp8 ? sa.data_ptr<float>() : nullptr;
   p.b_scales = fp8 ? sb.data_ptr<float>() : nullptr;
-  p.expert_offsets = expert_offsets.data_ptr<int32_t>();
+  p.expert_offsets = offsets.data_ptr<int32_t>();
   p.error_flag = device_error_flag();
   p.m_total = m;
   p.n = static_cast<int>(n);

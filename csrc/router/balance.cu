@@ -1,4 +1,5 @@
 // Launchers of the balance-loss kernels and of the expert-bias update.
+#include "common/device_error.h"
 #include "moe_kernels/balance.cuh"
 #include "router/dispatch.h"
 
@@ -52,6 +53,7 @@ LossSetup setup(const char* op, const at::Tensor& logits_in, const at::Tensor& i
   p.num_seqs = static_cast<int>(num_seqs);
   p.experts_per_device = num_devices == 0 ? 1 : static_cast<int>(num_experts / num_devices);
   p.vectorized = router::rows_vectorizable(s.logits, p.vpt);
+  p.error_flag = device_error_flag();
   return s;
 }
 

@@ -30,6 +30,11 @@ _MESSAGES = {
         "dispatch/combine (device path): a peer's signal did not arrive within the timeout; the results "
         "of that call are wrong (a peer failed, or ranks called dispatch/combine a different number of times)"
     ),
+    10: "balance_loss: expert_ids had values outside [0, num_experts); those picks were not counted",
+    11: (
+        "balance_loss: seq_offsets were not non-decreasing from 0 to the number of tokens; the loss of "
+        "that call is wrong"
+    ),
 }
 
 

@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "moe_kernels/device_error.cuh"
 #include "moe_kernels/router.cuh"
 
 namespace moe_kernels {
@@ -39,6 +40,7 @@ struct Params {
   float* loss;               // []
   const float* grad_loss;    // [] (backward)
   void* grad_logits;         // [T, E] (backward)
+  int* error_flag;           // the sticky device-error flag
 };
 
 // Index of the sequence holding token t (offsets[s] <= t < offsets[s + 1]).
@@ -96,6 +98,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) balance_stats_kernel(cons
   const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
   const int64_t chunk = (p.num_tokens + warps - 1) / warps;
   const int64_t begin = warp * chunk, end = min(p.num_tokens, begin + chunk);
+  if (p.seq_offsets != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {  // corrupt offsets: reported
+    bool ok = p.seq_offsets[0] == 0 && p.seq_offsets[p.num_seqs] == p.num_tokens;
+    for (int s = 0; s < p.num_seqs; ++s) {
+      ok = ok && p.seq_offsets[s] <= p.seq_offsets[s + 1];
+    }
+    if (!ok) {
+      report_device_error(p.error_flag, kBalanceBadSeqOffsets);
+    }
+  }
   if (begin >= end) {
     return;
   }
@@ -116,6 +127,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) balance_stats_kernel(cons
   for (int64_t t = begin; t < end; ++t) {
     while (t >= seq_end) {  // crossed into the next (possibly empty) sequence
       flush();
+      if (seq + 1 >= p.num_seqs) {  // offsets end before T: never index past them (reported above)
+        return;
+      }
       ++seq;
       seq_end = sequence_end(p, seq);
     }
@@ -126,7 +140,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) balance_stats_kernel(cons
       acc[i] += score[i] * inv_denominator;
     }
     if (lane < p.top_k) {
-      atomicAdd(&p.counts[int64_t(seq) * p.num_experts + p.ids[t * p.top_k + lane]], 1);
+      const int id = p.ids[t * p.top_k + lane];
+      if (id >= 0 && id < p.num_experts) {
+        atomicAdd(&p.counts[int64_t(seq) * p.num_experts + id], 1);
+      } else {
+        report_device_error(p.error_flag, kBalanceExpertIdOutOfRange);
+      }
     }
   }
   flush();

@@ -20,6 +20,8 @@ enum DeviceError : int {
   kEpBadCounts = 7,                // dispatch: received counts or meta inconsistent; rows dropped
   kEpCapacityOverflow = 8,         // dispatch: more rows for a rank than its fixed capacity; dropped
   kEpTimeout = 9,                  // dispatch/combine: a peer's signal did not come in time
+  kBalanceExpertIdOutOfRange = 10,  // balance_loss: an id outside [0, num_experts); not counted
+  kBalanceBadSeqOffsets = 11,       // balance_loss: seq_offsets not non-decreasing from 0 to T
 };
 
 // A plain system-scope store: no atomics over PCIe (not every host supports them), and any
