@@ -46,7 +46,6 @@ class Row:
     good: Callable | None = None  # "accepted": good(device) -> the result on clean inputs
     gpu_only: bool = False  # device mixes: only a GPU machine has two devices
     isolate: bool = False
-    xfail_cpu: str = ""  # a library bug the CPU path shows (strict xfail, see the report)
 
     @property
     def id(self) -> str:
@@ -360,7 +359,6 @@ ROWS = [
         "raises",
         lambda d: bl(LOGITS(d), rand(5, 2, d=d)),
         "balance_loss: expert_ids must be int32 or int64",
-        xfail_cpu="the CPU path does not check expert_ids' dtype: torch.bincount raises RuntimeError",
     ),
     Row(
         "balance_loss",
@@ -368,7 +366,6 @@ ROWS = [
         "raises",
         lambda d: bl(LOGITS(d), router_ids(4, 16, 2, d)),
         r"balance_loss: expert_ids must be \[tokens=5",
-        xfail_cpu="the CPU path does not check expert_ids' shape (its error names nothing)",
     ),
     Row(
         "balance_loss",
@@ -377,7 +374,6 @@ ROWS = [
         lambda d: bl(LOGITS(d), router_ids(5, 16, 2, d).index_fill_(0, ints(2, dtype=I64, d=d), 16)),
         "expert_ids",
         isolate=True,
-        xfail_cpu="the CPU path raises a shape-mismatch RuntimeError that does not name expert_ids",
     ),
     Row(
         "balance_loss",
@@ -386,7 +382,6 @@ ROWS = [
         lambda d: bl(LOGITS(d), router_ids(5, 16, 2, d).index_fill_(0, ints(2, dtype=I64, d=d), -1)),
         "expert_ids",
         isolate=True,
-        xfail_cpu="the CPU path raises torch.bincount's RuntimeError, which does not name expert_ids",
     ),
     Row(
         "balance_loss",
@@ -688,7 +683,6 @@ ROWS = [
         ),
         "unpermute: row_map",
         flag="unpermute: row_map had rows >= the rows of y",
-        xfail_cpu="the CPU path raises IndexError from indexing y, which does not name row_map",
     ),
     Row(
         "unpermute",
@@ -697,7 +691,6 @@ ROWS = [
         lambda d: unperm(torch.zeros(0, 256, dtype=BF16, device=d), permute_map(d)),
         "unpermute: row_map",
         flag="unpermute: row_map had rows >= the rows of y",
-        xfail_cpu="the CPU path returns zeros silently (reference.unpermute skips all pairs of an empty y)",
     ),
     Row(
         "unpermute",
@@ -834,7 +827,6 @@ ROWS = [
         "raises",
         lambda d: gemm(d, fp8=True, a_scales=rand(8, 3, d=d)),
         "grouped_gemm: a_scales must be",
-        xfail_cpu="the CPU path reports it from dequantize_fp8 without naming a_scales",
     ),
     Row(
         "grouped_gemm",
@@ -842,7 +834,6 @@ ROWS = [
         "raises",
         lambda d: gemm(d, fp8=True, b_scales=rand(3, 2, 2, d=d)),
         "grouped_gemm: b_scales must be",
-        xfail_cpu="the CPU path reports it from dequantize_fp8 without naming b_scales",
     ),
     Row(
         "grouped_gemm",
@@ -857,7 +848,6 @@ ROWS = [
         "raises",
         lambda d: gemm(d, out=torch.zeros(8, 256, dtype=BF16, device=d)),
         "grouped_gemm: out must be",
-        xfail_cpu="the CPU path does not check out's shape: the copy raises a RuntimeError without its name",
     ),
     Row(
         "grouped_gemm",
@@ -865,7 +855,6 @@ ROWS = [
         "raises",
         lambda d: gemm(d, out=torch.zeros(8, 128, device=d)),
         "grouped_gemm: out must be",
-        xfail_cpu="the CPU path does not check out's dtype: it writes fp32 values silently",
     ),
     Row(
         "grouped_gemm",
@@ -1184,8 +1173,6 @@ def _params():
                 marks.append(requires_sm90)
             elif row.gpu_only:
                 marks.append(pytest.mark.skip(reason="a CPU/GPU device mix needs a GPU"))
-            elif row.xfail_cpu:
-                marks.append(pytest.mark.xfail(strict=True, reason=f"library bug: {row.xfail_cpu}"))
             yield pytest.param(row, device, id=f"{row.id}-{device}", marks=marks)
 
 

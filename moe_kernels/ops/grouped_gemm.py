@@ -174,7 +174,29 @@ def _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config):
         op,
         "FP8 operands need a_scales and b_scales" if fp8 else "bfloat16 operands take no scales",
     )
+    if fp8:
+        m, e = a.shape[0], b.shape[0]
+        check(
+            tuple(a_scales.shape) == (m, k // QUANT_BLOCK),
+            op,
+            f"a_scales must be [rows={m}, K/128={k // QUANT_BLOCK}] (1x128 blocks), got shape {list(a_scales.shape)}",
+        )
+        expected = (e, n // QUANT_BLOCK, k // QUANT_BLOCK)
+        check(
+            tuple(b_scales.shape) == expected,
+            op,
+            f"b_scales must be {list(expected)} (128x128 blocks), got shape {list(b_scales.shape)}",
+        )
     check(config in GEMM_CONFIGS, op, f"config must be one of {GEMM_CONFIGS}, got {config!r}")
+
+
+def _check_gemm_out(a, b, out):
+    m, n = a.shape[0], b.shape[1]
+    check(
+        out.dtype == torch.bfloat16 and tuple(out.shape) == (m, n) and out.is_contiguous(),
+        "grouped_gemm",
+        f"out must be a contiguous bfloat16 [rows={m}, N={n}] tensor, got {out.dtype} {list(out.shape)}",
+    )
 
 
 @register_fake("grouped_gemm")
@@ -186,6 +208,7 @@ def _grouped_gemm_fake(a, b, expert_offsets, a_scales, b_scales, config="auto"):
 @register_fake("grouped_gemm_out")
 def _grouped_gemm_out_fake(a, b, expert_offsets, a_scales, b_scales, out, config="auto"):
     _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config)
+    _check_gemm_out(a, b, out)
 
 
 def _check_offset_values(a, expert_offsets):
@@ -211,6 +234,7 @@ def _grouped_gemm_cpu(a, b, expert_offsets, a_scales, b_scales, config="auto"):
 @register_cpu("grouped_gemm_out")
 def _grouped_gemm_out_cpu(a, b, expert_offsets, a_scales, b_scales, out, config="auto"):
     _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config)
+    _check_gemm_out(a, b, out)
     _check_offset_values(a, expert_offsets)
     result = reference.grouped_gemm(a, b, expert_offsets, a_scales=a_scales, b_scales=b_scales)
     lo, hi = int(expert_offsets[0]), int(expert_offsets[-1])

@@ -196,6 +196,12 @@ def _permute_fake(
 @register_cpu("unpermute")
 def _unpermute_cpu(y, row_map, weights, shared_output):
     check_unpermute_args(y, row_map, weights, shared_output)
+    # What the CUDA kernel flags on the device (and skips), raised at once here.
+    check(
+        bool((row_map < y.shape[0]).all()),
+        "unpermute",
+        f"row_map had rows >= the rows of y ({y.shape[0]}); such pairs would read past y",
+    )
     return reference.unpermute(y, row_map, weights, shared_output=shared_output)
 
 

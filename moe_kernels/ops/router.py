@@ -223,8 +223,27 @@ def balance_coefficients(logits, expert_ids, seq_lens, num_devices, alpha):
     return torch.stack(rows).float()
 
 
+def _check_balance_ids(logits, expert_ids):
+    op = "balance_loss"
+    check_dtype(expert_ids, (torch.int32, torch.int64), op, "expert_ids")
+    t, e = logits.shape
+    check(
+        expert_ids.dim() == 2 and expert_ids.shape[0] == t,
+        op,
+        f"expert_ids must be [tokens={t}, top_k], got shape {list(expert_ids.shape)}",
+    )
+
+
 @register_cpu("balance_loss")
 def _balance_loss_cpu(logits, expert_ids, seq_offsets, score_func, num_devices, alpha):
+    _check_balance_ids(logits, expert_ids)
+    e = logits.shape[1]
+    # What the CUDA kernel flags on the device (and does not count), raised at once here.
+    check(
+        bool(((expert_ids >= 0) & (expert_ids < e)).all()),
+        "balance_loss",
+        f"expert_ids had values outside [0, num_experts={e})",
+    )
     lens = _seq_lens(seq_offsets, logits.shape[0])
     loss = reference.balance_loss(
         logits, expert_ids, score_func=score_func, alpha=alpha, num_devices=num_devices, seq_lens=lens
@@ -235,7 +254,7 @@ def _balance_loss_cpu(logits, expert_ids, seq_offsets, score_func, num_devices, 
 @register_fake("balance_loss")
 def _balance_loss_fake(logits, expert_ids, seq_offsets, score_func, num_devices, alpha):
     check_dim(logits, 2, "balance_loss", "logits", "[tokens, experts]")
-    check_dtype(expert_ids, (torch.int32, torch.int64), "balance_loss", "expert_ids")
+    _check_balance_ids(logits, expert_ids)
     seqs = 1 if seq_offsets is None else seq_offsets.shape[0] - 1
     return logits.new_empty((), dtype=torch.float32), logits.new_empty(
         (seqs, logits.shape[1]), dtype=torch.float32
