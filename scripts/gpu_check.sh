@@ -7,7 +7,8 @@
 #
 # WHEELS holds nvidia_cutlass-4.2.0.0-py3-none-any.whl, fetched where there is network with
 #   pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl
-# PYTEST_ARGS (default: tests) and BENCH_ARGS (default: all families) narrow a run. Object files
+# PYTEST_ARGS (default: tests) and BENCH_ARGS (default: all families) narrow a run; SANITIZE=0 skips
+# the compute-sanitizer pass (scripts/sanitize.sh, a few minutes). Object files
 # stay in .gpu_build/ so a second call on the same machine only recompiles what changed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,10 @@ if stage build build.log env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS="$(nproc)
   stage tests tests.log $PY -m pytest ${PYTEST_ARGS:-tests} -q -rs --durations=10
   # shellcheck disable=SC2086
   stage bench bench.log $PY bench/run.py --out "$OUT" ${BENCH_ARGS:-}
+  # compute-sanitizer over every op (scripts/sanitize.sh); SANITIZE=0 skips it.
+  if [ "${SANITIZE:-1}" = 1 ]; then
+    stage sanitize sanitize.log env OUT="$OUT" PY="$PY" scripts/sanitize.sh
+  fi
 fi
 printf '\ngpu_check summary\n'
 printf '  %s\n' "${status[@]}"

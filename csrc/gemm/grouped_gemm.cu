@@ -102,8 +102,11 @@ void run_config(const char* op, const char* name, const Problem& p, const at::Te
                 size_t (*workspace_bytes)(const Problem&, int),
                 cudaError_t (*run)(const Problem&, void*, int, cudaStream_t)) {
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Zeroed (one small fill): CUTLASS's pointer-array epilogue copies whole 128-byte TMA descriptors
+  // within its workspace of which it has set only the fields it uses, so compute-sanitizer's
+  // initcheck saw reads of never-written bytes (harmless, but they hid any real report).
   at::Tensor workspace =
-      at::empty({static_cast<int64_t>(workspace_bytes(p, sm_count))}, like.options().dtype(at::kByte));
+      at::zeros({static_cast<int64_t>(workspace_bytes(p, sm_count))}, like.options().dtype(at::kByte));
   const cudaError_t err = run(p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUTLASS ", name, " failed: ", cudaGetErrorName(err), " (",
               cudaGetErrorString(err), ")");
