@@ -110,7 +110,8 @@ def test_bad_offset_values_raise_on_cpu(offsets, where, gen):
     with pytest.raises(ValueError, match=message):
         moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb)
     with pytest.raises(ValueError, match=message):
-        moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, out=torch.empty(8, 256))
+        out = torch.empty(8, 256, dtype=torch.bfloat16)
+        moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, out=out)
 
 
 def test_fake_kernels():

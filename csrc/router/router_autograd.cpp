@@ -15,9 +15,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using RouterSchema = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, int64_t, const std::optional<at::Tensor>&, c10::string_view, int64_t, int64_t,
-    c10::string_view, bool, double, bool);
+using RouterSchema = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t,
+                                                                    const std::optional<at::Tensor>&,
+                                                                    c10::string_view, int64_t, int64_t,
+                                                                    c10::string_view, bool, double, bool);
 using RouterBackwardSchema = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         c10::string_view, bool, double);
 
@@ -27,12 +28,11 @@ class RouterFunction : public torch::autograd::Function<RouterFunction> {
                                const std::optional<at::Tensor>& bias, c10::string_view score_func,
                                int64_t num_groups, int64_t topk_groups, c10::string_view group_score,
                                bool renormalize, double scaling_factor, bool return_counts) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("moe_kernels::router", "")
-                               .typed<RouterSchema>();
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("moe_kernels::router", "").typed<RouterSchema>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [weights, ids, counts] = op.call(logits, top_k, bias, score_func, num_groups, topk_groups, group_score,
-                                          renormalize, scaling_factor, return_counts);
+    auto [weights, ids, counts] = op.call(logits, top_k, bias, score_func, num_groups, topk_groups,
+                                          group_score, renormalize, scaling_factor, return_counts);
     ctx->save_for_backward({logits, ids});
     ctx->saved_data["score_func"] = std::string(score_func);
     ctx->saved_data["renormalize"] = renormalize;
@@ -59,10 +59,12 @@ class RouterFunction : public torch::autograd::Function<RouterFunction> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_autograd(
-    const at::Tensor& logits, int64_t top_k, const std::optional<at::Tensor>& bias, c10::string_view score_func,
-    int64_t num_groups, int64_t topk_groups, c10::string_view group_score, bool renormalize, double scaling_factor,
-    bool return_counts) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_autograd(const at::Tensor& logits, int64_t top_k,
+                                                               const std::optional<at::Tensor>& bias,
+                                                               c10::string_view score_func,
+                                                               int64_t num_groups, int64_t topk_groups,
+                                                               c10::string_view group_score, bool renormalize,
+                                                               double scaling_factor, bool return_counts) {
   const variable_list out = RouterFunction::apply(logits, top_k, bias, score_func, num_groups, topk_groups,
                                                   group_score, renormalize, scaling_factor, return_counts);
   return {out[0], out[1], out[2]};

@@ -179,7 +179,8 @@ def _check_gemm_args(a, b, expert_offsets, a_scales, b_scales, config):
         check(
             tuple(a_scales.shape) == (m, k // QUANT_BLOCK),
             op,
-            f"a_scales must be [rows={m}, K/128={k // QUANT_BLOCK}] (1x128 blocks), got shape {list(a_scales.shape)}",
+            f"a_scales must be [rows={m}, K/128={k // QUANT_BLOCK}] (1x128 blocks), "
+            f"got shape {list(a_scales.shape)}",
         )
         expected = (e, n // QUANT_BLOCK, k // QUANT_BLOCK)
         check(

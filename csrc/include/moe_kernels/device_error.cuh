@@ -11,15 +11,15 @@ namespace moe_kernels {
 // Codes stored in the flag. moe_kernels/ops/device_error.py maps them to messages: keep in sync.
 enum DeviceError : int {
   kNoDeviceError = 0,
-  kPermuteExpertIdOutOfRange = 1,  // permute: an id outside [-1, num_experts); the pair was dropped
-  kPermuteRowsOverflow = 2,        // permute: num_out_rows too small; pairs past it were dropped
-  kUnpermuteRowOutOfRange = 3,     // unpermute: a row_map entry >= y's rows; the pair was skipped
-  kGroupedGemmBadOffsets = 4,      // grouped_gemm: offsets not non-decreasing in [0, rows]; clamped
-  kEpExpertIdOutOfRange = 5,       // dispatch: an id outside [-1, num_experts); the pair was dropped
-  kEpUnpackRowsOverflow = 6,       // dispatch: more rows arrived than the output holds; dropped
-  kEpBadCounts = 7,                // dispatch: received counts or meta inconsistent; rows dropped
-  kEpCapacityOverflow = 8,         // dispatch: more rows for a rank than its fixed capacity; dropped
-  kEpTimeout = 9,                  // dispatch/combine: a peer's signal did not come in time
+  kPermuteExpertIdOutOfRange = 1,   // permute: an id outside [-1, num_experts); the pair was dropped
+  kPermuteRowsOverflow = 2,         // permute: num_out_rows too small; pairs past it were dropped
+  kUnpermuteRowOutOfRange = 3,      // unpermute: a row_map entry >= y's rows; the pair was skipped
+  kGroupedGemmBadOffsets = 4,       // grouped_gemm: offsets not non-decreasing in [0, rows]; clamped
+  kEpExpertIdOutOfRange = 5,        // dispatch: an id outside [-1, num_experts); the pair was dropped
+  kEpUnpackRowsOverflow = 6,        // dispatch: more rows arrived than the output holds; dropped
+  kEpBadCounts = 7,                 // dispatch: received counts or meta inconsistent; rows dropped
+  kEpCapacityOverflow = 8,          // dispatch: more rows for a rank than its fixed capacity; dropped
+  kEpTimeout = 9,                   // dispatch/combine: a peer's signal did not come in time
   kBalanceExpertIdOutOfRange = 10,  // balance_loss: an id outside [0, num_experts); not counted
   kBalanceBadSeqOffsets = 11,       // balance_loss: seq_offsets not non-decreasing from 0 to T
 };

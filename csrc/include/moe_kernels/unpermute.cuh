@@ -142,8 +142,8 @@ inline BulkLayout bulk_layout(int top_k) {
 }
 
 template <typename T, typename W>
-__global__ void __launch_bounds__(kBulkThreads) unpermute_bulk_kernel(UnpermuteParams<T, W> p, int64_t tokens,
-                                                                      BulkLayout layout) {
+__global__ void __launch_bounds__(kBulkThreads)
+    unpermute_bulk_kernel(UnpermuteParams<T, W> p, int64_t tokens, BulkLayout layout) {
   extern __shared__ __align__(128) uint8_t pieces_smem[];
   __shared__ uint64_t full[kBulkMaxStages];
   __shared__ int rows[kBulkMaxStages][kBulkMaxTopK];
@@ -261,7 +261,8 @@ cudaError_t launch_unpermute_bulk(const UnpermuteParams<T, W>& p, int64_t tokens
 }
 
 template <typename T, typename W>
-cudaError_t launch_unpermute(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count, cudaStream_t stream) {
+cudaError_t launch_unpermute(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count,
+                             cudaStream_t stream) {
   if (p.top_k <= kBulkMaxTopK) {
     return launch_unpermute_bulk(p, tokens, sm_count, stream);
   }
