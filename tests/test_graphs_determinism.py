@@ -16,10 +16,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from conftest import requires_sm90
-from test_layer import reference_forward
+from test_layer import ROUTERS, reference_forward
 
 import moe_kernels
-from moe_kernels import MoE, RouterPreset, reference
+from moe_kernels import MoE, reference
 from moe_kernels.ops.grouped_gemm import grouped_gemm_dgrad, grouped_gemm_wgrad, silu_mul_backward
 from moe_kernels.ops.quant import quantize_fp8_transposed
 from moe_kernels.testing import assert_bitwise_equal, calc_diff, capture_cuda_graph
@@ -28,16 +28,7 @@ FP8 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=requires_sm90)]
 
-# DeepSeek-V3's router semantics at a small size: sigmoid, expert bias, 4 groups keep 2, top-2-sum.
-ROUTER = RouterPreset(
-    num_experts=16,
-    top_k=4,
-    score_func="sigmoid",
-    uses_bias=True,
-    num_groups=4,
-    topk_groups=2,
-    scaling_factor=2.5,
-)
+ROUTER = ROUTERS["deepseek_v3"]  # DeepSeek-V3's router semantics at a small size
 HIDDEN, INTER, SHARED = 256, 128, 128
 
 

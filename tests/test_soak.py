@@ -13,23 +13,14 @@ import time
 import pytest
 import torch
 from conftest import requires_sm90
-from test_layer import reference_forward
+from test_layer import ROUTERS, reference_forward
 
 import moe_kernels
-from moe_kernels import MoE, RouterPreset
+from moe_kernels import MoE
 from moe_kernels.testing import calc_diff
 
 BF16 = torch.bfloat16
-# DeepSeek-V3's router semantics with small dims, so 10,000 calls take little time.
-ROUTER = RouterPreset(
-    num_experts=16,
-    top_k=4,
-    score_func="sigmoid",
-    uses_bias=True,
-    num_groups=4,
-    topk_groups=2,
-    scaling_factor=2.5,
-)
+ROUTER = ROUTERS["deepseek_v3"]  # DeepSeek-V3's router semantics at a small size
 HIDDEN, INTER, SHARED = 128, 128, 128
 LEAK_SLACK_BYTES = 1 << 20  # one leaked block per call (>= 512 bytes) over 10,000 calls is 5 MB
 

@@ -55,6 +55,26 @@ __device__ __forceinline__ void unpermute_load_pairs(const UnpermuteParams<T, W>
   __syncthreads();
 }
 
+// out[token] vector i = acc (the K weighted rows, summed in k order) + shared[token], rounded once.
+template <typename T, typename W>
+__device__ __forceinline__ void unpermute_store(const UnpermuteParams<T, W>& p, int64_t token, int64_t i,
+                                                float (&acc)[Vec16<T>::kSize]) {
+  constexpr int kElems = Vec16<T>::kSize;
+  if (p.shared != nullptr) {
+    const Vec16<T> s = reinterpret_cast<const Vec16<T>*>(p.shared + token * p.shared_row_stride)[i];
+#pragma unroll
+    for (int c = 0; c < kElems; ++c) {
+      acc[c] = __fadd_rn(acc[c], to_float(s.v[c]));
+    }
+  }
+  Vec16<T> result;
+#pragma unroll
+  for (int c = 0; c < kElems; ++c) {
+    result.v[c] = from_float<T>(acc[c]);
+  }
+  reinterpret_cast<Vec16<T>*>(p.out + token * p.row_vecs * kElems)[i] = result;
+}
+
 // out[token] vector i: the K rows' vectors loaded kUnpermuteBatch at a time, summed in k order.
 template <typename T, typename W>
 __device__ __forceinline__ void unpermute_vector(const UnpermuteParams<T, W>& p, int64_t token, int64_t i,
@@ -81,19 +101,7 @@ __device__ __forceinline__ void unpermute_vector(const UnpermuteParams<T, W>& p,
       }
     }
   }
-  if (p.shared != nullptr) {
-    const Vec16<T> s = reinterpret_cast<const Vec16<T>*>(p.shared + token * p.shared_row_stride)[i];
-#pragma unroll
-    for (int c = 0; c < kElems; ++c) {
-      acc[c] = __fadd_rn(acc[c], to_float(s.v[c]));
-    }
-  }
-  Vec16<T> result;
-#pragma unroll
-  for (int c = 0; c < kElems; ++c) {
-    result.v[c] = from_float<T>(acc[c]);
-  }
-  reinterpret_cast<Vec16<T>*>(p.out + token * p.row_vecs * kElems)[i] = result;
+  unpermute_store(p, token, i, acc);
 }
 
 // One block per token: its pairs are loaded once, then each thread walks the row's 16-byte vectors
@@ -214,19 +222,7 @@ __global__ void __launch_bounds__(kBulkThreads)
           }
         }
       }
-      if (p.shared != nullptr) {
-        const Vec16<T> s = reinterpret_cast<const Vec16<T>*>(p.shared + token * p.shared_row_stride)[vec];
-#pragma unroll
-        for (int c = 0; c < kElems; ++c) {
-          acc[c] = __fadd_rn(acc[c], to_float(s.v[c]));
-        }
-      }
-      Vec16<T> result;
-#pragma unroll
-      for (int c = 0; c < kElems; ++c) {
-        result.v[c] = from_float<T>(acc[c]);
-      }
-      reinterpret_cast<Vec16<T>*>(p.out + token * p.row_vecs * kElems)[vec] = result;
+      unpermute_store(p, token, vec, acc);
     }
     __syncthreads();  // the stage's pieces, rows and weights are free again
     if (threadIdx.x < 32 && item + layout.stages * step < items) {
