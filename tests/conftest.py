@@ -43,21 +43,9 @@ HYPOTHESIS_EXAMPLES = {"ci": 12, "gpu": 150}
 
 if settings is not None:
     _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    settings.register_profile(
-        "ci",
-        max_examples=HYPOTHESIS_EXAMPLES["ci"],
-        derandomize=True,
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=_slow_ok,
-    )
-    settings.register_profile(
-        "gpu",
-        max_examples=HYPOTHESIS_EXAMPLES["gpu"],
-        deadline=None,
-        print_blob=True,
-        suppress_health_check=_slow_ok,
-    )
+    _common = {"deadline": None, "print_blob": True, "suppress_health_check": _slow_ok}
+    settings.register_profile("ci", max_examples=HYPOTHESIS_EXAMPLES["ci"], derandomize=True, **_common)
+    settings.register_profile("gpu", max_examples=HYPOTHESIS_EXAMPLES["gpu"], **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if _is_sm90() else "ci"))
 
 
@@ -73,3 +61,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+def flatten(result):
+    """The tensors of an op's result (a tensor, None, or nested tuples / lists of them), in order."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if result is None:
+        return []
+    return [t for item in result for t in flatten(item)]

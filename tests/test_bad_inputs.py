@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import requires_sm90
+from conftest import flatten, requires_sm90
 
 import moe_kernels
 from moe_kernels import MoE, RouterPreset
@@ -1091,14 +1091,6 @@ ROWS = [
 # ------------------------------------------------------------------------------------------------
 # Running a row
 # ------------------------------------------------------------------------------------------------
-
-
-def flatten(result):
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if result is None:
-        return []
-    return [t for item in result for t in flatten(item)]
 
 
 def assert_same_results(got, want, case):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import requires_sm90
+from conftest import flatten, requires_sm90
 from test_layer import ROUTERS, reference_forward
 
 import moe_kernels
@@ -420,14 +420,6 @@ def fill_free_memory(byte: int) -> None:
         for n in [64 << 20 >> s for s in range(0, 16, 2)]
     ]
     del blocks
-
-
-def flatten(result):
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if result is None:
-        return []
-    return [t for item in result for t in flatten(item)]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

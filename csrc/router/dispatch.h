@@ -1,6 +1,8 @@
 // Picks the instantiation of a router-family kernel: logits dtype x values per lane x score function.
 #pragma once
 
+#include <type_traits>
+
 #include "moe_kernels/router.cuh"
 #include "torch_utils.h"
 
@@ -46,30 +48,14 @@ void dispatch_vpt(int vpt, F&& f) {
 
 template <typename F>
 void dispatch_router_kernel(at::ScalarType dtype, int vpt, ScoreFunc score_func, const char* op, F&& f) {
-  auto by_score = [&]<typename T>() {
+  dispatch_float_type(dtype, op, "logits", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
     if (score_func == ScoreFunc::kSigmoid) {
       dispatch_vpt<T, true>(vpt, f);
     } else {
       dispatch_vpt<T, false>(vpt, f);
     }
-  };
-  switch (dtype) {
-    case at::ScalarType::BFloat16: {
-      by_score.template operator()<__nv_bfloat16>();
-      break;
-    }
-    case at::ScalarType::Half: {
-      by_score.template operator()<__half>();
-      break;
-    }
-    case at::ScalarType::Float: {
-      by_score.template operator()<float>();
-      break;
-    }
-    default: {
-      MK_CHECK(false, op, "logits must be bfloat16, float16 or float32, got ", dtype);
-    }
-  }
+  });
 }
 
 // Experts per lane of router_forward_pair_kernel (two tokens per warp), or 0 where it does not
@@ -85,7 +71,8 @@ inline int pair_values_per_lane(int64_t num_experts, int64_t num_groups, ScoreFu
 // Calls f.template operator()<T, kVpt>() for a vpt accepted by pair_values_per_lane.
 template <typename F>
 void dispatch_router_pair_kernel(at::ScalarType dtype, int vpt, const char* op, F&& f) {
-  auto by_vpt = [&]<typename T>() {
+  dispatch_float_type(dtype, op, "logits", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
     switch (vpt) {
       case 2: {
         f.template operator()<T, 2>();
@@ -111,24 +98,7 @@ void dispatch_router_pair_kernel(at::ScalarType dtype, int vpt, const char* op, 
         MK_CHECK(false, op, "no two-tokens-per-warp kernel for ", vpt, " experts per lane");
       }
     }
-  };
-  switch (dtype) {
-    case at::ScalarType::BFloat16: {
-      by_vpt.template operator()<__nv_bfloat16>();
-      break;
-    }
-    case at::ScalarType::Half: {
-      by_vpt.template operator()<__half>();
-      break;
-    }
-    case at::ScalarType::Float: {
-      by_vpt.template operator()<float>();
-      break;
-    }
-    default: {
-      MK_CHECK(false, op, "logits must be bfloat16, float16 or float32, got ", dtype);
-    }
-  }
+  });
 }
 
 // Grid of a warp-per-token kernel: enough 8-warp blocks for every token, at most `waves` per SM.

@@ -356,6 +356,30 @@ __device__ __forceinline__ void select_by_rounds(int top_k, uint32_t (&key)[kMax
   }
 }
 
+// The block's expert histogram in shared memory: zeroed at the start (when counts are wanted), then
+// added to the global counts once at the end, so the per-token atomics stay in shared memory.
+__device__ __forceinline__ void zero_block_counts(const ForwardParams& p, int32_t* block_counts,
+                                                  int experts) {
+  if (p.counts != nullptr) {
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+      block_counts[e] = 0;
+    }
+    __syncthreads();
+  }
+}
+
+__device__ __forceinline__ void flush_block_counts(const ForwardParams& p, const int32_t* block_counts,
+                                                   int experts) {
+  if (p.counts != nullptr) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+      if (block_counts[e] != 0) {
+        atomicAdd(&p.counts[e], block_counts[e]);
+      }
+    }
+  }
+}
+
 template <typename T, int kMaxVpt, bool kSigmoid>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(const ForwardParams p) {
   extern __shared__ float group_smem[];  // [warps][E] in the generic group layout, else empty
@@ -365,12 +389,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(con
   const int first_expert = lane * p.vpt;
   float* warp_smem = group_smem + warp * p.num_experts;
   Candidate* warp_candidates = candidates[warp];
-  if (p.counts != nullptr) {
-    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
-      block_counts[e] = 0;
-    }
-    __syncthreads();
-  }
+  zero_block_counts(p, block_counts, p.num_experts);
 
   // Per-lane constants, loaded once: the bias of the lane's experts and each slot's group.
   float bias[kMaxVpt];
@@ -434,14 +453,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(con
       }
     }
   }
-  if (p.counts != nullptr) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
-      if (block_counts[e] != 0) {
-        atomicAdd(&p.counts[e], block_counts[e]);
-      }
-    }
-  }
+  flush_block_counts(p, block_counts, p.num_experts);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -557,12 +569,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_pair_kerne
   const uint32_t half_mask = 0xffffu << half_base;
   PairCandidate* half_candidates = candidates[warp] + half_base;
   int32_t* half_picks = picks[warp] + half_base;
-  if (p.counts != nullptr) {
-    for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
-      block_counts[e] = 0;
-    }
-    __syncthreads();
-  }
+  zero_block_counts(p, block_counts, kExperts);
 
   // The bias of the lane's experts, NaN as -inf: s + bias is then never NaN (s is in [0, 1]) and
   // equals nan_to_neg_inf(s + bias) for every bias.
@@ -714,14 +721,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_pair_kerne
       }
     }
   }
-  if (p.counts != nullptr) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
-      if (block_counts[e] != 0) {
-        atomicAdd(&p.counts[e], block_counts[e]);
-      }
-    }
-  }
+  flush_block_counts(p, block_counts, kExperts);
 }
 
 // d weights / d logits. With p_k the picked scores, D = sum_k p_k + eps:

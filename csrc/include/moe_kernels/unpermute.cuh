@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "moe_kernels/bulk_copy.cuh"
@@ -135,7 +136,8 @@ constexpr int kBulkThreads = 256;
 constexpr int kBulkPieceBytes = kBulkThreads * 16;
 constexpr int kBulkMaxTopK = 8;
 constexpr int kBulkMaxStages = 8;
-constexpr int kBulkStageTargetBytes = 96 * 1024 / 3;  // 3 stages of 8 rows: 2 blocks per SM
+constexpr int kBulkSmemBytes = 96 * 1024;  // the stages' budget: 2 blocks per SM
+static_assert(kBulkSmemBytes / (kBulkMaxTopK * kBulkPieceBytes) >= 2, "at least two stages at the largest K");
 
 struct BulkLayout {
   int stages;
@@ -145,7 +147,7 @@ struct BulkLayout {
 
 inline BulkLayout bulk_layout(int top_k) {
   const int stage_bytes = top_k * kBulkPieceBytes;
-  const int stages = std::min(kBulkMaxStages, std::max(2, 3 * kBulkStageTargetBytes / stage_bytes));
+  const int stages = std::min(kBulkMaxStages, kBulkSmemBytes / stage_bytes);
   return {stages, stage_bytes};
 }
 
@@ -235,24 +237,53 @@ __global__ void __launch_bounds__(kBulkThreads)
   }
 }
 
-// Persistent grid: as many blocks as fit on the GPU (shared memory bounds it), never more than items.
+// Blocks of the bulk kernel per SM at this top_k on the current device. The shared-memory opt-in
+// (once, to the largest layout) and the occupancy query are host calls of a few µs: made once per
+// device and top_k rather than at every launch.
 template <typename T, typename W>
-cudaError_t launch_unpermute_bulk(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count,
-                                  cudaStream_t stream) {
-  const BulkLayout layout = bulk_layout(p.top_k);
+cudaError_t bulk_blocks_per_sm(int top_k, int& per_sm) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices][kBulkMaxTopK + 1];  // 0 until queried
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) {
+    return err;
+  }
+  std::atomic<int>* slot = device < kMaxDevices ? &known[device][top_k] : nullptr;
+  per_sm = slot != nullptr ? slot->load(std::memory_order_relaxed) : 0;
+  if (per_sm > 0) {
+    return cudaSuccess;
+  }
   auto* kernel = unpermute_bulk_kernel<T, W>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(layout.smem_bytes()));
-  int per_sm = 0;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBulkSmemBytes);
   if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBulkThreads, layout.smem_bytes());
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBulkThreads,
+                                                        bulk_layout(top_k).smem_bytes());
   }
   if (err != cudaSuccess) {
     return err;
   }
+  per_sm = std::max(per_sm, 1);
+  if (slot != nullptr) {
+    slot->store(per_sm, std::memory_order_relaxed);
+  }
+  return cudaSuccess;
+}
+
+// Persistent grid: as many blocks as fit on the GPU (shared memory bounds it), never more than items.
+template <typename T, typename W>
+cudaError_t launch_unpermute_bulk(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count,
+                                  cudaStream_t stream) {
+  int per_sm = 0;
+  const cudaError_t err = bulk_blocks_per_sm<T, W>(p.top_k, per_sm);
+  if (err != cudaSuccess) {
+    return err;
+  }
+  const BulkLayout layout = bulk_layout(p.top_k);
   const int64_t pieces = (p.row_vecs * 16 + kBulkPieceBytes - 1) / kBulkPieceBytes;
-  const int64_t grid = std::min<int64_t>(int64_t(std::max(per_sm, 1)) * sm_count, tokens * pieces);
-  kernel<<<static_cast<unsigned>(grid), kBulkThreads, layout.smem_bytes(), stream>>>(p, tokens, layout);
+  const int64_t grid = std::min<int64_t>(int64_t(per_sm) * sm_count, tokens * pieces);
+  unpermute_bulk_kernel<T, W>
+      <<<static_cast<unsigned>(grid), kBulkThreads, layout.smem_bytes(), stream>>>(p, tokens, layout);
   return cudaGetLastError();
 }
 
