@@ -1,6 +1,9 @@
 // Launchers of the grouped GEMMs (forward, BF16 dgrad, BF16 and FP8 wgrad): argument checks, the
 // tile-configuration heuristic, the workspace (from torch's caching allocator, so it is allocated
 // once and graph-safe), the current stream.
+#include <cstdlib>
+#include <string_view>
+
 #include "common/device_error.h"
 #include "moe_kernels/grouped_gemm.h"
 #include "torch_utils.h"
@@ -8,6 +11,19 @@
 namespace moe_kernels {
 namespace gemm {
 namespace {
+
+// A GEMM output. compute-sanitizer's initcheck does not see the CUTLASS epilogue's TMA stores (nor
+// cuBLAS's), so every later read of a GEMM output looks uninitialised to it. With
+// MOE_KERNELS_INITCHECK=1 in the environment (scripts/sanitize.sh sets it for initcheck only) the
+// outputs are allocated zero-filled, so that initcheck still checks every other buffer; the GEMM
+// overwrites them all the same (the tests compare every output row with the reference).
+at::Tensor gemm_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool initcheck = [] {
+    const char* value = std::getenv("MOE_KERNELS_INITCHECK");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
+  return initcheck ? at::zeros(sizes, options) : at::empty(sizes, options);
+}
 
 constexpr int kBlock = 128;
 
@@ -192,7 +208,7 @@ at::Tensor grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tens
                         c10::string_view config) {
   MK_CHECK(a.dim() == 2 && b.dim() == 3, "grouped_gemm", "a must be [rows, K] and b [experts, N, K], got ",
            shape_str(a), " and ", shape_str(b));
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
+  at::Tensor out = gemm_output({a.size(0), b.size(1)}, a.options().dtype(at::kBFloat16));
   grouped_gemm_out(a, b, expert_offsets, a_scales, b_scales, out, config);
   return out;
 }
@@ -253,7 +269,7 @@ at::Tensor run_wgrad(const char* op, WgradProblem p, const at::Tensor& like, boo
                      at::ScalarType out_dtype, c10::string_view config) {
   MK_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kFloat, op,
            "out_dtype must be bfloat16 or float32, got ", out_dtype);
-  at::Tensor out = at::empty({p.num_experts, p.n, p.k}, like.options().dtype(out_dtype));
+  at::Tensor out = gemm_output({p.num_experts, p.n, p.k}, like.options().dtype(out_dtype));
   if (p.m_total == 0) {
     return out.zero_();
   }

@@ -126,6 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(
   copy.pad_blocks_per_expert =
       align > 1 ? static_cast<int>((align - 1 + kPermutePadRowsPerBlock - 1) / kPermutePadRowsPerBlock) : 0;
   copy.num_pad_blocks = copy.pad_blocks_per_expert * index.num_local;
+  copy.after_index = true;
+  copy.early_x = first_expert == 0 && num_local == num_experts;
   if (num_out_rows == 0 || hidden == 0) {
     return {out, out_scales, expert_offsets, row_map};  // no bytes to move
   }

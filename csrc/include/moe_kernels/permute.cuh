@@ -11,6 +11,9 @@
 //   4. copy:   token-major: each token row is read once (16-byte vectors), optionally quantised to
 //              FP8 once, and written to each of its destination rows; extra blocks zero the padding.
 // Rows at or past expert_offsets[-1] are left unwritten.
+// Kernels 2-4 are launched with programmatic dependent launch (pdl.cuh): each starts while its
+// predecessor runs and waits for it only where it reads its outputs, so the chain's launch gaps and
+// the copy's loads of its first tokens' rows overlap the index kernels.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,6 +22,7 @@
 
 #include "moe_kernels/device_error.cuh"
 #include "moe_kernels/fp8.cuh"
+#include "moe_kernels/pdl.cuh"
 #include "moe_kernels/vec.cuh"
 
 namespace moe_kernels {
@@ -98,6 +102,7 @@ template <typename IdT>
 __global__ void __launch_bounds__(kPermuteIndexThreads)
     permute_count_kernel(PermuteIndexParams p, const IdT* __restrict__ ids) {
   __shared__ int counts[kPermuteMaxLocalExperts];
+  pdl_launch_dependents();  // the scan may start; it waits for these counts
   const ChunkPairs chunk = chunk_pairs(p);
   IdT id[kPermuteRankRounds];
   load_chunk_ids(ids, chunk, id);
@@ -175,6 +180,8 @@ static __global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kerne
   const bool active = slice < slices;
   const int chunk_begin = slice * chunks_per_slice;
   const int chunk_end = min(p.num_chunks, chunk_begin + chunks_per_slice);
+  pdl_launch_dependents();  // the rank kernel may start its chunk-local work
+  pdl_wait();               // the count kernel's counts
 
   if (active) {
     int sum = 0;
@@ -239,6 +246,7 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
   for (int i = threadIdx.x; i < kPermuteIndexWarps * num_local; i += blockDim.x) {
     warp_rows[i] = 0;
   }
+  pdl_launch_dependents();  // the copy may start loading its first token rows
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const ChunkPairs chunk = chunk_pairs(p);
   IdT id[kPermuteRankRounds];
@@ -262,6 +270,7 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
     rank[r] = before + __popc(peers & lanemask_lt());
   }
   __syncthreads();
+  pdl_wait();  // the scan's first rows per chunk and expert
   for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
     int row = p.chunk_rows[blockIdx.x * num_local + e];
     for (int w = 0; w < kPermuteIndexWarps; ++w) {
@@ -292,9 +301,14 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
 template <typename IdT>
 cudaError_t launch_permute_index(const PermuteIndexParams& p, const IdT* ids, cudaStream_t stream) {
   permute_count_kernel<IdT><<<p.num_chunks, kPermuteIndexThreads, 0, stream>>>(p, ids);
-  permute_scan_kernel<<<1, kPermuteScanThreads, 0, stream>>>(p);
-  permute_rank_kernel<IdT><<<p.num_chunks, kPermuteIndexThreads, 0, stream>>>(p, ids);
-  return cudaGetLastError();
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) {
+    err = launch_pdl(permute_scan_kernel, 1, kPermuteScanThreads, 0, stream, p);
+  }
+  if (err == cudaSuccess) {
+    err = launch_pdl(permute_rank_kernel<IdT>, p.num_chunks, kPermuteIndexThreads, 0, stream, p, ids);
+  }
+  return err;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,6 +330,12 @@ struct PermuteCopyParams {
   int num_out_rows;
   int pad_blocks_per_expert;  // 0 when align == 1
   int num_pad_blocks;
+  // Launched right after permute's index kernels (programmatic dependent launch): the kernel waits
+  // for them before it reads the row map or the padding bounds. With early_x it also reads x before
+  // that wait, since x was written before the index kernels (set when every expert is local, so
+  // nearly every token has a destination and the early read is rarely wasted).
+  bool after_index;
+  bool early_x;
 };
 
 // Zeroes this block's share of one expert's padding rows (FP8: zero bytes with scale 1).
@@ -368,26 +388,36 @@ __global__ void __launch_bounds__(kPermuteCopyMaxThreads)
   constexpr int kVecs = kPermuteCopyVecs;
   const int64_t first_vec = blockIdx.y * int64_t(blockDim.x) * kVecs + threadIdx.x;
   if (blockIdx.x < p.num_pad_blocks) {
+    pdl_wait();  // the padding bounds
     permute_zero_padding<kVecs>(p, first_vec);
     return;
   }
   const int64_t token = blockIdx.x - p.num_pad_blocks;
+  uint4 v[kVecs];
+  float scale[kVecs];
+  auto load_x = [&] {
+#pragma unroll
+    for (int u = 0; u < kVecs; ++u) {
+      const int64_t i = first_vec + u * blockDim.x;
+      if (i < p.row_vecs) {
+        v[u] = x[token * x_row_stride_vecs + i];
+        if (kWithScales && i % kFp8VecsPerGroup == 0) {
+          scale[u] = x_scales[token * p.groups + i / kFp8VecsPerGroup];
+        }
+      }
+    }
+  };
+  if (p.early_x) {
+    load_x();
+  }
+  pdl_wait();  // the row map (see after_index)
   __shared__ int dest[kPermuteMaxTopK];
   const int num_dest = permute_destinations(p, token, dest);
   if (num_dest == 0) {
-    return;  // routed to no local expert: never read
+    return;  // routed to no local expert: not read unless early_x
   }
-  uint4 v[kVecs];
-  float scale[kVecs];
-#pragma unroll
-  for (int u = 0; u < kVecs; ++u) {
-    const int64_t i = first_vec + u * blockDim.x;
-    if (i < p.row_vecs) {
-      v[u] = x[token * x_row_stride_vecs + i];
-      if (kWithScales && i % kFp8VecsPerGroup == 0) {
-        scale[u] = x_scales[token * p.groups + i / kFp8VecsPerGroup];
-      }
-    }
+  if (!p.early_x) {
+    load_x();
   }
   for (int d = 0; d < num_dest; ++d) {
     const int64_t row = dest[d];
@@ -417,26 +447,36 @@ __global__ void __launch_bounds__(kPermuteCopyMaxThreads)
   constexpr int kLoads = kSlotChannels / Vec16<T>::kSize;  // 16-byte loads per slot
   const int64_t first_vec = blockIdx.y * int64_t(blockDim.x) * kSlots + threadIdx.x;
   if (blockIdx.x < p.num_pad_blocks) {
+    pdl_wait();  // the padding bounds
     permute_zero_padding<kSlots>(p, first_vec);
     return;
   }
   const int64_t token = blockIdx.x - p.num_pad_blocks;
+  Vec16<T> in[kSlots][kLoads] = {};
+  auto load_x = [&] {
+#pragma unroll
+    for (int u = 0; u < kSlots; ++u) {
+      const int64_t i = first_vec + u * blockDim.x;
+      if (i < p.row_vecs) {
+        const Vec16<T>* src = reinterpret_cast<const Vec16<T>*>(x + token * x_row_stride + i * kSlotChannels);
+#pragma unroll
+        for (int l = 0; l < kLoads; ++l) {
+          in[u][l] = src[l];
+        }
+      }
+    }
+  };
+  if (p.early_x) {
+    load_x();
+  }
+  pdl_wait();  // the row map (see after_index)
   __shared__ int dest[kPermuteMaxTopK];
   const int num_dest = permute_destinations(p, token, dest);
   if (num_dest == 0) {
-    return;
+    return;  // not read unless early_x
   }
-  Vec16<T> in[kSlots][kLoads] = {};
-#pragma unroll
-  for (int u = 0; u < kSlots; ++u) {
-    const int64_t i = first_vec + u * blockDim.x;
-    if (i < p.row_vecs) {
-      const Vec16<T>* src = reinterpret_cast<const Vec16<T>*>(x + token * x_row_stride + i * kSlotChannels);
-#pragma unroll
-      for (int l = 0; l < kLoads; ++l) {
-        in[u][l] = src[l];
-      }
-    }
+  if (!p.early_x) {
+    load_x();
   }
   uint4 q[kSlots];
   float scale[kSlots];
@@ -494,10 +534,17 @@ inline cudaError_t launch_permute_copy(const PermuteCopyParams& p, const void* x
                                        const float* x_scales, cudaStream_t stream) {
   const PermuteCopyLaunch l = permute_copy_launch(p, kPermuteCopyVecs);
   const uint4* src = static_cast<const uint4*>(x);
+  const int64_t stride = x_row_stride_bytes / 16;
+  if (p.after_index) {
+    return x_scales != nullptr
+               ? launch_pdl(permute_copy_kernel<true>, l.grid, l.threads, 0, stream, p, src, stride, x_scales)
+               : launch_pdl(permute_copy_kernel<false>, l.grid, l.threads, 0, stream, p, src, stride,
+                            nullptr);
+  }
   if (x_scales != nullptr) {
-    permute_copy_kernel<true><<<l.grid, l.threads, 0, stream>>>(p, src, x_row_stride_bytes / 16, x_scales);
+    permute_copy_kernel<true><<<l.grid, l.threads, 0, stream>>>(p, src, stride, x_scales);
   } else {
-    permute_copy_kernel<false><<<l.grid, l.threads, 0, stream>>>(p, src, x_row_stride_bytes / 16, nullptr);
+    permute_copy_kernel<false><<<l.grid, l.threads, 0, stream>>>(p, src, stride, nullptr);
   }
   return cudaGetLastError();
 }
@@ -506,6 +553,10 @@ template <typename T>
 cudaError_t launch_permute_quantize(const PermuteCopyParams& p, const T* x, int64_t x_row_stride,
                                     bool pow2_scale, cudaStream_t stream) {
   const PermuteCopyLaunch l = permute_copy_launch(p, kPermuteQuantSlots);
+  if (p.after_index) {
+    return launch_pdl(permute_quantize_kernel<T>, l.grid, l.threads, 0, stream, p, x, x_row_stride,
+                      pow2_scale);
+  }
   permute_quantize_kernel<T><<<l.grid, l.threads, 0, stream>>>(p, x, x_row_stride, pow2_scale);
   return cudaGetLastError();
 }

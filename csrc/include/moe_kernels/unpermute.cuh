@@ -10,8 +10,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
 
 #include "moe_kernels/bulk_copy.cuh"
 #include "moe_kernels/device_error.cuh"
@@ -126,33 +127,80 @@ __global__ void __launch_bounds__(kUnpermuteThreads, 8) unpermute_kernel(Unpermu
 }
 
 // ---------------------------------------------------------------------------------------------
-// The bulk-copy path (top_k <= kBulkMaxTopK). A work item is one 4 KB piece of one token's output
-// row: the K rows' pieces are brought into shared memory by cp.async.bulk (one instruction per row
-// piece, issued by warp 0 lane k for pair k), then each thread sums one 16-byte vector over the K
-// rows in k order. Persistent blocks keep `stages` items in flight, so an SM has up to ~200 KB of
-// reads outstanding with few instructions, which the register-fed kernel above cannot reach.
+// The bulk-copy path (top_k <= kBulkMaxTopK). A work item is one piece of one token's output row
+// (rows split into equal pieces of at most 4 KB, one 16-byte vector per thread): the K rows' pieces
+// are brought into shared memory by cp.async.bulk (one instruction per row piece, issued by warp 0
+// lane k for pair k), then each thread sums one vector over the K rows in k order. Persistent blocks
+// keep `stages` items in flight, so an SM has up to ~200 KB of reads outstanding with few
+// instructions, which the register-fed kernel above cannot reach. Warp 0 loads the row ids and
+// weights of the next item it will issue one item ahead, so their load latency is off the path
+// from a freed stage to its refill.
 // ---------------------------------------------------------------------------------------------
-constexpr int kBulkThreads = 256;
-constexpr int kBulkPieceBytes = kBulkThreads * 16;
+constexpr int kBulkMaxThreads = 256;
+constexpr int kBulkMaxPieceBytes = kBulkMaxThreads * 16;
 constexpr int kBulkMaxTopK = 8;
 constexpr int kBulkMaxStages = 8;
-constexpr int kBulkSmemBytes = 96 * 1024;  // the stages' budget: 2 blocks per SM
-static_assert(kBulkSmemBytes / (kBulkMaxTopK * kBulkPieceBytes) >= 2, "at least two stages at the largest K");
+// The stages' shared-memory budget per block: two stages at K = 8, three blocks per SM. More blocks
+// beat deeper pipelines (H200, DeepSeek-V3 T = 32768: 64 KB 101% of copy, 96 KB 78%, 112 KB 85%).
+// MOE_KERNELS_UNPERMUTE_SMEM_KB overrides it (tuning only; two stages of the largest K always fit).
+constexpr int kBulkSmemBytes = 64 * 1024;
+constexpr int kBulkMinSmemBytes = 2 * kBulkMaxTopK * kBulkMaxPieceBytes;
+constexpr int kBulkMaxSmemBytes = 200 * 1024;
+static_assert(kBulkSmemBytes >= kBulkMinSmemBytes, "at least two stages at the largest K");
+
+inline int bulk_smem_budget() {
+  static const int budget = [] {
+    const char* value = std::getenv("MOE_KERNELS_UNPERMUTE_SMEM_KB");
+    const int kb = value != nullptr ? std::atoi(value) : 0;
+    return kb > 0 ? std::clamp(kb * 1024, kBulkMinSmemBytes, kBulkMaxSmemBytes) : kBulkSmemBytes;
+  }();
+  return budget;
+}
 
 struct BulkLayout {
+  int pieces;       // per row
+  int piece_bytes;  // a multiple of 16; the last piece of a row may be shorter
+  int threads;      // one per 16-byte vector of a piece, rounded up to whole warps
   int stages;
-  int stage_bytes;
+  int stage_bytes;  // top_k pieces
   size_t smem_bytes() const { return size_t(stages) * stage_bytes; }
 };
 
-inline BulkLayout bulk_layout(int top_k) {
-  const int stage_bytes = top_k * kBulkPieceBytes;
-  const int stages = std::min(kBulkMaxStages, kBulkSmemBytes / stage_bytes);
-  return {stages, stage_bytes};
+inline BulkLayout bulk_layout(int64_t row_vecs, int top_k) {
+  BulkLayout l{};
+  l.pieces = static_cast<int>((row_vecs * 16 + kBulkMaxPieceBytes - 1) / kBulkMaxPieceBytes);
+  const int piece_vecs = static_cast<int>((row_vecs + l.pieces - 1) / l.pieces);
+  l.piece_bytes = piece_vecs * 16;
+  l.threads = (piece_vecs + 31) / 32 * 32;
+  l.stage_bytes = top_k * l.piece_bytes;
+  l.stages = std::min(kBulkMaxStages, bulk_smem_budget() / l.stage_bytes);
+  return l;
+}
+
+// The (row, weight) of pair `lane` of an item's token; lanes >= top_k get row -1.
+struct BulkPair {
+  int row;
+  float weight;
+};
+
+template <typename T, typename W>
+__device__ __forceinline__ BulkPair bulk_load_pair(const UnpermuteParams<T, W>& p, int64_t token) {
+  const int lane = threadIdx.x;
+  BulkPair pair{-1, 0.0f};
+  if (lane < p.top_k) {
+    const int64_t index = token * p.top_k + lane;
+    pair.row = p.row_map[index];
+    if (pair.row >= p.y_rows) {
+      report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
+      pair.row = -1;
+    }
+    pair.weight = p.weights != nullptr ? to_float(p.weights[index]) : 1.0f;
+  }
+  return pair;
 }
 
 template <typename T, typename W>
-__global__ void __launch_bounds__(kBulkThreads)
+__global__ void __launch_bounds__(kBulkMaxThreads)
     unpermute_bulk_kernel(UnpermuteParams<T, W> p, int64_t tokens, BulkLayout layout) {
   extern __shared__ __align__(128) uint8_t pieces_smem[];
   __shared__ uint64_t full[kBulkMaxStages];
@@ -160,8 +208,7 @@ __global__ void __launch_bounds__(kBulkThreads)
   __shared__ float weights[kBulkMaxStages][kBulkMaxTopK];
   constexpr int kElems = Vec16<T>::kSize;
   const int64_t row_bytes = p.row_vecs * 16;
-  const int pieces = static_cast<int>((row_bytes + kBulkPieceBytes - 1) / kBulkPieceBytes);
-  const int64_t items = tokens * pieces;
+  const int64_t items = tokens * layout.pieces;
   if (threadIdx.x == 0) {
     for (int s = 0; s < layout.stages; ++s) {
       bulk::mbarrier_init(&full[s]);
@@ -170,53 +217,52 @@ __global__ void __launch_bounds__(kBulkThreads)
   }
   __syncthreads();
 
-  // Warp 0: lane k reads pair k of the item's token and starts the copy of its row piece.
-  auto issue = [&](int64_t item, int stage) {
+  // Warp 0: lane k publishes pair k of the item's token and starts the copy of its row piece.
+  auto issue = [&](int64_t item, int stage, BulkPair pair) {
     const int lane = threadIdx.x;
-    const int64_t token = item / pieces, offset = (item % pieces) * int64_t(kBulkPieceBytes);
-    const uint32_t bytes = static_cast<uint32_t>(min(int64_t(kBulkPieceBytes), row_bytes - offset));
-    int row = -1;
+    const int64_t offset = (item % layout.pieces) * int64_t(layout.piece_bytes);
+    const uint32_t bytes = static_cast<uint32_t>(min(int64_t(layout.piece_bytes), row_bytes - offset));
     if (lane < p.top_k) {
-      const int64_t pair = token * p.top_k + lane;
-      row = p.row_map[pair];
-      if (row >= p.y_rows) {
-        report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
-        row = -1;
-      }
-      rows[stage][lane] = row;
-      weights[stage][lane] = p.weights != nullptr ? to_float(p.weights[pair]) : 1.0f;
+      rows[stage][lane] = pair.row;
+      weights[stage][lane] = pair.weight;
     }
-    const int copies = __popc(__ballot_sync(0xffffffffu, row >= 0));
+    const int copies = __popc(__ballot_sync(0xffffffffu, pair.row >= 0));
     if (lane == 0) {  // the rows and weights above are released to the consumers by this arrival
       bulk::mbarrier_arrive_expect_tx(&full[stage], copies * bytes);
     }
     __syncwarp();
-    if (row >= 0) {
-      const char* src = reinterpret_cast<const char*>(p.y + row * p.y_row_stride) + offset;
-      bulk::copy_to_shared(pieces_smem + stage * layout.stage_bytes + lane * kBulkPieceBytes, src, bytes,
+    if (pair.row >= 0) {
+      const char* src = reinterpret_cast<const char*>(p.y + pair.row * p.y_row_stride) + offset;
+      bulk::copy_to_shared(pieces_smem + stage * layout.stage_bytes + lane * layout.piece_bytes, src, bytes,
                            &full[stage]);
     }
   };
 
   const int64_t step = gridDim.x;
+  const int64_t lookahead = layout.stages * step;  // an item is refilled by the one this far on
+  BulkPair next{-1, 0.0f};                         // warp 0: the pairs of the next refill
   if (threadIdx.x < 32) {
     for (int s = 0; s < layout.stages && blockIdx.x + s * step < items; ++s) {
-      issue(blockIdx.x + s * step, s);
+      const int64_t item = blockIdx.x + s * step;
+      issue(item, s, bulk_load_pair(p, item / layout.pieces));
+    }
+    if (blockIdx.x + lookahead < items) {
+      next = bulk_load_pair(p, (blockIdx.x + lookahead) / layout.pieces);
     }
   }
   int stage = 0;
   uint32_t phase = 0;
   for (int64_t item = blockIdx.x; item < items; item += step) {
     bulk::mbarrier_wait(&full[stage], phase);
-    const int64_t token = item / pieces, offset = (item % pieces) * int64_t(kBulkPieceBytes);
-    const int64_t vec = offset / 16 + threadIdx.x;
-    if (vec < p.row_vecs) {
+    const int64_t token = item / layout.pieces;
+    const int64_t vec = (item % layout.pieces) * (layout.piece_bytes / 16) + threadIdx.x;
+    if (threadIdx.x * 16 < layout.piece_bytes && vec < p.row_vecs) {
       const uint8_t* stage_smem = pieces_smem + stage * layout.stage_bytes + threadIdx.x * 16;
       float acc[kElems] = {};
 #pragma unroll
       for (int k = 0; k < kBulkMaxTopK; ++k) {
         if (k < p.top_k && rows[stage][k] >= 0) {
-          const Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(stage_smem + k * kBulkPieceBytes);
+          const Vec16<T> v = *reinterpret_cast<const Vec16<T>*>(stage_smem + k * layout.piece_bytes);
           const float w = weights[stage][k];
 #pragma unroll
           for (int c = 0; c < kElems; ++c) {
@@ -227,8 +273,12 @@ __global__ void __launch_bounds__(kBulkThreads)
       unpermute_store(p, token, vec, acc);
     }
     __syncthreads();  // the stage's pieces, rows and weights are free again
-    if (threadIdx.x < 32 && item + layout.stages * step < items) {
-      issue(item + layout.stages * step, stage);
+    const int64_t refill = item + lookahead;
+    if (threadIdx.x < 32 && refill < items) {
+      issue(refill, stage, next);
+      if (refill + step < items) {
+        next = bulk_load_pair(p, (refill + step) / layout.pieces);
+      }
     }
     if (++stage == layout.stages) {
       stage = 0;
@@ -237,36 +287,57 @@ __global__ void __launch_bounds__(kBulkThreads)
   }
 }
 
-// Blocks of the bulk kernel per SM at this top_k on the current device. The shared-memory opt-in
-// (once, to the largest layout) and the occupancy query are host calls of a few µs: made once per
-// device and top_k rather than at every launch.
+// Blocks of the bulk kernel per SM for a layout on the current device, from the device's limits and
+// the kernel's registers and static shared memory (queried once per device, with the shared-memory
+// opt-in: host calls of a few µs kept off the launch path).
+struct BulkDeviceLimits {
+  int smem_per_sm, regs_per_sm, threads_per_sm, static_smem, regs_per_thread;
+};
+
 template <typename T, typename W>
-cudaError_t bulk_blocks_per_sm(int top_k, int& per_sm) {
+cudaError_t bulk_blocks_per_sm(const BulkLayout& layout, int& per_sm) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices][kBulkMaxTopK + 1];  // 0 until queried
+  static std::once_flag once[kMaxDevices];
+  static BulkDeviceLimits limits[kMaxDevices];
+  static cudaError_t status[kMaxDevices];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) {
-    return err;
+  if (err != cudaSuccess || device >= kMaxDevices) {
+    return err != cudaSuccess ? err : cudaErrorInvalidDevice;
   }
-  std::atomic<int>* slot = device < kMaxDevices ? &known[device][top_k] : nullptr;
-  per_sm = slot != nullptr ? slot->load(std::memory_order_relaxed) : 0;
-  if (per_sm > 0) {
-    return cudaSuccess;
+  std::call_once(once[device], [device] {
+    auto* kernel = unpermute_bulk_kernel<T, W>;
+    BulkDeviceLimits& l = limits[device];
+    cudaFuncAttributes attributes{};
+    cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bulk_smem_budget());
+    if (e == cudaSuccess) {
+      e = cudaFuncGetAttributes(&attributes, kernel);
+    }
+    if (e == cudaSuccess) {
+      e = cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+    }
+    if (e == cudaSuccess) {
+      e = cudaDeviceGetAttribute(&l.regs_per_sm, cudaDevAttrMaxRegistersPerMultiprocessor, device);
+    }
+    if (e == cudaSuccess) {
+      e = cudaDeviceGetAttribute(&l.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+    }
+    l.static_smem = static_cast<int>(attributes.sharedSizeBytes);
+    l.regs_per_thread = std::max(attributes.numRegs, 1);
+    status[device] = e;
+  });
+  if (status[device] != cudaSuccess) {
+    return status[device];
   }
-  auto* kernel = unpermute_bulk_kernel<T, W>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBulkSmemBytes);
-  if (err == cudaSuccess) {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBulkThreads,
-                                                        bulk_layout(top_k).smem_bytes());
-  }
-  if (err != cudaSuccess) {
-    return err;
-  }
-  per_sm = std::max(per_sm, 1);
-  if (slot != nullptr) {
-    slot->store(per_sm, std::memory_order_relaxed);
-  }
+  const BulkDeviceLimits& l = limits[device];
+  constexpr int kReservedSmemPerBlock = 1024;  // the runtime's share of each block's shared memory
+  const int by_smem =
+      l.smem_per_sm / static_cast<int>(layout.smem_bytes() + l.static_smem + kReservedSmemPerBlock);
+  const int by_regs = l.regs_per_sm / (l.regs_per_thread * layout.threads);
+  const int by_threads = l.threads_per_sm / layout.threads;
+  constexpr int kMaxBlocksPerSm = 32;  // Hopper's limit
+  per_sm = std::max(1, std::min({by_smem, by_regs, by_threads, kMaxBlocksPerSm}));
   return cudaSuccess;
 }
 
@@ -274,16 +345,15 @@ cudaError_t bulk_blocks_per_sm(int top_k, int& per_sm) {
 template <typename T, typename W>
 cudaError_t launch_unpermute_bulk(const UnpermuteParams<T, W>& p, int64_t tokens, int sm_count,
                                   cudaStream_t stream) {
+  const BulkLayout layout = bulk_layout(p.row_vecs, p.top_k);
   int per_sm = 0;
-  const cudaError_t err = bulk_blocks_per_sm<T, W>(p.top_k, per_sm);
+  const cudaError_t err = bulk_blocks_per_sm<T, W>(layout, per_sm);
   if (err != cudaSuccess) {
     return err;
   }
-  const BulkLayout layout = bulk_layout(p.top_k);
-  const int64_t pieces = (p.row_vecs * 16 + kBulkPieceBytes - 1) / kBulkPieceBytes;
-  const int64_t grid = std::min<int64_t>(int64_t(per_sm) * sm_count, tokens * pieces);
+  const int64_t grid = std::min<int64_t>(int64_t(per_sm) * sm_count, tokens * layout.pieces);
   unpermute_bulk_kernel<T, W>
-      <<<static_cast<unsigned>(grid), kBulkThreads, layout.smem_bytes(), stream>>>(p, tokens, layout);
+      <<<static_cast<unsigned>(grid), layout.threads, layout.smem_bytes(), stream>>>(p, tokens, layout);
   return cudaGetLastError();
 }
 
