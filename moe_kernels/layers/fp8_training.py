@@ -24,7 +24,13 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from moe_kernels._checks import FP8, check
-from moe_kernels.ops.grouped_gemm import grouped_gemm, grouped_gemm_wgrad, silu_mul, silu_mul_backward
+from moe_kernels.ops.grouped_gemm import (
+    grouped_gemm,
+    grouped_gemm_wgrad,
+    new_gemm_output,
+    silu_mul,
+    silu_mul_backward,
+)
 from moe_kernels.ops.permute import permute, unpermute
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight_transposed
 
@@ -116,8 +122,7 @@ class _FP8ExpertMLP(torch.autograd.Function):
         if needs_x:
             # Rows outside the experts get no product. Permute's backward reads only the rows the
             # pairs were permuted to (all inside the experts), so only a caller's own rows need zeros.
-            alloc = torch.zeros if row_map is None else torch.empty
-            grad_x = alloc(x_q.shape, dtype=torch.bfloat16, device=x_q.device)
+            grad_x = new_gemm_output(x_q.shape, x_q, zeros=row_map is None)
             grouped_gemm(
                 grad_h_q, gate_up.q_t, offsets, a_scales=grad_h_scales, b_scales=gate_up.scales_t, out=grad_x
             )
