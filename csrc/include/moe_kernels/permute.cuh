@@ -378,6 +378,22 @@ __device__ __forceinline__ int permute_destinations(const PermuteCopyParams& p, 
   return num_dest;
 }
 
+// The token's destinations, once the index kernels are done (see after_index), and its row loaded
+// by load_x: before that wait with early_x, else only when the token has a destination.
+template <typename LoadX>
+__device__ __forceinline__ int permute_load_and_destinations(const PermuteCopyParams& p, int64_t token,
+                                                             int* dest, LoadX&& load_x) {
+  if (p.early_x) {
+    load_x();
+  }
+  pdl_wait();
+  const int num_dest = permute_destinations(p, token, dest);
+  if (num_dest > 0 && !p.early_x) {
+    load_x();
+  }
+  return num_dest;
+}
+
 // Rows of any element type (and FP8 rows with their scales) move as raw 16-byte vectors.
 constexpr int kPermuteCopyVecs = 4;
 
@@ -407,17 +423,10 @@ __global__ void __launch_bounds__(kPermuteCopyMaxThreads)
       }
     }
   };
-  if (p.early_x) {
-    load_x();
-  }
-  pdl_wait();  // the row map (see after_index)
   __shared__ int dest[kPermuteMaxTopK];
-  const int num_dest = permute_destinations(p, token, dest);
+  const int num_dest = permute_load_and_destinations(p, token, dest, load_x);
   if (num_dest == 0) {
-    return;  // routed to no local expert: not read unless early_x
-  }
-  if (!p.early_x) {
-    load_x();
+    return;  // routed to no local expert
   }
   for (int d = 0; d < num_dest; ++d) {
     const int64_t row = dest[d];
@@ -466,17 +475,10 @@ __global__ void __launch_bounds__(kPermuteCopyMaxThreads)
       }
     }
   };
-  if (p.early_x) {
-    load_x();
-  }
-  pdl_wait();  // the row map (see after_index)
   __shared__ int dest[kPermuteMaxTopK];
-  const int num_dest = permute_destinations(p, token, dest);
+  const int num_dest = permute_load_and_destinations(p, token, dest, load_x);
   if (num_dest == 0) {
-    return;  // not read unless early_x
-  }
-  if (!p.early_x) {
-    load_x();
+    return;  // routed to no local expert
   }
   uint4 q[kSlots];
   float scale[kSlots];
