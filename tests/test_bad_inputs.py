@@ -1025,21 +1025,21 @@ ROWS = [
         lambda d: moe_kernels.expert_mlp(
             *mlp_inputs(d)[:2], rand(3, 256, 128, dtype=BF16, d=d), mlp_inputs(d)[3]
         ),
-        r"grouped_gemm: expert_offsets must be \[experts \+ 1 = 4\]",
+        r"expert_mlp: w_gate_up, w_down and expert_offsets must agree on the experts: w_gate_up has 3",
     ),
     Row(
         "expert_mlp",
         "w_down of another hidden size",
         "raises",
         lambda d: moe_kernels.expert_mlp(*mlp_inputs(d)[:3], rand(2, 256, 256, dtype=BF16, d=d)),
-        r"grouped_gemm: b must be \[experts, N, K=128\]",
+        r"expert_mlp: w_down must be \[experts=2, hidden=128, intermediate=128\]",
     ),
     Row(
         "expert_mlp",
         "FP8 x without x_scales",
         "raises",
         lambda d: fp8_mlp_without_x_scales(d),
-        "grouped_gemm: FP8 operands need a_scales and b_scales",
+        "expert_mlp: float8_e4m3fn x needs x_scales",
     ),
     # -- the MoE layer ------------------------------------------------------------------------------
     Row(

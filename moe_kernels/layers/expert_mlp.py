@@ -2,7 +2,7 @@
 
 import torch
 
-from moe_kernels._checks import FP8
+from moe_kernels._checks import FP8, check, check_dim
 from moe_kernels.layers.fp8_training import fp8_routed_expert_mlp
 from moe_kernels.ops.grouped_gemm import grouped_gemm, silu_mul
 from moe_kernels.ops.permute import permute
@@ -31,10 +31,58 @@ def expert_mlp(
         bf16 [M, H]; rows outside the experts are unspecified. Matches ``reference.expert_mlp``.
     BF16 is differentiable (x and both weights). FP8 training: ``layers.fp8_training.fp8_expert_mlp``.
     """
+    _check_expert_mlp_args(x, expert_offsets, w_gate_up, w_down, x_scales, w_gate_up_scales, w_down_scales)
     fp8 = x.dtype == FP8
     h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
     act, act_scales = silu_mul(h, expert_offsets, quantize=fp8, pow2_scale=pow2_scale)
     return grouped_gemm(act, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
+
+
+def _check_expert_mlp_args(x, expert_offsets, w_gate_up, w_down, x_scales, w_gate_up_scales, w_down_scales):
+    """The shapes and dtypes that tie expert_mlp's arguments together, named as its caller knows them
+    (the grouped GEMMs check the rest, under their own argument names)."""
+    op = "expert_mlp"
+    check_dim(x, 2, op, "x", "[rows, hidden]")
+    check_dim(expert_offsets, 1, op, "expert_offsets", "[experts + 1]")
+    check_dim(w_gate_up, 3, op, "w_gate_up", "[experts, 2 * intermediate, hidden]")
+    check_dim(w_down, 3, op, "w_down", "[experts, hidden, intermediate]")
+    experts, two_i, hidden = w_gate_up.shape
+    check(
+        w_down.shape[0] == experts and expert_offsets.shape[0] == experts + 1,
+        op,
+        f"w_gate_up, w_down and expert_offsets must agree on the experts: w_gate_up has {experts}, "
+        f"w_down {w_down.shape[0]}, expert_offsets {expert_offsets.shape[0]} entries (experts + 1)",
+    )
+    check(
+        hidden == x.shape[1] and two_i % 2 == 0,
+        op,
+        f"w_gate_up must be [experts, 2 * intermediate, hidden={x.shape[1]}] (x's hidden size), "
+        f"got shape {list(w_gate_up.shape)}",
+    )
+    check(
+        tuple(w_down.shape) == (experts, hidden, two_i // 2),
+        op,
+        f"w_down must be [experts={experts}, hidden={hidden}, intermediate={two_i // 2}] to match "
+        f"w_gate_up {list(w_gate_up.shape)}, got shape {list(w_down.shape)}",
+    )
+    fp8_weights = w_gate_up.dtype == FP8
+    dtypes = ", ".join(str(t.dtype).removeprefix("torch.") for t in (x, w_gate_up, w_down))
+    check(
+        w_down.dtype == w_gate_up.dtype and (x.dtype == FP8) == fp8_weights,
+        op,
+        f"x, w_gate_up and w_down must all be bfloat16 or all float8_e4m3fn, got {dtypes}",
+    )
+    if fp8_weights:
+        check(
+            x_scales is not None,
+            op,
+            "float8_e4m3fn x needs x_scales (permute(..., quantize=True) gives them)",
+        )
+        check(
+            w_gate_up_scales is not None and w_down_scales is not None,
+            op,
+            "float8_e4m3fn weights need w_gate_up_scales and w_down_scales (128x128 blocks)",
+        )
 
 
 def routed_expert_mlp(
