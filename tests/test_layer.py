@@ -199,6 +199,25 @@ def test_fp8_shared_experts(gen):
     assert make_moe(shared=256).quantize_().shared_experts.__class__ is not FP8SwiGLUMLP  # bf16 by default
 
 
+def test_fp8_shared_experts_pass_input_gradients(gen):
+    """Frozen FP8 shared experts pass their input's gradient (the FP8 recipe's backward), as the routed
+    FP8 experts do; the forward is the same as without a gradient."""
+    fp8 = make_moe(shared=256).quantize_(shared_experts=True).shared_experts
+    x = randn(21, HIDDEN, gen=gen).requires_grad_(True)
+    out = fp8(x)
+    with torch.no_grad():
+        assert torch.equal(out, fp8(x))
+    grad = randn(21, HIDDEN, gen=gen)
+    out.backward(grad)
+    # Reference: the dequantised weights in fp32 autograd.
+    gate_up = reference.dequantize_fp8(fp8.gate_up_proj, fp8.gate_up_proj_scale_inv)[0].float()
+    down = reference.dequantize_fp8(fp8.down_proj, fp8.down_proj_scale_inv)[0].float()
+    xf = x.detach().float().requires_grad_(True)
+    gate, up = (xf @ gate_up.T).chunk(2, dim=-1)
+    (torch.nn.functional.silu(gate) * up @ down.T).backward(grad.float())
+    assert rel_error(x.grad.float(), xf.grad) < 0.1, rel_error(x.grad.float(), xf.grad)
+
+
 def test_fp8_shared_experts_from_fp8_linears(gen):
     """transformers' FP8Linear layout (e4m3 weight + weight_scale_inv) is taken as it is."""
     mlp = torch.nn.Module()

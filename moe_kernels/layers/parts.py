@@ -7,6 +7,7 @@ from torch import nn
 
 from moe_kernels._checks import FP8, QUANT_BLOCK, check
 from moe_kernels.layers.expert_mlp import expert_mlp
+from moe_kernels.layers.fp8_training import fp8_expert_mlp
 from moe_kernels.ops.quant import quantize_fp8, quantize_fp8_weight
 
 
@@ -128,15 +129,12 @@ class FP8SwiGLUMLP(nn.Module):
         tokens = x.shape[0]
         if tokens == 0:
             return x.new_empty((0, self.down_proj.shape[1]), dtype=torch.bfloat16)
-        x_q, x_scales = quantize_fp8(x)
         # Offsets [0, T] made on the device from a host-known T (no copy from the host: graph-safe).
         offsets = torch.arange(0, 2 * tokens, tokens, dtype=torch.int32, device=x.device)
-        return expert_mlp(
-            x_q,
-            offsets,
-            self.gate_up_proj,
-            self.down_proj,
-            x_scales=x_scales,
-            w_gate_up_scales=self.gate_up_proj_scale_inv,
-            w_down_scales=self.down_proj_scale_inv,
-        )
+        scales = dict(w_gate_up_scales=self.gate_up_proj_scale_inv, w_down_scales=self.down_proj_scale_inv)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # The weights stay frozen; x's gradient goes through DeepSeek-V3's FP8 recipe, as for the
+            # routed FP8 experts (the same forward: tokens quantised 1x128, then the FP8 GEMMs).
+            return fp8_expert_mlp(x, offsets, self.gate_up_proj, self.down_proj, **scales)
+        x_q, x_scales = quantize_fp8(x)
+        return expert_mlp(x_q, offsets, self.gate_up_proj, self.down_proj, x_scales=x_scales, **scales)
