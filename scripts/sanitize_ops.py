@@ -103,7 +103,7 @@ def permute():
         ids = routing(t)
         for align, quantize in ((1, False), (128, False), (1, True), (128, True)):
             p = moe_kernels.permute(x.detach(), ids, E, align=align, quantize=quantize)
-            read_permuted(f"permute T={t} align={align} quantize={quantize}", p)
+            read_permuted(f"permute T={t} align={align} quantize={quantize}", *p)
         moe_kernels.permute(x.detach(), ids, E, num_out_rows=max(t * K // 2, 1))  # too few rows
         try:  # reported through the device-error flag (the next front door would raise it)
             moe_kernels.check_device_errors()
@@ -120,11 +120,11 @@ def permute():
         read(f"unpermute T={t}", out, y.grad[:rows], w.grad, x.grad)
 
 
-def read_permuted(label, p):
-    """permute's output: rows at or past expert_offsets[-1] are documented as left unwritten."""
-    rows = int(p.expert_offsets[-1])
-    scales = p.out_scales[:rows] if p.out_scales is not None else None
-    read(label, p.out[:rows], scales, p.expert_offsets, p.row_map)
+def read_permuted(label, out, scales, expert_offsets, *others):
+    """Rows grouped by expert (permute, dispatch): rows at or past expert_offsets[-1] are documented
+    as left unwritten."""
+    rows = int(expert_offsets[-1])
+    read(label, out[:rows], None if scales is None else scales[:rows], expert_offsets, *others)
 
 
 def gemm():
@@ -241,13 +241,7 @@ def ep():
             device_path=device_path,
         )
         for rank, (out, scales, offsets, _) in enumerate(results):
-            rows = int(offsets[-1])  # rows past the last local expert are left unwritten, as in permute
-            read(
-                f"ep dispatch rank {rank} {label}",
-                out[:rows],
-                None if scales is None else scales[:rows],
-                offsets,
-            )
+            read_permuted(f"ep dispatch rank {rank} {label}", out, scales, offsets)
         # Stand-in experts: any values will do; combine reads only the rows the pairs name.
         ys = [torch.randn(out.shape[0], H, device=DEV, dtype=BF16) for out, *_ in results]
         read(f"ep combine {label}", loopback.combine(ys, [handle for *_, handle in results]))

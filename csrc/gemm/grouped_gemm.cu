@@ -1,10 +1,8 @@
 // Launchers of the grouped GEMMs (forward, BF16 dgrad, BF16 and FP8 wgrad): argument checks, the
 // tile-configuration heuristic, the workspace (from torch's caching allocator, so it is allocated
 // once and graph-safe), the current stream.
-#include <cstdlib>
-#include <string_view>
-
 #include "common/device_error.h"
+#include "moe_kernels/env.h"
 #include "moe_kernels/grouped_gemm.h"
 #include "torch_utils.h"
 
@@ -18,10 +16,7 @@ namespace {
 // outputs are allocated zero-filled, so that initcheck still checks every other buffer; the GEMM
 // overwrites them all the same (the tests compare every output row with the reference).
 at::Tensor gemm_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static const bool initcheck = [] {
-    const char* value = std::getenv("MOE_KERNELS_INITCHECK");
-    return value != nullptr && std::string_view(value) == "1";
-  }();
+  static const bool initcheck = env_int("MOE_KERNELS_INITCHECK", 0) == 1;
   return initcheck ? at::zeros(sizes, options) : at::empty(sizes, options);
 }
 

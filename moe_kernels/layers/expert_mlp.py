@@ -31,11 +31,18 @@ def expert_mlp(
         bf16 [M, H]; rows outside the experts are unspecified. Matches ``reference.expert_mlp``.
     BF16 is differentiable (x and both weights). FP8 training: ``layers.fp8_training.fp8_expert_mlp``.
     """
-    _check_expert_mlp_args(x, expert_offsets, w_gate_up, w_down, x_scales, w_gate_up_scales, w_down_scales)
     fp8 = x.dtype == FP8
-    h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
-    act, act_scales = silu_mul(h, expert_offsets, quantize=fp8, pow2_scale=pow2_scale)
-    return grouped_gemm(act, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
+    try:
+        h = grouped_gemm(x, w_gate_up, expert_offsets, a_scales=x_scales, b_scales=w_gate_up_scales)
+        act, act_scales = silu_mul(h, expert_offsets, quantize=fp8, pow2_scale=pow2_scale)
+        return grouped_gemm(act, w_down, expert_offsets, a_scales=act_scales, b_scales=w_down_scales)
+    except ValueError:
+        # The ops name their own arguments (a, b, h); say which of expert_mlp's is wrong, if one is.
+        # Checked only here, so the layer's forward pays nothing for it.
+        _check_expert_mlp_args(
+            x, expert_offsets, w_gate_up, w_down, x_scales, w_gate_up_scales, w_down_scales
+        )
+        raise
 
 
 def _check_expert_mlp_args(x, expert_offsets, w_gate_up, w_down, x_scales, w_gate_up_scales, w_down_scales):
@@ -66,11 +73,11 @@ def _check_expert_mlp_args(x, expert_offsets, w_gate_up, w_down, x_scales, w_gat
         f"w_gate_up {list(w_gate_up.shape)}, got shape {list(w_down.shape)}",
     )
     fp8_weights = w_gate_up.dtype == FP8
-    dtypes = ", ".join(str(t.dtype).removeprefix("torch.") for t in (x, w_gate_up, w_down))
     check(
         w_down.dtype == w_gate_up.dtype and (x.dtype == FP8) == fp8_weights,
         op,
-        f"x, w_gate_up and w_down must all be bfloat16 or all float8_e4m3fn, got {dtypes}",
+        "x, w_gate_up and w_down must all be bfloat16 or all float8_e4m3fn, got "
+        + ", ".join(str(t.dtype).removeprefix("torch.") for t in (x, w_gate_up, w_down)),
     )
     if fp8_weights:
         check(

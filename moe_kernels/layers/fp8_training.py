@@ -24,13 +24,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from moe_kernels._checks import FP8, check
-from moe_kernels.ops.grouped_gemm import (
-    grouped_gemm,
-    grouped_gemm_wgrad,
-    new_gemm_output,
-    silu_mul,
-    silu_mul_backward,
-)
+from moe_kernels.ops.grouped_gemm import grouped_gemm, grouped_gemm_wgrad, silu_mul, silu_mul_backward
 from moe_kernels.ops.permute import permute, unpermute
 from moe_kernels.ops.quant import dequantize_fp8, quantize_fp8, quantize_fp8_weight_transposed
 
@@ -122,11 +116,13 @@ class _FP8ExpertMLP(torch.autograd.Function):
         if needs_x:
             # Rows outside the experts get no product. Permute's backward reads only the rows the
             # pairs were permuted to (all inside the experts), so only a caller's own rows need zeros.
-            grad_x = new_gemm_output(x_q.shape, x_q, zeros=row_map is None)
-            grouped_gemm(
-                grad_h_q, gate_up.q_t, offsets, a_scales=grad_h_scales, b_scales=gate_up.scales_t, out=grad_x
-            )
-            grad_tokens = grad_x if row_map is None else unpermute(grad_x, row_map)
+            dgrad = dict(a_scales=grad_h_scales, b_scales=gate_up.scales_t)
+            if row_map is None:
+                grad_x = torch.zeros(x_q.shape, dtype=torch.bfloat16, device=x_q.device)
+                grouped_gemm(grad_h_q, gate_up.q_t, offsets, **dgrad, out=grad_x)
+                grad_tokens = grad_x
+            else:
+                grad_tokens = unpermute(grouped_gemm(grad_h_q, gate_up.q_t, offsets, **dgrad), row_map)
         return grad_tokens, grad_gate_up, grad_down, None, None, None, None, None, None, None, None
 
 

@@ -7,26 +7,12 @@ and ``silu_mul`` (bf16 out) are differentiable: their backward runs ``grouped_ge
 ``moe_kernels.layers.fp8_training``.
 """
 
-import os
-
 import torch
 
 from moe_kernels import reference
 from moe_kernels._checks import FP8, QUANT_BLOCK, check, check_dim, check_dtype
 from moe_kernels.ops._library import register_cpu, register_fake
 from moe_kernels.ops.device_error import raise_pending_device_error
-
-# compute-sanitizer's initcheck cannot see the GEMMs' TMA stores, so a read of a GEMM output looks
-# uninitialised to it. With MOE_KERNELS_INITCHECK=1 (scripts/sanitize.sh, for initcheck only) GEMM
-# outputs are allocated zero-filled, here and in grouped_gemm.cu, so initcheck checks the rest.
-_ZERO_FILL_GEMM_OUTPUTS = os.environ.get("MOE_KERNELS_INITCHECK") == "1"
-
-
-def new_gemm_output(shape, like: torch.Tensor, *, zeros: bool = False) -> torch.Tensor:
-    """A bf16 buffer for a grouped GEMM's out=: zero-filled when asked (or under initcheck)."""
-    alloc = torch.zeros if zeros or _ZERO_FILL_GEMM_OUTPUTS else torch.empty
-    return alloc(shape, dtype=torch.bfloat16, device=like.device)
-
 
 GEMM_CONFIGS = (
     "auto",

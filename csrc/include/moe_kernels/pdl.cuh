@@ -1,17 +1,17 @@
-// Programmatic dependent launch (Hopper): a kernel launched by launch_pdl may start while the kernel
-// before it in the stream is still running, so short dependent kernels (permute's index chain and
-// its copy) overlap their launch and their independent prologue with their predecessor. Such a
-// kernel calls pdl_wait() before it reads anything its predecessor writes (the wait returns once
-// that grid has completed and its writes are visible; for a normal launch it returns at once), and
-// a predecessor may call pdl_launch_dependents() to let the next kernel start before it ends.
-// MOE_KERNELS_PDL=0 in the environment turns the early start off (plain stream order).
+// Programmatic dependent launch (Hopper): a kernel launched by launch_pdl(..., overlap = true, ...)
+// may start while the kernel before it in the stream is still running, so short dependent kernels
+// (permute's index chain and its copy) overlap their launch and their independent prologue with
+// their predecessor. Such a kernel calls pdl_wait() before it reads anything its predecessor writes
+// (the wait returns once that grid has completed and its writes are visible; for a normal launch it
+// returns at once), and a predecessor may call pdl_launch_dependents() to let the next kernel start
+// before it ends. MOE_KERNELS_PDL=0 in the environment turns the early start off (plain stream order).
 #pragma once
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <utility>
+
+#include "moe_kernels/env.h"
 
 namespace moe_kernels {
 
@@ -24,21 +24,18 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 
 inline bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("MOE_KERNELS_PDL");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool enabled = env_int("MOE_KERNELS_PDL", 1) != 0;
   return enabled;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), allowed to start before the stream's previous
-// kernel has finished (see above).
+// kernel<<<grid, block, smem, stream>>>(args...); with overlap, allowed to start before the stream's
+// previous kernel has finished (see above), else a plain launch.
 template <typename... Params, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                       Args&&... args) {
+                       bool overlap, Args&&... args) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  attribute.val.programmaticStreamSerializationAllowed = overlap && pdl_enabled() ? 1 : 0;
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;

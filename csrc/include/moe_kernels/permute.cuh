@@ -303,10 +303,10 @@ cudaError_t launch_permute_index(const PermuteIndexParams& p, const IdT* ids, cu
   permute_count_kernel<IdT><<<p.num_chunks, kPermuteIndexThreads, 0, stream>>>(p, ids);
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) {
-    err = launch_pdl(permute_scan_kernel, 1, kPermuteScanThreads, 0, stream, p);
+    err = launch_pdl(permute_scan_kernel, 1, kPermuteScanThreads, 0, stream, true, p);
   }
   if (err == cudaSuccess) {
-    err = launch_pdl(permute_rank_kernel<IdT>, p.num_chunks, kPermuteIndexThreads, 0, stream, p, ids);
+    err = launch_pdl(permute_rank_kernel<IdT>, p.num_chunks, kPermuteIndexThreads, 0, stream, true, p, ids);
   }
   return err;
 }
@@ -537,30 +537,18 @@ inline cudaError_t launch_permute_copy(const PermuteCopyParams& p, const void* x
   const PermuteCopyLaunch l = permute_copy_launch(p, kPermuteCopyVecs);
   const uint4* src = static_cast<const uint4*>(x);
   const int64_t stride = x_row_stride_bytes / 16;
-  if (p.after_index) {
-    return x_scales != nullptr
-               ? launch_pdl(permute_copy_kernel<true>, l.grid, l.threads, 0, stream, p, src, stride, x_scales)
-               : launch_pdl(permute_copy_kernel<false>, l.grid, l.threads, 0, stream, p, src, stride,
-                            nullptr);
-  }
-  if (x_scales != nullptr) {
-    permute_copy_kernel<true><<<l.grid, l.threads, 0, stream>>>(p, src, stride, x_scales);
-  } else {
-    permute_copy_kernel<false><<<l.grid, l.threads, 0, stream>>>(p, src, stride, nullptr);
-  }
-  return cudaGetLastError();
+  return x_scales != nullptr ? launch_pdl(permute_copy_kernel<true>, l.grid, l.threads, 0, stream,
+                                          p.after_index, p, src, stride, x_scales)
+                             : launch_pdl(permute_copy_kernel<false>, l.grid, l.threads, 0, stream,
+                                          p.after_index, p, src, stride, nullptr);
 }
 
 template <typename T>
 cudaError_t launch_permute_quantize(const PermuteCopyParams& p, const T* x, int64_t x_row_stride,
                                     bool pow2_scale, cudaStream_t stream) {
   const PermuteCopyLaunch l = permute_copy_launch(p, kPermuteQuantSlots);
-  if (p.after_index) {
-    return launch_pdl(permute_quantize_kernel<T>, l.grid, l.threads, 0, stream, p, x, x_row_stride,
-                      pow2_scale);
-  }
-  permute_quantize_kernel<T><<<l.grid, l.threads, 0, stream>>>(p, x, x_row_stride, pow2_scale);
-  return cudaGetLastError();
+  return launch_pdl(permute_quantize_kernel<T>, l.grid, l.threads, 0, stream, p.after_index, p, x,
+                    x_row_stride, pow2_scale);
 }
 
 }  // namespace moe_kernels

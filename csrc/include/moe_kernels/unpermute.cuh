@@ -11,11 +11,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
+#include <map>
 #include <mutex>
+#include <tuple>
 
 #include "moe_kernels/bulk_copy.cuh"
 #include "moe_kernels/device_error.cuh"
+#include "moe_kernels/env.h"
 #include "moe_kernels/vec.cuh"
 
 namespace moe_kernels {
@@ -39,20 +41,33 @@ struct UnpermuteParams {
   int* error_flag;
 };
 
-// Loads the token's rows and weights into shared memory (threads < K). Rows past y are skipped
-// and flagged rather than read out of bounds.
+// A (token, k) pair's row of y (-1: skipped) and weight. A row past y is skipped and flagged
+// rather than read out of bounds.
+struct UnpermutePair {
+  int row;
+  float weight;
+};
+
+template <typename T, typename W>
+__device__ __forceinline__ UnpermutePair unpermute_pair(const UnpermuteParams<T, W>& p, int64_t token,
+                                                        int k) {
+  const int64_t index = token * p.top_k + k;
+  int row = p.row_map[index];
+  if (row >= p.y_rows) {
+    report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
+    row = -1;
+  }
+  return {row, p.weights != nullptr ? to_float(p.weights[index]) : 1.0f};
+}
+
+// Loads the token's rows and weights into shared memory (threads < K).
 template <typename T, typename W>
 __device__ __forceinline__ void unpermute_load_pairs(const UnpermuteParams<T, W>& p, int64_t token, int* rows,
                                                      float* weights) {
   if (threadIdx.x < p.top_k) {
-    const int64_t pair = token * p.top_k + threadIdx.x;
-    int row = p.row_map[pair];
-    if (row >= p.y_rows) {
-      report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
-      row = -1;
-    }
-    rows[threadIdx.x] = row;
-    weights[threadIdx.x] = p.weights != nullptr ? to_float(p.weights[pair]) : 1.0f;
+    const UnpermutePair pair = unpermute_pair(p, token, threadIdx.x);
+    rows[threadIdx.x] = pair.row;
+    weights[threadIdx.x] = pair.weight;
   }
   __syncthreads();
 }
@@ -150,8 +165,7 @@ static_assert(kBulkSmemBytes >= kBulkMinSmemBytes, "at least two stages at the l
 
 inline int bulk_smem_budget() {
   static const int budget = [] {
-    const char* value = std::getenv("MOE_KERNELS_UNPERMUTE_SMEM_KB");
-    const int kb = value != nullptr ? std::atoi(value) : 0;
+    const int kb = env_int("MOE_KERNELS_UNPERMUTE_SMEM_KB", 0);
     return kb > 0 ? std::clamp(kb * 1024, kBulkMinSmemBytes, kBulkMaxSmemBytes) : kBulkSmemBytes;
   }();
   return budget;
@@ -177,28 +191,6 @@ inline BulkLayout bulk_layout(int64_t row_vecs, int top_k) {
   return l;
 }
 
-// The (row, weight) of pair `lane` of an item's token; lanes >= top_k get row -1.
-struct BulkPair {
-  int row;
-  float weight;
-};
-
-template <typename T, typename W>
-__device__ __forceinline__ BulkPair bulk_load_pair(const UnpermuteParams<T, W>& p, int64_t token) {
-  const int lane = threadIdx.x;
-  BulkPair pair{-1, 0.0f};
-  if (lane < p.top_k) {
-    const int64_t index = token * p.top_k + lane;
-    pair.row = p.row_map[index];
-    if (pair.row >= p.y_rows) {
-      report_device_error(p.error_flag, kUnpermuteRowOutOfRange);
-      pair.row = -1;
-    }
-    pair.weight = p.weights != nullptr ? to_float(p.weights[index]) : 1.0f;
-  }
-  return pair;
-}
-
 template <typename T, typename W>
 __global__ void __launch_bounds__(kBulkMaxThreads)
     unpermute_bulk_kernel(UnpermuteParams<T, W> p, int64_t tokens, BulkLayout layout) {
@@ -218,7 +210,12 @@ __global__ void __launch_bounds__(kBulkMaxThreads)
   __syncthreads();
 
   // Warp 0: lane k publishes pair k of the item's token and starts the copy of its row piece.
-  auto issue = [&](int64_t item, int stage, BulkPair pair) {
+  // Warp 0: lane k's pair of an item's token (lanes >= K: none).
+  auto lane_pair = [&](int64_t item) {
+    return threadIdx.x < p.top_k ? unpermute_pair(p, item / layout.pieces, threadIdx.x)
+                                 : UnpermutePair{-1, 0.0f};
+  };
+  auto issue = [&](int64_t item, int stage, UnpermutePair pair) {
     const int lane = threadIdx.x;
     const int64_t offset = (item % layout.pieces) * int64_t(layout.piece_bytes);
     const uint32_t bytes = static_cast<uint32_t>(min(int64_t(layout.piece_bytes), row_bytes - offset));
@@ -240,14 +237,14 @@ __global__ void __launch_bounds__(kBulkMaxThreads)
 
   const int64_t step = gridDim.x;
   const int64_t lookahead = layout.stages * step;  // an item is refilled by the one this far on
-  BulkPair next{-1, 0.0f};                         // warp 0: the pairs of the next refill
+  UnpermutePair next{-1, 0.0f};                    // warp 0: the pairs of the next refill
   if (threadIdx.x < 32) {
     for (int s = 0; s < layout.stages && blockIdx.x + s * step < items; ++s) {
       const int64_t item = blockIdx.x + s * step;
-      issue(item, s, bulk_load_pair(p, item / layout.pieces));
+      issue(item, s, lane_pair(item));
     }
     if (blockIdx.x + lookahead < items) {
-      next = bulk_load_pair(p, (blockIdx.x + lookahead) / layout.pieces);
+      next = lane_pair(blockIdx.x + lookahead);
     }
   }
   int stage = 0;
@@ -277,7 +274,7 @@ __global__ void __launch_bounds__(kBulkMaxThreads)
     if (threadIdx.x < 32 && refill < items) {
       issue(refill, stage, next);
       if (refill + step < items) {
-        next = bulk_load_pair(p, (refill + step) / layout.pieces);
+        next = lane_pair(refill + step);
       }
     }
     if (++stage == layout.stages) {
@@ -287,58 +284,34 @@ __global__ void __launch_bounds__(kBulkMaxThreads)
   }
 }
 
-// Blocks of the bulk kernel per SM for a layout on the current device, from the device's limits and
-// the kernel's registers and static shared memory (queried once per device, with the shared-memory
-// opt-in: host calls of a few µs kept off the launch path).
-struct BulkDeviceLimits {
-  int smem_per_sm, regs_per_sm, threads_per_sm, static_smem, regs_per_thread;
-};
-
+// Blocks of the bulk kernel per SM for a layout on the current device. The shared-memory opt-in
+// (once per device) and the occupancy query (once per device and layout: its threads and shared
+// memory) are host calls of a few µs, kept off the launch path.
 template <typename T, typename W>
 cudaError_t bulk_blocks_per_sm(const BulkLayout& layout, int& per_sm) {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static BulkDeviceLimits limits[kMaxDevices];
-  static cudaError_t status[kMaxDevices];
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, size_t>, int> known;  // (device, threads, smem) -> blocks
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess || device >= kMaxDevices) {
-    return err != cudaSuccess ? err : cudaErrorInvalidDevice;
+  if (err != cudaSuccess) {
+    return err;
   }
-  std::call_once(once[device], [device] {
-    auto* kernel = unpermute_bulk_kernel<T, W>;
-    BulkDeviceLimits& l = limits[device];
-    cudaFuncAttributes attributes{};
-    cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bulk_smem_budget());
-    if (e == cudaSuccess) {
-      e = cudaFuncGetAttributes(&attributes, kernel);
-    }
-    if (e == cudaSuccess) {
-      e = cudaDeviceGetAttribute(&l.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-    }
-    if (e == cudaSuccess) {
-      e = cudaDeviceGetAttribute(&l.regs_per_sm, cudaDevAttrMaxRegistersPerMultiprocessor, device);
-    }
-    if (e == cudaSuccess) {
-      e = cudaDeviceGetAttribute(&l.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
-    }
-    l.static_smem = static_cast<int>(attributes.sharedSizeBytes);
-    l.regs_per_thread = std::max(attributes.numRegs, 1);
-    status[device] = e;
-  });
-  if (status[device] != cudaSuccess) {
-    return status[device];
+  const auto key = std::make_tuple(device, layout.threads, layout.smem_bytes());
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) {
+    per_sm = it->second;
+    return cudaSuccess;
   }
-  const BulkDeviceLimits& l = limits[device];
-  constexpr int kReservedSmemPerBlock = 1024;  // the runtime's share of each block's shared memory
-  const int by_smem =
-      l.smem_per_sm / static_cast<int>(layout.smem_bytes() + l.static_smem + kReservedSmemPerBlock);
-  const int by_regs = l.regs_per_sm / (l.regs_per_thread * layout.threads);
-  const int by_threads = l.threads_per_sm / layout.threads;
-  constexpr int kMaxBlocksPerSm = 32;  // Hopper's limit
-  per_sm = std::max(1, std::min({by_smem, by_regs, by_threads, kMaxBlocksPerSm}));
-  return cudaSuccess;
+  auto* kernel = unpermute_bulk_kernel<T, W>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bulk_smem_budget());
+  if (err == cudaSuccess) {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, layout.threads, layout.smem_bytes());
+  }
+  if (err == cudaSuccess) {
+    per_sm = std::max(per_sm, 1);
+    known.emplace(key, per_sm);
+  }
+  return err;
 }
 
 // Persistent grid: as many blocks as fit on the GPU (shared memory bounds it), never more than items.
