@@ -15,19 +15,29 @@ from moe_kernels.distributed.expert_map import ExpertMap
 from moe_kernels.distributed.expert_parallel import EPHandle
 
 
-def _exchange(blocks: list[list[torch.Tensor]], counts: torch.Tensor) -> list[list[torch.Tensor]]:
-    """blocks[s][i]: source s's rank-major tensor i; counts[s][d]: rows s sends to d (host).
-    Returns recv[d][i]: the rows every source sent to d, back to back in source order."""
-    w = counts.shape[0]
-    starts = torch.cat([torch.zeros(w, 1, dtype=counts.dtype), counts.cumsum(1)], 1)
+def _exchange(
+    blocks: list[list[torch.Tensor]], regions: torch.Tensor, counts: torch.Tensor | None = None
+) -> list[list[torch.Tensor]]:
+    """blocks[s][i]: source s's rank-major tensor i; regions[s][d]: rows of the (s, d) region, in the
+    send block and in d's receive block (host). Returns recv[d][i]: d's regions in source order.
+    counts[s][d] (host, default: the whole region): the rows of the region actually copied. NCCL
+    copies whole regions, but with fixed sizes the rows past the count were never written by the
+    pack and the receiver must not read them: leaving them unwritten here lets initcheck prove it."""
+    w = regions.shape[0]
+    counts = regions if counts is None else counts
+    starts = torch.cat([torch.zeros(w, 1, dtype=regions.dtype), regions.cumsum(1)], 1)
     out = []
     for d in range(w):
-        out.append(
-            [
-                torch.cat([blocks[s][i][int(starts[s, d]) : int(starts[s, d + 1])] for s in range(w)])
-                for i in range(len(blocks[0]))
-            ]
-        )
+        received = []
+        for i in range(len(blocks[0])):
+            recv = blocks[0][i].new_empty(int(regions[:, d].sum()), *blocks[0][i].shape[1:])
+            at = 0
+            for s in range(w):
+                start, n = int(starts[s, d]), int(counts[s, d])
+                recv[at : at + n] = blocks[s][i][start : start + n]
+                at += int(regions[s, d])
+            received.append(recv)
+        out.append(received)
     return out
 
 
@@ -60,12 +70,15 @@ def dispatch(
     send_counts = torch.stack([p.send_counts for p in plans])  # [src, dst, 1 + L]
     recv_counts = send_counts.transpose(0, 1).contiguous()  # [dst, src, 1 + L]
     rows = send_counts[:, :, 0].cpu() if not capacity else torch.full((w, w), capacity)
+    counted = None  # whole regions: with fixed sizes under graph capture, the counts are unknown
+    if capacity and not torch.cuda.is_current_stream_capturing():
+        counted = send_counts[:, :, 0].cpu()
     fp8 = plans[0].send_scales is not None
     blocks = [
         [p.send_x.view(torch.uint8) if fp8 else p.send_x, p.meta] + ([p.send_scales] if fp8 else [])
         for p in plans
     ]
-    received = _exchange(blocks, rows)
+    received = _exchange(blocks, rows, counted)
     results = []
     for d in range(w):
         recv_x = received[d][0].view(plans[0].send_x.dtype) if fp8 else received[d][0]
