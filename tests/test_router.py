@@ -56,6 +56,9 @@ EXTRA_CONFIGS = [
     (144, 8, dict(num_groups=16, topk_groups=4)),
     (160, 6, dict(num_groups=8, topk_groups=3, group_score="max", renormalize=False, scaling_factor=16.0)),
     (256, 16, dict(num_groups=8, topk_groups=8, score_func="sigmoid")),
+    # The two-tokens-per-warp kernel's other group counts: 2 groups of 8 lanes, 16 of one lane.
+    (64, 4, dict(num_groups=2, topk_groups=1, score_func="sigmoid")),
+    (256, 8, dict(num_groups=16, topk_groups=3, group_score="max", score_func="sigmoid")),
     (384, 8, dict(score_func="sigmoid", scaling_factor=2.827)),
     (512, 16, dict(num_groups=16, topk_groups=2)),
     (1000, 3, dict(num_groups=10, topk_groups=1, group_score="max")),

@@ -82,8 +82,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
   const int pair_vpt = pair_values_per_lane(num_experts, num_groups, score_func);
   if (pair_vpt > 0) {
     p.vpt = pair_vpt;
-    p.lane_local_groups = true;
-    p.group_lanes_log2 = __builtin_ctz(static_cast<unsigned>(kHalfWarp / num_groups));
     p.vectorized = rows_vectorizable(logits, pair_vpt);
     const int pair_grid = warp_per_token_grid((num_tokens + 1) / 2, kWarpsPerBlock, 8);
     dispatch_router_pair_kernel(logits.scalar_type(), pair_vpt, op, [&]<typename T, int kVpt>() {

@@ -72,14 +72,17 @@ __device__ __forceinline__ float nan_to_neg_inf(float x) {
   return isnan(x) ? -INFINITY : x;
 }
 
-// 1 / (1 + e^-x) with the fast exponential and reciprocal (a few ulp; -inf -> 0, +inf -> 1).
-// __expf(-x) is ex2.approx(x * -log2(e)); its non-ftz form only differs (by handling results below
-// 2^-126) where 1 + e^-x rounds to 1 anyway, so ex2.approx.ftz gives the same bits in 4
-// instructions instead of 7.
+// 1 / (1 + e^-x) with the fast exponential and reciprocal (a few ulp; -inf -> 0, +inf -> 1, and NaN
+// -> 0, the score of -inf). __expf(-x) is ex2.approx(x * -log2(e)); its non-ftz form only differs
+// (by handling results below 2^-126) where 1 + e^-x rounds to 1 anyway, so ex2.approx.ftz gives
+// the same bits in 4 instructions instead of 7. The reciprocal of 1 + e^-x >= 1 lies in [0, 1], so
+// the final saturating add changes nothing but NaN (to +0): one FMA-pipe instruction where
+// nan_to_neg_inf beforehand costs two on the ALU pipe, the router's busiest.
 __device__ __forceinline__ float sigmoid(float x) {
-  float e;
+  float e, s;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * -0x1.715476p+0f));
-  return __fdividef(1.0f, 1.0f + e);
+  asm("add.sat.f32 %0, %1, 0f00000000;" : "=f"(s) : "f"(__fdividef(1.0f, 1.0f + e)));
+  return s;
 }
 
 // Softmax of a row held by the warp: exp(l - max) / sum; when the max is not finite (a +inf logit,
@@ -510,14 +513,16 @@ __device__ __forceinline__ int count_beating(uint32_t mine, int rounds, int lane
   return count;
 }
 
-// count + (x >= threshold), and the append of a candidate (x, id) at the shared-memory address
-// `dst` when x >= threshold (dst then advances). A NaN threshold never passes. The count uses set
-// (an all-ones mask), not a predicate, or ptxas merges the two compares and keeps 16 predicates
-// alive through P2R; the append is a predicated store, where C++ gets a branch per expert.
-__device__ __forceinline__ int count_at_least(int count, float x, float threshold) {
-  uint32_t passes;
-  asm("set.ge.u32.f32 %0, %1, %2;" : "=r"(passes) : "f"(x), "f"(threshold));
-  return count - static_cast<int>(passes);
+// 1.0f when x >= threshold, else 0.0f (a NaN threshold never passes), and the append of a candidate
+// (x, id) at the shared-memory address `dst` when x >= threshold (dst then advances). The count is
+// summed in fp32: set.f32 gives 1.0 or 0.0 and fp32 adds run on the FMA pipe, where the integer count
+// compiled to a compare, a select and half an add per expert, all on the ALU pipe, which ncu shows
+// as this kernel's busiest (59% at DeepSeek-V3 sizes). The append is a predicated store, where C++
+// gets a branch per expert.
+__device__ __forceinline__ float at_least(float x, float threshold) {
+  float passes;
+  asm("set.ge.f32.f32 %0, %1, %2;" : "=f"(passes) : "f"(x), "f"(threshold));
+  return passes;
 }
 
 __device__ __forceinline__ void append_if_at_least(uint32_t& dst, float x, int id, float threshold) {
@@ -527,6 +532,23 @@ __device__ __forceinline__ void append_if_at_least(uint32_t& dst, float x, int i
       : "+r"(dst)
       : "f"(x), "f"(threshold), "r"(__float_as_uint(x)), "r"(id)
       : "memory");
+}
+
+// Whether this lane's group is kept, for kGroups groups of kHalfWarp / kGroups lanes in each half:
+// every lane of a group first gets the group's top two (from the lanes' best and second), hence
+// the same score; then fewer than topk_groups groups must beat it (higher score, or equal and
+// lower index), the groups kept by mask_groups' rounds. Group g is read from its first lane.
+template <int kGroups>
+__device__ __forceinline__ bool group_kept(const ForwardParams& p, float best, float second, int half_lane) {
+  constexpr int kLanes = kHalfWarp / kGroups;
+#pragma unroll
+  for (int offset = 1; offset < kLanes; offset *= 2) {
+    const float other_best = __shfl_xor_sync(0xffffffffu, best, offset);
+    const float other_second = __shfl_xor_sync(0xffffffffu, second, offset);
+    merge_top2(best, second, other_best, other_second);
+  }
+  const uint32_t key = select_key(p.group_top2 ? nan_to_neg_inf(best + second) : best);
+  return count_beating(key, kGroups, kLanes, half_lane / kLanes) < p.topk_groups;
 }
 
 // The lane's kVpt logits as fp32, 0 for a half past the last token (its results are not stored).
@@ -587,10 +609,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_pair_kerne
     const T* row = logits + t * kExperts;
     float sel[kVpt];
     load_lane_logits<T, kVpt>(row + first_expert, valid, p.vectorized, sel);
-    // fmaxf(x, -inf) is nan_to_neg_inf in one instruction (maxNum returns the non-NaN operand).
 #pragma unroll
     for (int i = 0; i < kVpt; ++i) {
-      sel[i] = sigmoid(fmaxf(sel[i], -INFINITY)) + bias[i];
+      sel[i] = sigmoid(sel[i]) + bias[i];  // a NaN logit scores as -inf does: 0
     }
     // The lane's top two (values with multiplicity; nothing is NaN).
     float best = -INFINITY, second = -INFINITY;
@@ -602,19 +623,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_pair_kerne
 
     // Groups: every lane of a group ends up with the group's top two, hence the same score.
     bool kept = true;
-    if (p.num_groups > 1) {
-      float group_best = best, group_second = second;
-      for (int offset = 1; offset < (1 << p.group_lanes_log2); offset *= 2) {
-        const float other_best = __shfl_xor_sync(0xffffffffu, group_best, offset);
-        const float other_second = __shfl_xor_sync(0xffffffffu, group_second, offset);
-        merge_top2(group_best, group_second, other_best, other_second);
-      }
-      const uint32_t group_key =
-          select_key(p.group_top2 ? nan_to_neg_inf(group_best + group_second) : group_best);
-      // Kept: fewer than topk_groups groups beat this one (higher score, or equal and lower index),
-      // the groups kept by mask_groups' rounds. Group g is read from its first lane.
-      const int my_group = half_lane >> p.group_lanes_log2;
-      kept = count_beating(group_key, p.num_groups, 1 << p.group_lanes_log2, my_group) < p.topk_groups;
+    switch (p.num_groups) {  // a compile-time group count unrolls group_kept's loops
+      case 2:
+        kept = group_kept<2>(p, best, second, half_lane);
+        break;
+      case 4:
+        kept = group_kept<4>(p, best, second, half_lane);
+        break;
+      case 8:
+        kept = group_kept<8>(p, best, second, half_lane);
+        break;
+      case 16:
+        kept = group_kept<16>(p, best, second, half_lane);
+        break;
+      default:  // 1: no groups (the launcher admits only divisors of 16)
+        break;
     }
 
     // tau: K rounds popping the largest head of the half; masked lanes offer none (0). Every lane
@@ -634,11 +657,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_pair_kerne
     // threshold makes a lane offer no candidate (masked lanes, the empty half, the fallback).
     const bool usable = tau > select_key(-INFINITY);
     const float threshold = (valid && kept && usable) ? key_value(tau) : __uint_as_float(0x7fffffffu);
-    int count = 0;
+    float passes[kVpt];
 #pragma unroll
     for (int i = 0; i < kVpt; ++i) {
-      count = count_at_least(count, sel[i], threshold);
+      passes[i] = at_least(sel[i], threshold);
     }
+#pragma unroll
+    for (int width = 1; width < kVpt; width *= 2) {  // a tree: short dependency chains
+#pragma unroll
+      for (int i = 0; i + width < kVpt; i += 2 * width) {
+        passes[i] += passes[i + width];
+      }
+    }
+    const int count = static_cast<int>(passes[0]);  // exact: at most kVpt
     int position = count;  // inclusive prefix sum over the half's lanes, then exclusive
 #pragma unroll
     for (int offset = 1; offset < kHalfWarp; offset *= 2) {
@@ -704,14 +735,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_pair_kerne
 
     // Lane k < K: the k-th pick's score, recomputed as above. The renormalising sum runs over the
     // half as warp_sum does over lanes 0-15 in the one-token kernel (lanes 16-31 add +0 there).
-    float weight = writer ? sigmoid(nan_to_neg_inf(to_float(row[my_id]))) : 0.0f;
+    float weight = writer ? sigmoid(to_float(row[my_id])) : 0.0f;
     if (p.renormalize) {
       float sum = weight;
 #pragma unroll
       for (int offset = kHalfWarp / 2; offset > 0; offset /= 2) {
         sum += __shfl_xor_sync(0xffffffffu, sum, offset);
       }
-      weight = weight / (sum + kRenormEps);
+      // The other lanes divide 1, not their 0: a zero dividend sends the whole warp down the IEEE
+      // division's slow path (a subroutine of about 40 instructions) on every pair.
+      weight = (writer ? weight : 1.0f) / (sum + kRenormEps);
     }
     if (writer) {
       p.weights[t * p.top_k + half_lane] = weight * p.scaling_factor;
