@@ -533,6 +533,17 @@ def test_permute_cuda_skewed_routing(align, gen):
 
 
 @requires_sm90
+@pytest.mark.parametrize("tokens", [8191, 8192, 8193])
+def test_permute_cuda_chunk_sizes(tokens, gen):
+    """Up to 65536 pairs the index kernels take chunks of 1024 pairs (4 per thread), above it 4096
+    (16 per thread): both sides of the switch, with K = 8 and 7 (chunks of whole tokens)."""
+    x = random_rows(tokens, 64, torch.bfloat16, gen)
+    for top_k in (8, 7):
+        ids = router_ids(tokens, 256, top_k, gen, drop=0.1).to(torch.int32)
+        check_permute(x, ids, 256, f"{tokens=} {top_k=}", align=16)
+
+
+@requires_sm90
 @pytest.mark.parametrize("mode", ["bf16", "quantize", "fp8_in"])
 def test_permute_cuda_local_expert_range(mode, gen):
     """Expert-parallel ranks: each keeps its 32 of 256 experts; the others' pairs are dropped."""

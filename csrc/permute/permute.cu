@@ -90,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(
   at::Tensor expert_offsets = at::empty({num_local + 1}, options.dtype(at::kInt));
 
   const at::Tensor ids = ids_in.contiguous();
-  const int tokens_per_chunk = kPermuteChunkPairs / static_cast<int>(top_k);
+  const int pairs_per_chunk = permute_pairs_per_chunk(tokens * top_k, static_cast<int>(top_k));
+  const int64_t tokens_per_chunk = pairs_per_chunk / top_k;
   const int64_t num_chunks = (tokens + tokens_per_chunk - 1) / tokens_per_chunk;
   // Workspace: [chunks, experts] counts / first rows, expert_start [E + 1], expert_count [E].
   at::Tensor workspace = at::empty({num_chunks * num_local + 2 * num_local + 1}, options.dtype(at::kInt));
@@ -100,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> permute(
 
   PermuteIndexParams index{};
   index.num_pairs = tokens * top_k;
-  index.pairs_per_chunk = tokens_per_chunk * static_cast<int>(top_k);
+  index.pairs_per_chunk = pairs_per_chunk;
   index.num_chunks = static_cast<int>(num_chunks);
   index.num_experts = static_cast<int>(num_experts);
   index.first_expert = static_cast<int>(first_expert);

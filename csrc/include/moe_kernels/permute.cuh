@@ -29,11 +29,16 @@ namespace moe_kernels {
 
 constexpr int kPermuteMaxTopK = 32;            // one warp reads a token's destinations
 constexpr int kPermuteMaxLocalExperts = 1024;  // per-warp expert counters live in shared memory
-constexpr int kPermuteChunkPairs = 4096;       // pairs per counting / ranking block
 constexpr int kPermuteIndexThreads = 256;      // threads of the count and rank blocks
 constexpr int kPermuteIndexWarps = kPermuteIndexThreads / 32;
-constexpr int kPermuteRankRounds = kPermuteChunkPairs / kPermuteIndexThreads;  // pairs per lane
-static_assert(kPermuteRankRounds * kPermuteIndexThreads == kPermuteChunkPairs);
+// Pairs per counting / ranking block: kRounds pairs per thread. Large chunks keep the scan short at
+// large T; small ones give the count and rank kernels 4x the blocks (and a quarter of the serial
+// rounds per thread) where there would be few chunks, at T * K <= kPermuteSmallChunkMaxPairs.
+constexpr int kPermuteChunkRounds = 16;
+constexpr int kPermuteSmallChunkRounds = 4;
+constexpr int kPermuteChunkPairs = kPermuteChunkRounds * kPermuteIndexThreads;
+constexpr int kPermuteSmallChunkPairs = kPermuteSmallChunkRounds * kPermuteIndexThreads;
+constexpr int64_t kPermuteSmallChunkMaxPairs = 16 * int64_t(kPermuteChunkPairs);
 constexpr int kPermuteScanThreads = 1024;
 constexpr int kPermuteCopyMaxThreads = 256;
 constexpr int kPermutePadRowsPerBlock = 16;         // padding rows zeroed per block
@@ -46,7 +51,7 @@ __device__ __forceinline__ unsigned lanemask_lt() {
 // Everything the index kernels (count, scan, rank) share. Rows fit in int32 (checked on the host).
 struct PermuteIndexParams {
   int64_t num_pairs;    // T * K
-  int pairs_per_chunk;  // whole tokens: (kPermuteChunkPairs / K) * K
+  int pairs_per_chunk;  // whole tokens: (chunk pairs / K) * K, chunk pairs = kRounds * threads
   int num_chunks;
   int num_experts;  // ids must lie in [-1, num_experts)
   int first_expert;
@@ -72,25 +77,26 @@ __device__ __forceinline__ int local_expert(IdT id, const PermuteIndexParams& p,
 }
 
 // The count and rank kernels map pairs to threads the same way: warp w of a chunk's block owns the
-// kPermuteRankRounds * 32 consecutive pairs from w * kPermuteRankRounds * 32, lane l pair r * 32 + l
-// of them. All of a thread's ids are loaded first, so they are in flight together.
+// kRounds * 32 consecutive pairs from w * kRounds * 32, lane l pair r * 32 + l of them. All of a
+// thread's ids are loaded first, so they are in flight together.
 struct ChunkPairs {
   int64_t begin;  // first pair of the chunk
   int count;      // pairs in the chunk
   int first;      // index in the chunk of this thread's round-0 pair
 };
 
+template <int kRounds>
 __device__ __forceinline__ ChunkPairs chunk_pairs(const PermuteIndexParams& p) {
   const int64_t begin = blockIdx.x * int64_t(p.pairs_per_chunk);
   const int count = static_cast<int>(min(int64_t(p.pairs_per_chunk), p.num_pairs - begin));
-  return {begin, count, static_cast<int>(threadIdx.x / 32 * kPermuteRankRounds * 32 + threadIdx.x % 32)};
+  return {begin, count, static_cast<int>(threadIdx.x / 32 * kRounds * 32 + threadIdx.x % 32)};
 }
 
-template <typename IdT>
+template <int kRounds, typename IdT>
 __device__ __forceinline__ void load_chunk_ids(const IdT* __restrict__ ids, const ChunkPairs& c,
-                                               IdT (&id)[kPermuteRankRounds]) {
+                                               IdT (&id)[kRounds]) {
 #pragma unroll
-  for (int r = 0; r < kPermuteRankRounds; ++r) {
+  for (int r = 0; r < kRounds; ++r) {
     const int j = c.first + r * 32;
     id[r] = j < c.count ? ids[c.begin + j] : IdT(-1);
   }
@@ -98,21 +104,21 @@ __device__ __forceinline__ void load_chunk_ids(const IdT* __restrict__ ids, cons
 
 // 1. Per-chunk expert counts. Lanes with the same expert add once (warp match), so a chunk routed
 // to a single expert does not serialise on one shared-memory counter.
-template <typename IdT>
+template <int kRounds, typename IdT>
 __global__ void __launch_bounds__(kPermuteIndexThreads)
     permute_count_kernel(PermuteIndexParams p, const IdT* __restrict__ ids) {
   __shared__ int counts[kPermuteMaxLocalExperts];
   pdl_launch_dependents();  // the scan may start; it waits for these counts
-  const ChunkPairs chunk = chunk_pairs(p);
-  IdT id[kPermuteRankRounds];
-  load_chunk_ids(ids, chunk, id);
+  const ChunkPairs chunk = chunk_pairs<kRounds>(p);
+  IdT id[kRounds];
+  load_chunk_ids<kRounds>(ids, chunk, id);
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
     counts[e] = 0;
   }
   __syncthreads();
   bool bad = false;
 #pragma unroll
-  for (int r = 0; r < kPermuteRankRounds; ++r) {
+  for (int r = 0; r < kRounds; ++r) {
     const int e = local_expert(id[r], p, bad);
     const unsigned peers = __match_any_sync(0xffffffffu, e);
     if (e >= 0 && threadIdx.x % 32 == __ffs(peers) - 1) {
@@ -238,7 +244,7 @@ static __global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kerne
 // 3. Rows of the pairs of a chunk. Each warp ranks a contiguous run of the chunk's pairs, 32 at a
 // time in pair order, against its own per-expert counters; the warps' counters are then scanned in
 // warp order from the chunk's first rows, so a pair's row only depends on the pairs before it.
-template <typename IdT>
+template <int kRounds, typename IdT>
 __global__ void __launch_bounds__(kPermuteIndexThreads)
     permute_rank_kernel(PermuteIndexParams p, const IdT* __restrict__ ids) {
   __shared__ int warp_rows[kPermuteIndexWarps * kPermuteMaxLocalExperts];  // [warp][expert]
@@ -248,16 +254,16 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
   }
   pdl_launch_dependents();  // the copy may start loading its first token rows
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const ChunkPairs chunk = chunk_pairs(p);
-  IdT id[kPermuteRankRounds];
-  load_chunk_ids(ids, chunk, id);
+  const ChunkPairs chunk = chunk_pairs<kRounds>(p);
+  IdT id[kRounds];
+  load_chunk_ids<kRounds>(ids, chunk, id);
   __syncthreads();  // counters zeroed
 
   int* counters = warp_rows + warp * num_local;
-  int expert[kPermuteRankRounds], rank[kPermuteRankRounds];
+  int expert[kRounds], rank[kRounds];
   bool bad = false;  // reported by the count kernel
 #pragma unroll
-  for (int r = 0; r < kPermuteRankRounds; ++r) {
+  for (int r = 0; r < kRounds; ++r) {
     const int e = local_expert(id[r], p, bad);
     const unsigned peers = __match_any_sync(0xffffffffu, e);
     const int before = e >= 0 ? counters[e] : 0;
@@ -282,7 +288,7 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
   __syncthreads();
   bool overflow = false;
 #pragma unroll
-  for (int r = 0; r < kPermuteRankRounds; ++r) {
+  for (int r = 0; r < kRounds; ++r) {
     const int j = chunk.first + r * 32;
     if (j < chunk.count) {
       int row = expert[r] >= 0 ? counters[expert[r]] + rank[r] : -1;
@@ -298,17 +304,32 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
   }
 }
 
-template <typename IdT>
-cudaError_t launch_permute_index(const PermuteIndexParams& p, const IdT* ids, cudaStream_t stream) {
-  permute_count_kernel<IdT><<<p.num_chunks, kPermuteIndexThreads, 0, stream>>>(p, ids);
+// Pairs per chunk (whole tokens) for T * K pairs: see kPermuteSmallChunkPairs.
+inline int permute_pairs_per_chunk(int64_t num_pairs, int top_k) {
+  const int chunk = num_pairs <= kPermuteSmallChunkMaxPairs ? kPermuteSmallChunkPairs : kPermuteChunkPairs;
+  return chunk / top_k * top_k;
+}
+
+template <int kRounds, typename IdT>
+cudaError_t launch_permute_index_rounds(const PermuteIndexParams& p, const IdT* ids, cudaStream_t stream) {
+  permute_count_kernel<kRounds, IdT><<<p.num_chunks, kPermuteIndexThreads, 0, stream>>>(p, ids);
   cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) {
     err = launch_pdl(permute_scan_kernel, 1, kPermuteScanThreads, 0, stream, true, p);
   }
   if (err == cudaSuccess) {
-    err = launch_pdl(permute_rank_kernel<IdT>, p.num_chunks, kPermuteIndexThreads, 0, stream, true, p, ids);
+    err = launch_pdl(permute_rank_kernel<kRounds, IdT>, p.num_chunks, kPermuteIndexThreads, 0, stream, true,
+                     p, ids);
   }
   return err;
+}
+
+// p.pairs_per_chunk must come from permute_pairs_per_chunk.
+template <typename IdT>
+cudaError_t launch_permute_index(const PermuteIndexParams& p, const IdT* ids, cudaStream_t stream) {
+  return p.pairs_per_chunk <= kPermuteSmallChunkPairs
+             ? launch_permute_index_rounds<kPermuteSmallChunkRounds>(p, ids, stream)
+             : launch_permute_index_rounds<kPermuteChunkRounds>(p, ids, stream);
 }
 
 // ---------------------------------------------------------------------------------------------
