@@ -71,7 +71,8 @@ def dispatch(
     recv_counts = send_counts.transpose(0, 1).contiguous()  # [dst, src, 1 + L]
     rows = send_counts[:, :, 0].cpu() if not capacity else torch.full((w, w), capacity)
     counted = None  # whole regions: with fixed sizes under graph capture, the counts are unknown
-    if capacity and not torch.cuda.is_current_stream_capturing():
+    capturing = send_counts.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capacity and not capturing:
         counted = send_counts[:, :, 0].cpu()
     fp8 = plans[0].send_scales is not None
     blocks = [
