@@ -33,7 +33,7 @@ def _exchange(
             recv = blocks[0][i].new_empty(int(regions[:, d].sum()), *blocks[0][i].shape[1:])
             at = 0
             for s in range(w):
-                start, n = int(starts[s, d]), int(counts[s, d])
+                start, n = int(starts[s, d]), min(int(counts[s, d]), int(regions[s, d]))
                 recv[at : at + n] = blocks[s][i][start : start + n]
                 at += int(regions[s, d])
             received.append(recv)
