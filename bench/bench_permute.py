@@ -77,6 +77,18 @@ def check_same_rows(x, ids, num_experts):
     assert torch.equal(ours.out_scales, scales[tokens]), "permute fp8 scales differ"
 
 
+def bytes_moved(tokens, hidden, top_k):
+    """Bytes each op must move (see the module docstring), by op name. Index traffic: ids or weights
+    read and row_map written (permute), or row_map and weights read (unpermute)."""
+    pairs = tokens * top_k
+    index = 2 * pairs * 4
+    return {
+        "permute bf16": tokens * hidden * 2 + pairs * hidden * 2 + index,
+        "permute fp8": tokens * hidden * 2 + pairs * hidden + pairs * hidden // 128 * 4 + index,
+        "unpermute": pairs * hidden * 2 + tokens * hidden * 2 + index,
+    }
+
+
 def bench_op(op, shape, ours, eager, compiled, nbytes, copy_tbps):
     model, tokens, hidden, experts, top_k = shape
     us = time_cuda_us(ours)
@@ -104,8 +116,7 @@ def bench_shape(shape, copy_tbps):
     _, tokens, hidden, experts, top_k = shape
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     ids = router_ids(tokens, experts, top_k)
-    pairs = tokens * top_k
-    index_bytes = 2 * pairs * 4  # ids read, row_map written
+    nbytes = bytes_moved(tokens, hidden, top_k)
     check_same_rows(x, ids, experts)
     rows = []
 
@@ -117,7 +128,7 @@ def bench_shape(shape, copy_tbps):
             lambda: moe_kernels.permute(x, ids, experts),
             lambda: eager_permute(x, ids, experts),
             lambda: compiled(x, ids, experts),
-            tokens * hidden * 2 + pairs * hidden * 2 + index_bytes,
+            nbytes["permute bf16"],
             copy_tbps,
         )
     )
@@ -129,7 +140,7 @@ def bench_shape(shape, copy_tbps):
             lambda: moe_kernels.permute(x, ids, experts, quantize=True),
             lambda: eager_permute_fp8(x, ids, experts),
             lambda: compiled(x, ids, experts),
-            tokens * hidden * 2 + pairs * hidden + pairs * hidden // 128 * 4 + index_bytes,
+            nbytes["permute fp8"],
             copy_tbps,
         )
     )
@@ -145,7 +156,7 @@ def bench_shape(shape, copy_tbps):
             lambda: moe_kernels.unpermute(y, row_map, weights),
             lambda: eager_unpermute(y, row_map, weights),
             lambda: compiled(y, row_map, weights),
-            pairs * hidden * 2 + 2 * pairs * 4 + tokens * hidden * 2,
+            nbytes["unpermute"],
             copy_tbps,
         )
     )

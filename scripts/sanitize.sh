@@ -2,8 +2,9 @@
 # compute-sanitizer's four tools over scripts/sanitize_ops.py (every CUDA op once, small inputs with
 # edges, every documented output read back), run side by side on one GPU; one log per tool under $OUT
 # (scripts/sanitize_report.py keeps the first reports in full and ends the log with the reports
-# counted per op call and kernel) and a summary line per tool. Each tool must report 0 errors. PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor is its own
-# allocation, so an out-of-bounds access cannot land silently in a neighbour.
+# counted per op call and kernel) and a summary line per tool. Each tool must report 0 errors.
+# PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor is its own allocation, so an out-of-bounds access
+# cannot land silently in a neighbour.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}

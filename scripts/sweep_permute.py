@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from bench_permute import SHAPES, check_same_rows, router_ids  # noqa: E402
+from bench_permute import SHAPES, bytes_moved, check_same_rows, router_ids  # noqa: E402
 
 import moe_kernels  # noqa: E402
 from moe_kernels import reference  # noqa: E402
@@ -28,20 +28,16 @@ def sweep_shape(shape, copy_tbps: float, knobs: dict) -> None:
     w = torch.rand(tokens, top_k, device="cuda")
     ours = moe_kernels.unpermute(p.out, p.row_map, w)
     assert torch.equal(ours, reference.unpermute(p.out, p.row_map, w)), "unpermute differs"
-    pairs, index_bytes = tokens * top_k, 2 * tokens * top_k * 4
-    cases = (  # bytes as in bench_permute: what must move
-        ("perm bf16", lambda: moe_kernels.permute(x, ids, experts), (tokens + pairs) * hidden * 2),
-        (
-            "perm fp8",
-            lambda: moe_kernels.permute(x, ids, experts, quantize=True),
-            tokens * hidden * 2 + pairs * hidden + pairs * hidden // 32,
-        ),
-        ("unperm", lambda: moe_kernels.unpermute(p.out, p.row_map, w), (pairs + tokens) * hidden * 2),
+    nbytes = bytes_moved(tokens, hidden, top_k)
+    cases = (
+        ("perm bf16", lambda: moe_kernels.permute(x, ids, experts), nbytes["permute bf16"]),
+        ("perm fp8", lambda: moe_kernels.permute(x, ids, experts, quantize=True), nbytes["permute fp8"]),
+        ("unperm", lambda: moe_kernels.unpermute(p.out, p.row_map, w), nbytes["unpermute"]),
     )
     cells = []
-    for name, fn, nbytes in cases:
+    for name, fn, moved in cases:
         us = time_cuda_us(fn, reps=50)
-        pct = 100 * (nbytes + index_bytes) / (us * 1e-6) / (copy_tbps * 1e12)
+        pct = 100 * moved / (us * 1e-6) / (copy_tbps * 1e12)
         cells.append(f"{name} {us:7.1f} us {pct:5.1f}%")
     moe_kernels.check_device_errors()
     print(f"{knobs} {model} T={tokens}: " + " | ".join(cells), flush=True)

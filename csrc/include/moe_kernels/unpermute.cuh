@@ -209,12 +209,12 @@ __global__ void __launch_bounds__(kBulkMaxThreads)
   }
   __syncthreads();
 
-  // Warp 0: lane k publishes pair k of the item's token and starts the copy of its row piece.
   // Warp 0: lane k's pair of an item's token (lanes >= K: none).
   auto lane_pair = [&](int64_t item) {
     return threadIdx.x < p.top_k ? unpermute_pair(p, item / layout.pieces, threadIdx.x)
                                  : UnpermutePair{-1, 0.0f};
   };
+  // Warp 0: lane k publishes its pair for the stage and starts the copy of its row piece.
   auto issue = [&](int64_t item, int stage, UnpermutePair pair) {
     const int lane = threadIdx.x;
     const int64_t offset = (item % layout.pieces) * int64_t(layout.piece_bytes);
