@@ -291,8 +291,11 @@ def test_permute_and_unpermute(routing, mode, align, wide, local, data):
         kept = (row_map >= 0).sum(1, keepdim=True)
         # a token without kept pairs comes back as 0 (even a NaN one: nothing is read)
         expected = torch.where(kept > 0, x.double() * kept, torch.zeros_like(x, dtype=torch.float64))
-        if dtype == torch.float32:  # n copies summed in fp32 may round
-            torch.testing.assert_close(back.double(), expected, equal_nan=True, msg=case)
+        if dtype == torch.float32:
+            # n copies summed in fp32 round: the j-th partial sum by at most 2^-24 * j|x|, so in all
+            # by less than n * 2^-24 of n|x| (float64's default rtol, 1e-7, failed 7 copies)
+            rtol = top_k * 2.0**-24
+            torch.testing.assert_close(back.double(), expected, rtol=rtol, atol=0.0, equal_nan=True, msg=case)
         else:  # n <= 8 copies of a 16-bit value add exactly in fp32
             assert_bitwise_equal(back, expected.to(dtype), f"{case}: round trip")
 
