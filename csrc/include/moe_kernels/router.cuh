@@ -582,7 +582,9 @@ __device__ __forceinline__ void load_lane_logits(const T* src, bool valid, bool 
 // kVpt <= 16. With the bias read from shared memory (16 fewer live registers), Kimi-K2 (kVpt = 24)
 // went from 101 registers and 2 blocks per SM to 71 and 3 (59.7 -> 47.4 us at T = 65536);
 // DeepSeek-V3 from 4 blocks to 5, within noise (42.5 -> 41.7-42.5 us): it is issue-bound.
-constexpr int pair_min_blocks(int vpt) { return vpt <= 16 ? 5 : 1; }
+constexpr int pair_min_blocks(int vpt) {
+  return vpt <= 16 ? 5 : 1;
+}
 
 // The lane's kVpt biases from shared memory, in 16-byte pieces where they are whole.
 template <int kVpt>
