@@ -586,26 +586,6 @@ constexpr int pair_min_blocks(int vpt) {
   return vpt <= 16 ? 5 : 1;
 }
 
-// The lane's kVpt biases from shared memory, in 16-byte pieces where they are whole.
-template <int kVpt>
-__device__ __forceinline__ void load_lane_bias(const float* src, float (&bias)[kVpt]) {
-  if constexpr (kVpt % 4 == 0) {
-#pragma unroll
-    for (int j = 0; j < kVpt / 4; ++j) {
-      const float4 piece = reinterpret_cast<const float4*>(src)[j];
-      bias[4 * j] = piece.x;
-      bias[4 * j + 1] = piece.y;
-      bias[4 * j + 2] = piece.z;
-      bias[4 * j + 3] = piece.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVpt; ++i) {
-      bias[i] = src[i];
-    }
-  }
-}
-
 template <typename T, int kVpt>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
     router_forward_pair_kernel(const ForwardParams p) {
@@ -638,8 +618,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
     const T* row = logits + t * kExperts;
     float sel[kVpt];
     load_lane_logits<T, kVpt>(row + first_expert, valid, p.vectorized, sel);
-    float bias[kVpt];
-    load_lane_bias<kVpt>(block_bias + first_expert, bias);
+    float bias[kVpt];  // 16-byte shared-memory loads, as the logits' global ones
+    load_lane_logits<float, kVpt>(block_bias + first_expert, true, true, bias);
 #pragma unroll
     for (int i = 0; i < kVpt; ++i) {
       sel[i] = sigmoid(sel[i]) + bias[i];  // a NaN logit scores as -inf does: 0
