@@ -4,7 +4,10 @@ transformers DeepSeek-V3 / Qwen3 routing code, with -inf group masking) and torc
 GB/s count the bytes that must move: forward reads the logits and writes fp32 weights and int32 ids;
 backward reads grad_weights and ids (and the logits for softmax, the K picked logits for sigmoid)
 and writes grad_logits. % of copy is against the copy bandwidth measured in the same process.
-Tokens <= 128 are also timed by CUDA-graph replay (the decode setting of the <= 10 µs target).
+"us" is one call on an idle GPU after an L2 flush (CUDA events); "graph us" the same call replayed
+from a CUDA graph (no launch gaps: the decode setting of the <= 10 µs target, and the GPU time of
+the large cases). The backward is also split into what autograd adds: its GPU work per call (every
+kernel launched, from the profiler) against the kernel alone, and its host time per call.
 """
 
 import argparse
@@ -14,7 +17,14 @@ import torch._functorch.config
 
 import moe_kernels
 from moe_kernels import PRESETS
-from moe_kernels.testing import measure_copy_tbps, report, time_cuda_graph_us, time_cuda_us
+from moe_kernels.testing import (
+    gpu_time_us,
+    host_time_us,
+    measure_copy_tbps,
+    report,
+    time_cuda_graph_us,
+    time_cuda_us,
+)
 
 # (preset, logits dtype, tokens): DeepSeek-V3 and Kimi-K2 compute router logits in fp32, Qwen3 in bf16.
 CASES = [
@@ -70,8 +80,7 @@ def forward_case(name, dtype, t, copy_tbps):
     nbytes = logits.numel() * logits.element_size() + t * k * 8
     us = time_cuda_us(ours)
     row = {"op": "router fwd", "preset": name, "dtype": str(dtype).removeprefix("torch."), "T": t, "us": us}
-    if t <= 128:
-        row["graph us"] = time_cuda_graph_us(ours)
+    row["graph us"] = time_cuda_graph_us(ours)
     row["GB/s"] = nbytes / (us * 1e-6) / 1e9
     row["% of copy"] = 100 * row["GB/s"] / (copy_tbps * 1e3)
     row["eager us"] = time_cuda_us(lambda: eager_router(*args))
@@ -95,6 +104,7 @@ def backward_case(name, dtype, t, copy_tbps):
 
     out = moe_kernels.router(logits, k, bias=bias, **kwargs)
     us = timed_backward(out.weights)
+    through_autograd = lambda: torch.autograd.grad(out.weights, logits, grad, retain_graph=True)
     # The kernel alone, replayed from a CUDA graph (no autograd host time).
     config = (preset.score_func, preset.renormalize, preset.scaling_factor)
     kernel = lambda: torch.ops.moe_kernels.router_backward(grad, logits.detach(), out.ids, *config)
@@ -103,6 +113,12 @@ def backward_case(name, dtype, t, copy_tbps):
     nbytes = t * k * 8 + read_logits + t * e * elt
     row = {"op": "router bwd", "preset": name, "dtype": str(dtype).removeprefix("torch."), "T": t, "us": us}
     row["graph us"] = time_cuda_graph_us(kernel)
+    # What the autograd path adds: GPU work (every kernel it launches, from the profiler) and host
+    # time per call. "us" is an idle GPU waiting for that host time; in a training step the host
+    # runs ahead and only the GPU work counts.
+    row["autograd gpu us"], row["autograd kernels"] = gpu_time_us(through_autograd)
+    row["x kernel"] = row["autograd gpu us"] / row["graph us"]
+    row["autograd host us"] = host_time_us(through_autograd)
     row["GB/s"] = nbytes / (us * 1e-6) / 1e9
     row["% of copy"] = 100 * row["GB/s"] / (copy_tbps * 1e3)
     row["eager us"] = timed_backward(eager_router(logits, bias, k, *kwargs.values())[0])
@@ -123,6 +139,10 @@ def main(out_dir="bench/results", copy_tbps=None):
         "T",
         "us",
         "graph us",
+        "autograd gpu us",
+        "autograd kernels",
+        "x kernel",
+        "autograd host us",
         "GB/s",
         "% of copy",
         "eager us",

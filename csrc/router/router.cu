@@ -45,6 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
   const auto options = logits.options();
   at::Tensor weights = at::empty({num_tokens, top_k}, options.dtype(at::kFloat));
   at::Tensor ids = at::empty({num_tokens, top_k}, options.dtype(at::kInt));
+  // The zero fill must be the last work queued before the forward kernel, which overlaps it
+  // (flush_block_counts in router.cuh).
   at::Tensor counts = return_counts ? at::zeros({num_experts}, options.dtype(at::kInt))
                                     : at::empty({0}, options.dtype(at::kInt));
   if (num_tokens == 0) {
@@ -94,8 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
         return std::max(blocks, 1);
       }();
       const int pair_grid = warp_per_token_grid((num_tokens + 1) / 2, kWarpsPerBlock, resident);
-      router_forward_pair_kernel<T, kVpt><<<pair_grid, kWarpsPerBlock * 32, 0, stream>>>(p);
-      MK_CUDA_CHECK(cudaGetLastError(), op);
+      MK_CUDA_CHECK(launch_pdl(router_forward_pair_kernel<T, kVpt>, pair_grid, kWarpsPerBlock * 32, 0, stream,
+                               return_counts, p),
+                    op);
     });
     return {weights, ids, counts};
   }
@@ -105,8 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
   const int grid = warp_per_token_grid(num_tokens, kWarpsPerBlock, 8);
   dispatch_router_kernel(
       logits.scalar_type(), vpt, score_func, op, [&]<typename T, int kMaxVpt, bool kSigmoid>() {
-        router_forward_kernel<T, kMaxVpt, kSigmoid><<<grid, kWarpsPerBlock * 32, group_smem, stream>>>(p);
-        MK_CUDA_CHECK(cudaGetLastError(), op);
+        MK_CUDA_CHECK(launch_pdl(router_forward_kernel<T, kMaxVpt, kSigmoid>, grid, kWarpsPerBlock * 32,
+                                 group_smem, stream, return_counts, p),
+                      op);
       });
   return {weights, ids, counts};
 }

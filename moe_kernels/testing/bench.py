@@ -72,6 +72,38 @@ def time_cuda_graph_us(fn: Callable[[], object], *, calls_per_graph: int = 20, r
     return statistics.median(times)
 
 
+def gpu_time_us(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> tuple[float, int]:
+    """(µs of GPU work per call, kernels per call) of fn(), from the profiler's device timestamps:
+    the sum over every kernel and memset it launches, without the host time between them. It tells
+    what a call costs the GPU when launched behind other work (eager host time then overlaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.device_time for e in device_events)
+    return total_us / reps, round(len(device_events) / reps)
+
+
+def host_time_us(fn: Callable[[], object], *, warmup: int = 3, reps: int = 30) -> float:
+    """Median host µs for fn() to return (launch cost; the GPU work runs on asynchronously)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e6)
+    return statistics.median(times)
+
+
 def measure_copy_tbps(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in TB/s, counting bytes read plus written (the ceiling of
     memory-bound kernels, measured in the same process as the benchmark)."""

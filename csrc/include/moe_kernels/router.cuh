@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "moe_kernels/pdl.cuh"
 #include "moe_kernels/vec.cuh"
 
 namespace moe_kernels {
@@ -371,9 +372,13 @@ __device__ __forceinline__ void zero_block_counts(const ForwardParams& p, int32_
   }
 }
 
+// The launcher zeroes the counts right before the kernel and launches it with programmatic
+// dependent launch (pdl.cuh), so the kernel starts while that fill drains; it waits for the fill
+// only here. Its earlier reads (logits, bias) were complete before the fill began.
 __device__ __forceinline__ void flush_block_counts(const ForwardParams& p, const int32_t* block_counts,
                                                    int experts) {
   if (p.counts != nullptr) {
+    pdl_wait();
     __syncthreads();
     for (int e = threadIdx.x; e < experts; e += blockDim.x) {
       if (block_counts[e] != 0) {
@@ -468,21 +473,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_forward_kernel(con
 //   1. group scores and kept groups as in mask_groups, masking by a per-lane flag;
 //   2. tau = the K-th largest of the kept lanes' top two (lower on ties): at least K experts reach
 //      tau, so none below it can be in the top K;
-//   3. the experts >= tau (about K + 1 on generic data) are compacted in expert order into shared
-//      memory, one per lane, and ranked against each other; rank r < K is the r-th pick.
+//   3. the ids of the experts >= tau (about K + 1 on generic data) are compacted in expert order
+//      into shared memory, one per lane, and ranked against each other; rank r < K is the r-th pick.
 // A half whose tau is -inf (fewer than K finite experts in the kept groups) or that has more than 16
 // candidates makes the warp take K rounds of argmax over every expert (select_by_rounds per half).
-// The picks' scores are recomputed from their logits (same function, same bits) rather than
-// carried through the selection, and the renormalising sum adds them in the one-token kernel's
-// order: weights and ids are bit-identical to router_forward_kernel's.
+// A candidate's score is recomputed from its logit (same function, same bits) rather than carried
+// through the compaction, the picks carry it to the weights, and the renormalising sum adds them
+// in the one-token kernel's order: weights and ids are bit-identical to router_forward_kernel's.
 // ------------------------------------------------------------------------------------------------
 constexpr int kHalfWarp = 16;
 
-struct alignas(8) PairCandidate {  // one 8-byte shared store (append_if_at_least)
-  float sel;
+struct alignas(8) PairPick {  // one 8-byte shared store
+  float score;                // sigmoid of the logit, without the bias
   int id;
 };
-static_assert(sizeof(PairCandidate) == 8, "append_if_at_least stores 8 bytes");
 
 // Inverse of select_key for keys of non-NaN values.
 __device__ __forceinline__ float key_value(uint32_t key) {
@@ -513,25 +517,28 @@ __device__ __forceinline__ int count_beating(uint32_t mine, int rounds, int lane
   return count;
 }
 
-// 1.0f when x >= threshold, else 0.0f (a NaN threshold never passes), and the append of a candidate
-// (x, id) at the shared-memory address `dst` when x >= threshold (dst then advances). The count is
-// summed in fp32: set.f32 gives 1.0 or 0.0 and fp32 adds run on the FMA pipe, where the integer count
-// compiled to a compare, a select and half an add per expert, all on the ALU pipe, which ncu shows
-// as this kernel's busiest (59% at DeepSeek-V3 sizes). The append is a predicated store, where C++
-// gets a branch per expert.
-__device__ __forceinline__ float at_least(float x, float threshold) {
-  float passes;
-  asm("set.ge.f32.f32 %0, %1, %2;" : "=f"(passes) : "f"(x), "f"(threshold));
-  return passes;
+// Bit i of the result: sel[i] >= threshold (a NaN threshold sets none). A compare and a predicated
+// OR per expert (C++ gets a select as well); the count is a popc, and only the set bits are then
+// visited (append_ids).
+template <int kVpt>
+__device__ __forceinline__ uint32_t passing_mask(const float (&sel)[kVpt], float threshold) {
+  uint32_t mask = 0;
+#pragma unroll
+  for (int i = 0; i < kVpt; ++i) {
+    asm("{\n\t.reg .pred p;\n\tsetp.ge.f32 p, %1, %2;\n\t@p or.b32 %0, %0, %3;\n\t}"
+        : "+r"(mask)
+        : "f"(sel[i]), "f"(threshold), "r"(1u << i));
+  }
+  return mask;
 }
 
-__device__ __forceinline__ void append_if_at_least(uint32_t& dst, float x, int id, float threshold) {
-  asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.ge.f32 p, %1, %2;\n\t@p st.shared.v2.b32 [%0], {%3, %4};\n\t"
-      "@p add.u32 %0, %0, 8;\n\t}"
-      : "+r"(dst)
-      : "f"(x), "f"(threshold), "r"(__float_as_uint(x)), "r"(id)
-      : "memory");
+// Writes the expert ids of the mask's bits, in expert order, from dst on: one loop trip per
+// candidate of the lane (about K / 16 + 1 on generic data) where a store per expert cost 4
+// instructions for each of the lane's kVpt experts.
+__device__ __forceinline__ void append_ids(int32_t* dst, uint32_t mask, int first_expert) {
+  for (; mask != 0; mask &= mask - 1) {
+    *dst++ = first_expert + __ffs(mask) - 1;
+  }
 }
 
 // Whether this lane's group is kept, for kGroups groups of kHalfWarp / kGroups lanes in each half:
@@ -595,15 +602,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
   // nan_to_neg_inf(s + bias) for every bias), read again for every pair rather than held in
   // kVpt registers across the loop.
   __shared__ alignas(16) float block_bias[kExperts];
-  __shared__ PairCandidate candidates[kWarpsPerBlock][32];
-  __shared__ int32_t picks[kWarpsPerBlock][32];
+  __shared__ int32_t candidates[kWarpsPerBlock][32];  // expert ids
+  __shared__ PairPick picks[kWarpsPerBlock][32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bool upper = lane >= kHalfWarp;
   const int half_lane = lane % kHalfWarp, half_base = lane - half_lane;
   const int first_expert = half_lane * kVpt;
   const uint32_t half_mask = 0xffffu << half_base;
-  PairCandidate* half_candidates = candidates[warp] + half_base;
-  int32_t* half_picks = picks[warp] + half_base;
+  int32_t* half_candidates = candidates[warp] + half_base;
+  PairPick* half_picks = picks[warp] + half_base;
   for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
     block_bias[e] = p.bias != nullptr ? nan_to_neg_inf(p.bias[e]) : 0.0f;
   }
@@ -668,19 +675,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
     // threshold makes a lane offer no candidate (masked lanes, the empty half, the fallback).
     const bool usable = tau > select_key(-INFINITY);
     const float threshold = (valid && kept && usable) ? key_value(tau) : __uint_as_float(0x7fffffffu);
-    float passes[kVpt];
-#pragma unroll
-    for (int i = 0; i < kVpt; ++i) {
-      passes[i] = at_least(sel[i], threshold);
-    }
-#pragma unroll
-    for (int width = 1; width < kVpt; width *= 2) {  // a tree: short dependency chains
-#pragma unroll
-      for (int i = 0; i + width < kVpt; i += 2 * width) {
-        passes[i] += passes[i + width];
-      }
-    }
-    const int count = static_cast<int>(passes[0]);  // exact: at most kVpt
+    const uint32_t passing = passing_mask<kVpt>(sel, threshold);
+    const int count = __popc(passing);
     int position = count;  // inclusive prefix sum over the half's lanes, then exclusive
 #pragma unroll
     for (int offset = 1; offset < kHalfWarp; offset *= 2) {
@@ -692,25 +688,31 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
     const bool fallback = valid && (!usable || num_candidates > kHalfWarp);
 
     const bool writer = valid && half_lane < p.top_k;
-    int my_id = 0;  // lane k < K of the half: the k-th pick
+    PairPick my_pick = {0.0f, 0};  // lane k < K of the half: the k-th pick
     if (!__any_sync(0xffffffffu, fallback)) {
-      uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(half_candidates + position));
-#pragma unroll
-      for (int i = 0; i < kVpt; ++i) {
-        append_if_at_least(dst, sel[i], first_expert + i, threshold);
-      }
+      append_ids(half_candidates + position, passing, first_expert);
       __syncwarp();
+      // Candidate j's score is recomputed from its logit (an L1 hit: the row was just read) and
+      // bias, by the same instructions, hence the same bits as sel[] when it passed the threshold.
       // Lanes past the half's candidates rank key 0, below every candidate (> the key of -inf).
       const bool candidate = half_lane < num_candidates;
-      const PairCandidate mine = candidate ? half_candidates[half_lane] : PairCandidate{0.0f, 0};
+      PairPick mine = {0.0f, 0};
+      uint32_t key = 0;
+      if (candidate) {
+        mine.id = half_candidates[half_lane];
+        mine.score = sigmoid(to_float(row[mine.id]));
+        key = select_key(mine.score + block_bias[mine.id]);
+      }
       // Rank: candidates above, plus equal ones earlier in expert order (lower index wins ties).
       const int rounds = __reduce_max_sync(0xffffffffu, num_candidates);  // both halves at once
-      const int rank = count_beating(candidate ? select_key(mine.sel) : 0u, rounds, 1, half_lane);
+      const int rank = count_beating(key, rounds, 1, half_lane);
       if (candidate && rank < p.top_k) {
-        half_picks[rank] = mine.id;
+        half_picks[rank] = mine;
       }
       __syncwarp();
-      my_id = writer ? half_picks[half_lane] : 0;
+      if (writer) {
+        my_pick = half_picks[half_lane];
+      }
     } else {
       // K rounds of argmax over every expert, per half; masked experts count as -inf.
       uint32_t key[kVpt];
@@ -739,14 +741,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
         }
         const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
         if (half_lane == k) {
-          my_id = id;
+          my_pick.id = id;
         }
+      }
+      if (writer) {
+        my_pick.score = sigmoid(to_float(row[my_pick.id]));
       }
     }
 
-    // Lane k < K: the k-th pick's score, recomputed as above. The renormalising sum runs over the
-    // half as warp_sum does over lanes 0-15 in the one-token kernel (lanes 16-31 add +0 there).
-    float weight = writer ? sigmoid(to_float(row[my_id])) : 0.0f;
+    // The renormalising sum runs over the half as warp_sum does over lanes 0-15 in the one-token
+    // kernel (lanes 16-31 add +0 there).
+    const int my_id = my_pick.id;
+    float weight = writer ? my_pick.score : 0.0f;
     if (p.renormalize) {
       float sum = weight;
 #pragma unroll
