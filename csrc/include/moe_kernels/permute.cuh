@@ -4,7 +4,8 @@
 // deterministic (no atomic decides an order):
 //   1. count:  per chunk of pairs, how many pairs go to each local expert (and flag bad ids);
 //   2. scan:   one block turns the [chunk][expert] counts into each chunk's first row per expert and
-//              the expert offsets, each expert padded to `align`;
+//              the expert offsets, each expert padded to `align` (with few chunks, every rank block
+//              does this itself instead: fused_chunk_first_rows);
 //   3. rank:   per chunk, each pair's row = its chunk's first row for its expert + the number of
 //              earlier pairs of the chunk with the same expert (stable: warp match + prefix popcount
 //              in pair order), written to row_map (-1: dropped, or past num_out_rows);
@@ -241,9 +242,96 @@ static __global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kerne
   }
 }
 
+// 2'. The scan, done by every rank block itself on the small-chunk path (T * K <=
+// kPermuteSmallChunkMaxPairs, so about 64 chunks at most): the block reads every chunk's counts
+// (num_chunks * num_local ints, from L2) rather than waiting for the one-block scan kernel, which at
+// T * K = 32768 put about 3 us between the count and rank kernels. Fills first_row[e] = this chunk's
+// first row for expert e; block 0 also writes the expert offsets, starts and counts (the values of
+// permute_scan_kernel) and reports a row overflow.
+constexpr int kFusedScanBatch = 16;  // counts loaded together (one L2 round trip per batch)
+constexpr int kExpertsPerScanThread = kPermuteMaxLocalExperts / kPermuteIndexThreads;
+
+__device__ __forceinline__ void fused_chunk_first_rows(const PermuteIndexParams& p, int* first_row) {
+  __shared__ int padded_rows[kPermuteMaxLocalExperts];
+  __shared__ int warp_sums[kPermuteIndexWarps];
+  const int num_local = p.num_local;
+  for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+    int before = 0, total = 0;
+    for (int c = 0; c < p.num_chunks; c += kFusedScanBatch) {
+      int count[kFusedScanBatch];
+#pragma unroll
+      for (int b = 0; b < kFusedScanBatch; ++b) {
+        count[b] = c + b < p.num_chunks ? p.chunk_rows[(c + b) * num_local + e] : 0;
+      }
+#pragma unroll
+      for (int b = 0; b < kFusedScanBatch; ++b) {
+        total += count[b];
+        before += c + b < static_cast<int>(blockIdx.x) ? count[b] : 0;
+      }
+    }
+    first_row[e] = before;
+    padded_rows[e] = (total + p.align - 1) / p.align * p.align;
+    if (blockIdx.x == 0) {
+      p.expert_count[e] = total;
+    }
+  }
+  __syncthreads();
+  // Exclusive sum of padded_rows over the experts: kExpertsPerScanThread consecutive experts per
+  // thread, then the threads' sums by a warp scan and a scan of the warp sums.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int first = threadIdx.x * kExpertsPerScanThread;
+  int mine = 0;
+#pragma unroll
+  for (int j = 0; j < kExpertsPerScanThread; ++j) {
+    mine += first + j < num_local ? padded_rows[first + j] : 0;
+  }
+  int inclusive = mine;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    inclusive += lane >= offset ? y : 0;
+  }
+  if (lane == 31) {
+    warp_sums[warp] = inclusive;
+  }
+  __syncthreads();
+  int start = inclusive - mine, all_rows = 0;
+  for (int w = 0; w < kPermuteIndexWarps; ++w) {
+    start += w < warp ? warp_sums[w] : 0;
+    all_rows += warp_sums[w];
+  }
+  __syncthreads();  // padded_rows is overwritten with the starts below
+#pragma unroll
+  for (int j = 0; j < kExpertsPerScanThread; ++j) {
+    if (first + j < num_local) {
+      const int rows = padded_rows[first + j];
+      padded_rows[first + j] = start;
+      start += rows;
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+    first_row[e] += padded_rows[e];
+    if (blockIdx.x == 0) {
+      p.expert_start[e] = padded_rows[e];
+      p.expert_offsets[e] = min(padded_rows[e], p.num_out_rows);
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.expert_start[num_local] = all_rows;
+    p.expert_offsets[num_local] = min(all_rows, p.num_out_rows);
+    if (all_rows > p.num_out_rows) {
+      report_device_error(p.error_flag, kPermuteRowsOverflow);
+    }
+  }
+  __syncthreads();
+}
+
 // 3. Rows of the pairs of a chunk. Each warp ranks a contiguous run of the chunk's pairs, 32 at a
 // time in pair order, against its own per-expert counters; the warps' counters are then scanned in
 // warp order from the chunk's first rows, so a pair's row only depends on the pairs before it.
+// On the small-chunk path the chunks' first rows come from fused_chunk_first_rows, right after the
+// count kernel, instead of from permute_scan_kernel.
 template <int kRounds, typename IdT>
 __global__ void __launch_bounds__(kPermuteIndexThreads)
     permute_rank_kernel(PermuteIndexParams p, const IdT* __restrict__ ids) {
@@ -276,9 +364,14 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
     rank[r] = before + __popc(peers & lanemask_lt());
   }
   __syncthreads();
-  pdl_wait();  // the scan's first rows per chunk and expert
+  pdl_wait();  // the scan's first rows per chunk and expert (fused: the count kernel's counts)
+  constexpr bool kFusedScan = kRounds == kPermuteSmallChunkRounds;
+  __shared__ int fused_first_row[kFusedScan ? kPermuteMaxLocalExperts : 1];
+  if constexpr (kFusedScan) {
+    fused_chunk_first_rows(p, fused_first_row);
+  }
   for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
-    int row = p.chunk_rows[blockIdx.x * num_local + e];
+    int row = kFusedScan ? fused_first_row[e] : p.chunk_rows[blockIdx.x * num_local + e];
     for (int w = 0; w < kPermuteIndexWarps; ++w) {
       const int count = warp_rows[w * num_local + e];
       warp_rows[w * num_local + e] = row;
@@ -314,7 +407,7 @@ template <int kRounds, typename IdT>
 cudaError_t launch_permute_index_rounds(const PermuteIndexParams& p, const IdT* ids, cudaStream_t stream) {
   permute_count_kernel<kRounds, IdT><<<p.num_chunks, kPermuteIndexThreads, 0, stream>>>(p, ids);
   cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) {
+  if (err == cudaSuccess && kRounds != kPermuteSmallChunkRounds) {  // else the rank blocks scan
     err = launch_pdl(permute_scan_kernel, 1, kPermuteScanThreads, 0, stream, true, p);
   }
   if (err == cudaSuccess) {
