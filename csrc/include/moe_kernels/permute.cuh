@@ -134,8 +134,11 @@ __global__ void __launch_bounds__(kPermuteIndexThreads)
   }
 }
 
-// Exclusive prefix sum over a block of kPermuteScanThreads threads; `total` gets the sum of all.
+// Exclusive prefix sum over a block of kWarps warps (at most 32); `total` gets the sum of all.
+// warp_sums holds kWarps ints.
+template <int kWarps = kPermuteScanThreads / 32>
 __device__ __forceinline__ int block_exclusive_sum(int x, int* warp_sums, int& total) {
+  static_assert(kWarps >= 1 && kWarps <= 32);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int inclusive = x;
 #pragma unroll
@@ -148,16 +151,18 @@ __device__ __forceinline__ int block_exclusive_sum(int x, int* warp_sums, int& t
   }
   __syncthreads();
   if (warp == 0) {
-    int w = warp_sums[lane];  // kPermuteScanThreads / 32 == 32 warps
+    int w = lane < kWarps ? warp_sums[lane] : 0;
 #pragma unroll
-    for (int offset = 1; offset < 32; offset *= 2) {
+    for (int offset = 1; offset < kWarps; offset *= 2) {
       const int y = __shfl_up_sync(0xffffffffu, w, offset);
       w += lane >= offset ? y : 0;
     }
-    warp_sums[lane] = w;  // inclusive over warps
+    if (lane < kWarps) {
+      warp_sums[lane] = w;  // inclusive over warps
+    }
   }
   __syncthreads();
-  total = warp_sums[31];
+  total = warp_sums[kWarps - 1];
   return (warp == 0 ? 0 : warp_sums[warp - 1]) + inclusive - x;
 }
 
@@ -277,30 +282,16 @@ __device__ __forceinline__ void fused_chunk_first_rows(const PermuteIndexParams&
   }
   __syncthreads();
   // Exclusive sum of padded_rows over the experts: kExpertsPerScanThread consecutive experts per
-  // thread, then the threads' sums by a warp scan and a scan of the warp sums.
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // thread, then the threads' sums over the block.
   const int first = threadIdx.x * kExpertsPerScanThread;
   int mine = 0;
 #pragma unroll
   for (int j = 0; j < kExpertsPerScanThread; ++j) {
     mine += first + j < num_local ? padded_rows[first + j] : 0;
   }
-  int inclusive = mine;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset *= 2) {
-    const int y = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    inclusive += lane >= offset ? y : 0;
-  }
-  if (lane == 31) {
-    warp_sums[warp] = inclusive;
-  }
-  __syncthreads();
-  int start = inclusive - mine, all_rows = 0;
-  for (int w = 0; w < kPermuteIndexWarps; ++w) {
-    start += w < warp ? warp_sums[w] : 0;
-    all_rows += warp_sums[w];
-  }
-  __syncthreads();  // padded_rows is overwritten with the starts below
+  int all_rows = 0;
+  int start = block_exclusive_sum<kPermuteIndexWarps>(mine, warp_sums, all_rows);
+  // Every thread has read its own experts' padded rows; each now overwrites only those.
 #pragma unroll
   for (int j = 0; j < kExpertsPerScanThread; ++j) {
     if (first + j < num_local) {
