@@ -1,0 +1,54 @@
+// Minimal torch binding of the FP8 grouped GEMM prototype (prototypes/fp8_grouped_gemm/fp8_grouped.cuh).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "fp8_grouped.cuh"
+
+namespace {
+
+void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim,
+                  const torch::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), name, " must be on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// out[rows of e] = (a * a_scales)[rows of e] @ (b[e] * b_scales[e])^T, written in place into out.
+void run(const torch::Tensor& a, const torch::Tensor& a_scales, const torch::Tensor& b,
+         const torch::Tensor& b_scales, const torch::Tensor& offsets, torch::Tensor& out, int64_t config) {
+  check_tensor(a, "a", at::kFloat8_e4m3fn, 2, a);
+  check_tensor(b, "b", at::kFloat8_e4m3fn, 3, a);
+  check_tensor(a_scales, "a_scales", at::kFloat, 2, a);
+  check_tensor(b_scales, "b_scales", at::kFloat, 3, a);
+  check_tensor(offsets, "offsets", at::kInt, 1, a);
+  check_tensor(out, "out", at::kBFloat16, 2, a);
+  const int64_t m = a.size(0), k = a.size(1), e = b.size(0), n = b.size(1);
+  TORCH_CHECK(n % 128 == 0 && k % 128 == 0 && n > 0 && k > 0, "N and K must be positive multiples of 128");
+  TORCH_CHECK(b.size(2) == k, "b must be [E, N, K=", k, "], got ", b.sizes());
+  TORCH_CHECK(e >= 1 && e <= fp8g::kMaxExperts, "1 <= E <= 1024");
+  TORCH_CHECK(offsets.size(0) == e + 1, "offsets must be [E+1]");
+  TORCH_CHECK(a_scales.size(0) == m && a_scales.size(1) == k / 128, "a_scales must be [M, K/128]");
+  TORCH_CHECK(b_scales.size(0) == e && b_scales.size(1) == n / 128 && b_scales.size(2) == k / 128,
+              "b_scales must be [E, N/128, K/128]");
+  TORCH_CHECK(out.size(0) == m && out.size(1) == n, "out must be [M, N]");
+  TORCH_CHECK(config >= 0 && config < fp8g::kNumConfigs, "config out of range");
+  if (m == 0) return;
+  const c10::cuda::CUDAGuard guard(a.device());
+  static int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const cudaError_t err = fp8g::fp8_grouped_run_config(
+      (int)config, a.data_ptr(), a_scales.data_ptr<float>(), b.data_ptr(), b_scales.data_ptr<float>(),
+      offsets.data_ptr<int32_t>(), out.data_ptr(), m, (int)n, (int)k, (int)e, num_sms,
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "fp8_grouped_run failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("run", &run, "FP8 grouped GEMM prototype (in place into out)", py::arg("a"), py::arg("a_scales"),
+        py::arg("b"), py::arg("b_scales"), py::arg("offsets"), py::arg("out"), py::arg("config"));
+  m.attr("num_configs") = fp8g::kNumConfigs;
+  m.def("config_name", [](int c) { return std::string(fp8g::config_name(c)); });
+}

@@ -1,0 +1,903 @@
+// Prototype Hopper (sm_90a) FP8 grouped GEMM with DeepSeek-V3 block scales (1x128 for A, 128x128
+// for B), after DeepGEMM's sm90_fp8_gemm_1d2d (docs/fp8_gemm_design.md). Raw PTX only: no CUTLASS.
+//
+//   out[r, n] = bf16( sum_kb sa[r, kb] * sb[e, n/128, kb] * sum_{k in kb} a[r, k] * b[e, n, k] )
+//   a e4m3 [M, K], sa fp32 [M, K/128], b e4m3 [E, N, K], sb fp32 [E, N/128, K/128],
+//   rows of expert e = [off[e], off[e+1]) with off int32 [E+1] on the device, out bf16 [M, N].
+//
+// Structure: persistent grid (<= one CTA per SM), 384 threads = 2 math warpgroups (rows 0-63 and
+// 64-127 of a 128 x BN tile) + 1 producer warpgroup of which one thread issues the TMA loads into a
+// STAGES-deep full/empty mbarrier ring. Each k-block of 128: wgmma into a temporary accumulator,
+// wait, release the stage, then final += tmp * (sa[row] * sb) ("promotion", as in DeepGEMM).
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fp8g {
+
+constexpr int BM = 128;              // rows per tile: 2 math warpgroups x 64 (wgmma M = 64)
+constexpr int BK = 128;              // = the scale block: one promotion per k-block
+constexpr int kMathThreads = 256;
+constexpr int kThreads = kMathThreads + 128;
+constexpr int kBand = 16;            // m-tiles per rasterisation band (see decode_tile)
+constexpr int kMaxExperts = 1024;
+
+template <int BN_, int STAGES_>
+struct Config {
+  static constexpr int BN = BN_, STAGES = STAGES_;
+  // The tile is processed as BN/128 column slabs of 128: one wgmma n128 accumulator and exactly one
+  // b-scale row per slab. That keeps 1 temporary of 64 fp32 per thread whatever BN is (a full
+  // n256 temporary would need 128 + 128 accumulators per thread, which cannot fit in 232 registers).
+  static constexpr int SLABS = BN / 128;
+  static_assert(BN % 128 == 0 && SLABS >= 1 && SLABS <= 2, "BN must be 128 or 256");
+  static constexpr int A_BYTES = BM * BK;  // e4m3: one byte per element
+  static constexpr int B_BYTES = BN * BK;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;  // multiple of 1024: SW128 atoms stay aligned
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  static constexpr size_t smem_bytes(int num_experts) {
+    // 1024 slack to align the pipeline (128B swizzle repeats every 1024 B), barriers, offsets, tiles
+    return 1024 + PIPE_BYTES + 2 * STAGES * 8 + 2 * (size_t)(num_experts + 1) * 4;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// PTX wrappers
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// In a prototype a wrong byte count or phase would hang the GPU forever. After 2^28
+// failed polls (each try_wait suspends for a while; > 1 s in all) the kernel traps instead and the
+// run reports a launch failure. A 32-bit counter, not clock64: one register fewer, which keeps
+// BN = 256 free of spills. Define FP8G_NO_HANG_TRAP to drop the check.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#ifndef FP8G_NO_HANG_TRAP
+  uint32_t polls = 0;
+  while (!mbar_try_wait(bar, parity))
+    if (++polls == (1u << 28)) __trap();
+#else
+  while (!mbar_try_wait(bar, parity)) {
+  }
+#endif
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+// K-major operand tile in the TMA 128B-swizzle layout: rows of 128 B (= BK e4m3), 16-B chunks XORed
+// with row % 8, 8-row groups 1024 B apart (SBO). LBO is unused for swizzled K-major layouts.
+// Stepping k by 32 inside the 128-B row is a plain +32 B on the start address (the hardware applies
+// the swizzle on absolute address bits, which is why every tile base is 1024-aligned).
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// Pins accumulator registers at this point of the program order: without it the compiler may read
+// wgmma results before wgmma.wait (they look like ordinary asm outputs) or move FFMAs across it.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+#define FP8G_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), \
+                   "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+
+// d[64] (+)= A(64x32, smem) * B(128x32, smem)^T, e4m3 x e4m3 -> fp32. ACCUM = 0 overwrites d.
+template <int ACCUM>
+__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : FP8G_D8(0), FP8G_D8(8), FP8G_D8(16), FP8G_D8(24), FP8G_D8(32), FP8G_D8(40), FP8G_D8(48), FP8G_D8(56)
+      : "l"(da), "l"(db), "n"(ACCUM));
+}
+
+// d[96] (+)= A(64x32) * B(192x32)^T: the n192 instruction of the BN = 192 configuration.
+template <int ACCUM>
+__device__ __forceinline__ void wgmma_m64n192k32(float (&d)[96], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, "
+      "%96, %97, p, 1, 1;\n}\n"
+      : FP8G_D8(0), FP8G_D8(8), FP8G_D8(16), FP8G_D8(24), FP8G_D8(32), FP8G_D8(40), FP8G_D8(48), FP8G_D8(56),
+        FP8G_D8(64), FP8G_D8(72), FP8G_D8(80), FP8G_D8(88)
+      : "l"(da), "l"(db), "n"(ACCUM));
+}
+#undef FP8G_D8
+
+__device__ __forceinline__ int ld_shared_s32(uint32_t addr) {
+  int v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ int opaque(int v) {  // a copy the compiler cannot CSE with earlier ones
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
+__device__ __forceinline__ int read_tid_x() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
+
+__device__ __forceinline__ float ldg_f32(const float* p) { return __ldg(p); }
+
+// ------------------------------------------------------------------------------------------------
+// Tile walk
+// ------------------------------------------------------------------------------------------------
+struct Tile {
+  int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128); n0: first output column
+};
+
+// Tiles are numbered expert by expert (s_tiles = exclusive prefix of each expert's tile count).
+// Inside an expert: bands of kBand m-tiles; inside a band the m-tile index runs fastest, then the
+// n-tile. The ~132 CTAs resident at a time take consecutive tile numbers, so they work on the same
+// few B n-tiles (each B tile is read from HBM once and then hit in L2 by all m-tiles of the band)
+// while the band's A rows (<= 16 x 128 rows x K, 15 MB at K = 7168) stay L2-resident across the
+// expert's n-tiles. With 1 m-tile per expert (decode) a wave streams consecutive n-tiles of B.
+// `cursor` only moves forward: a CTA's tile numbers increase, so the expert search is amortised.
+template <int BN>
+__device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n) {
+  const int n_tiles = (n + BN - 1) / BN;
+  while (t >= s_tiles[cursor + 1]) ++cursor;  // also skips empty experts (zero tiles)
+  const int e = cursor;
+  const int begin = s_off[e], end = s_off[e + 1];
+  const int m_tiles = (end - begin + BM - 1) / BM;
+  const int local = t - s_tiles[e];
+  const int band = local / (kBand * n_tiles);
+  const int in_band = local - band * kBand * n_tiles;
+  const int band_m = min(kBand, m_tiles - band * kBand);
+  const int m = band * kBand + in_band % band_m;
+  const int n_tile = in_band / band_m;
+  Tile tile;
+  tile.expert = e;
+  tile.row0 = begin + m * BM;
+  tile.rows = min(BM, end - tile.row0);
+  tile.n0 = n_tile * BN;
+  return tile;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel
+// ------------------------------------------------------------------------------------------------
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1)
+    fp8_grouped_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
+                       const float* __restrict__ a_scales, const float* __restrict__ b_scales,
+                       const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ out, int m_total, int n,
+                       int k, int num_experts) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::BN, STAGES = Cfg::STAGES, SLABS = Cfg::SLABS;
+  extern __shared__ uint8_t smem_raw[];
+  // Align in the shared window (the 128B swizzle pattern and the wgmma descriptors assume 1024).
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  const uint32_t bar_full = base + Cfg::PIPE_BYTES;  // STAGES x 8 B
+  const uint32_t bar_empty = bar_full + STAGES * 8;
+  int* s_off = reinterpret_cast<int*>(smem + Cfg::PIPE_BYTES + 2 * STAGES * 8);  // [E+1]
+  int* s_tiles = s_off + num_experts + 1;                                           // [E+1]
+
+  const int tid = threadIdx.x;
+  int warp = tid / 32, lane = tid % 32;
+  // Values derived from kernel parameters are recomputed in each role (through `opaque`) instead of
+  // being kept live across the whole kernel: at BN = 256 such a register was spilled.
+  const int n_tiles = (n + BN - 1) / BN;
+  int kb_count = k / BK;
+
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_full + 8 * s, 1);  // the producer's arrive_expect_tx; TMA bytes complete it
+      mbar_init(bar_empty + 8 * s, kMathThreads / 32);  // one arrival per math warp
+    }
+    // Make the initialised barriers visible to the async proxy (TMA complete_tx) as well.
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  if (warp == kMathThreads / 32 && lane == 0) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+  }
+  // Offsets clamped into [0, M] so that no TMA coordinate or store can leave the tensors even on bad
+  // input (the production kernel also raises the device error flag; this prototype does not).
+  for (int i = tid; i <= num_experts; i += kThreads) s_off[i] = min(max(offsets[i], 0), m_total);
+  __syncthreads();
+  if (warp == 0) {
+    // Exclusive prefix sum of tiles per expert: each lane sums a contiguous chunk, then a warp scan.
+    const int chunk = (num_experts + 31) / 32;
+    const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
+    int sum = 0;
+    for (int e = lo; e < hi; ++e) sum += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
+    int incl = sum;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    int run = incl - sum;
+    for (int e = lo; e < hi; ++e) {
+      s_tiles[e] = run;
+      run += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
+    }
+    if (lane == 31) s_tiles[num_experts] = incl;
+  }
+  __syncthreads();
+  // The tile count is re-read from shared memory at every tile (a 32-bit shared address off `base`,
+  // which is live anyway) rather than kept in a register across the kernel: at BN = 256 that one
+  // register was spilled.
+  const uint32_t total_addr = base + Cfg::PIPE_BYTES + 2 * STAGES * 8 + (2 * num_experts + 1) * 4;
+
+  if (warp >= kMathThreads / 32) {
+    // ---------------------------------------------------------------- producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (warp == kMathThreads / 32 && lane == 0) {
+      kb_count = opaque(k) / BK;
+      int stage = 0, cursor = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
+        const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
+        // A rows past the expert belong to the next expert (harmless: those rows are never stored);
+        // rows past M are zero-filled by TMA. B rows are [e*N + n0, +BN) of the [E*N, K] map.
+        const int b_row = tile.expert * n + tile.n0;
+        for (int kb = 0; kb < kb_count; ++kb) {
+          mbar_wait(bar_empty + 8 * stage, phase ^ 1);  // a fresh barrier passes parity 1 at once
+          const uint32_t full = bar_full + 8 * stage;
+          const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+          mbar_expect_tx(full, Cfg::STAGE_BYTES);  // OOB-filled boxes still count their full bytes
+          tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
+          tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
+          if (++stage == STAGES) stage = 0, phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ math warpgroups
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  {
+    // Re-derive the thread ids here instead of keeping them live from the prologue: at BN = 256
+    // values live across the whole kernel were spilled (8 B) by the register allocator.
+    const int tid_m = read_tid_x();
+    warp = tid_m / 32, lane = tid_m % 32;
+    kb_count = opaque(k) / BK;
+  }
+  const int wg = warp / 4;
+  const int r_lo = wg * 64 + (warp % 4) * 16 + lane / 4;  // wgmma D fragment rows: r_lo and r_lo + 8
+  const int r_hi = r_lo + 8;
+  const int col_in = 2 * (lane % 4);                       // + 8 * i for fragment pair i
+  const int n_blocks = n / 128;
+
+  float acc[SLABS][64];
+  float tmp[64];
+  int stage = 0, cursor = 0;
+  uint32_t phase = 0;
+
+  for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
+    const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
+    const int n0 = tile.n0;
+    // Skip the wgmmas of a warpgroup whose 64 rows are all past the expert's end (it still waits
+    // and releases every stage so that the barrier phases stay in step).
+    const bool active = wg * 64 < tile.rows;
+    // Column slabs past N (only when BN = 256 and N % 256 == 128) are skipped as well.
+    const int slabs = min(SLABS, (n - n0) / 128);
+    // Scale rows; rows past M are clamped (never stored, but must stay in bounds).
+    // 32-bit element indices (host checks M * K/128 and E * N/128 * K/128 < 2^31): fewer live
+    // registers than 64-bit pointers, which matters at BN = 256 (128 + 64 accumulators per thread).
+    const float* sa_lo = a_scales + min(tile.row0 + r_lo, m_total - 1) * kb_count;
+    const float* sa_hi = a_scales + min(tile.row0 + r_hi, m_total - 1) * kb_count;
+    const float* sb = b_scales + (tile.expert * n_blocks + n0 / 128) * kb_count;
+    const int sb_stride = slabs > 1 ? kb_count : 0;  // slab 1's b-scale row (clamped when absent)
+
+#pragma unroll
+    for (int s = 0; s < SLABS; ++s)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[s][i] = 0.f;
+
+    // Scales are read from global memory ahead of use (same address for the 4 lanes of a quad, and
+    // for the whole warp for b: broadcasts). A 3-deep register ring: the load for kb+2 is issued at
+    // the top of iteration kb, but the register rotation at the bottom of the iteration consumes it,
+    // so the latency actually hidden is one k-block of MMA (~550 cycles at BN = 128, ~1100 at 256), which
+    // covers an L2 hit; a TMA of the scales into the stage would remove the question (NOTES.md).
+    float a0_lo = ldg_f32(sa_lo), a0_hi = ldg_f32(sa_hi), b0_0 = ldg_f32(sb), b0_1 = ldg_f32(sb + sb_stride);
+    const int kb1 = min(1, kb_count - 1);
+    float a1_lo = ldg_f32(sa_lo + kb1), a1_hi = ldg_f32(sa_hi + kb1), b1_0 = ldg_f32(sb + kb1),
+          b1_1 = ldg_f32(sb + sb_stride + kb1);
+
+    for (int kb = 0; kb < kb_count; ++kb) {
+      const int kb2 = min(kb + 2, kb_count - 1);
+      const float a2_lo = ldg_f32(sa_lo + kb2), a2_hi = ldg_f32(sa_hi + kb2), b2_0 = ldg_f32(sb + kb2),
+                  b2_1 = ldg_f32(sb + sb_stride + kb2);
+
+      const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+      mbar_wait(bar_full + 8 * stage, phase);
+      if (active) {
+        const uint64_t da = sw128_desc(sa + wg * 64 * BK);
+#pragma unroll
+        for (int s = 0; s < SLABS; ++s) {
+          if (s < slabs) {
+            const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * 128 * BK);
+            fence_regs(tmp);
+            wgmma_fence();
+            // k steps of 32 bytes inside the 128-B swizzled row: +2 in the descriptor's address field
+            wgmma_m64n128k32<0>(tmp, da, db);
+            wgmma_m64n128k32<1>(tmp, da + 2, db + 2);
+            wgmma_m64n128k32<1>(tmp, da + 4, db + 4);
+            wgmma_m64n128k32<1>(tmp, da + 6, db + 6);
+            wgmma_commit();
+            wgmma_wait0();
+            fence_regs(tmp);
+            // The stage is free as soon as the last slab's MMAs are done: the promotion below only
+            // uses registers (the scales were loaded from global memory, not from the stage).
+            if (s == slabs - 1 && lane == 0) mbar_arrive(bar_empty + 8 * stage);
+            const float sb_s = s == 0 ? b0_0 : b0_1;
+            const float f_lo = a0_lo * sb_s, f_hi = a0_hi * sb_s;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+              acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], f_lo, acc[s][4 * i + 0]);
+              acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], f_lo, acc[s][4 * i + 1]);
+              acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], f_hi, acc[s][4 * i + 2]);
+              acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], f_hi, acc[s][4 * i + 3]);
+            }
+          }
+        }
+      } else {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+      }
+      if (++stage == STAGES) stage = 0, phase ^= 1;
+      a0_lo = a1_lo, a0_hi = a1_hi, b0_0 = b1_0, b0_1 = b1_1;
+      a1_lo = a2_lo, a1_hi = a2_hi, b1_0 = b2_0, b1_1 = b2_1;
+    }
+
+    // Epilogue: predicated bf16x2 stores straight from the fragments. Rows past the expert's end
+    // belong to another expert (whose CTA may be writing them now) or to nobody: never stored.
+    if (active) {
+      const bool ok_lo = r_lo < tile.rows, ok_hi = r_hi < tile.rows;
+      __nv_bfloat16* out_lo = out + (int64_t)(tile.row0 + r_lo) * n + n0 + col_in;
+      __nv_bfloat16* out_hi = out + (int64_t)(tile.row0 + r_hi) * n + n0 + col_in;
+#pragma unroll
+      for (int s = 0; s < SLABS; ++s) {
+        if (s < slabs) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            const int c = s * 128 + 8 * i;
+            if (ok_lo)
+              *reinterpret_cast<__nv_bfloat162*>(out_lo + c) =
+                  __floats2bfloat162_rn(acc[s][4 * i + 0], acc[s][4 * i + 1]);
+            if (ok_hi)
+              *reinterpret_cast<__nv_bfloat162*>(out_hi + c) =
+                  __floats2bfloat162_rn(acc[s][4 * i + 2], acc[s][4 * i + 3]);
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel v2 (configs named V2_*): the same structure, with
+//   * scales through shared memory: the producer warp copies each stage's 128 a scales and 2 b
+//     scales with 4-byte cp.async next to the TMA loads, so the math loop has no global loads;
+//   * BN = 192 as one n192 wgmma (DeepGEMM's tile) besides 128 and 256 (two n128 slabs);
+//   * "narrow" tiles at BN = 256: when a tile has <= 64 valid rows, the two warpgroups split the
+//     columns (each does one slab on rows 0-63) instead of one warpgroup doing both slabs;
+//   * epilogue through a dedicated smem_d (not aliased with the stages, so the producer keeps
+//     prefetching the next tile): TMA store of full 64-row halves (asynchronous: the math warps go
+//     straight on to the next tile), coalesced 16-byte predicated stores for expert-tail halves;
+//   * PDL: launched with programmatic stream serialisation; griddepcontrol.wait before any global
+//     access, so the prologue overlaps the previous kernel's tail.
+// ------------------------------------------------------------------------------------------------
+template <int BN_, int STAGES_>
+struct ConfigV2 {
+  static constexpr int BN = BN_, STAGES = STAGES_;
+  static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
+  static constexpr int SLABS = BN / WN;
+  static_assert(BN == 128 || BN == 192 || BN == 256, "BN must be 128, 192 or 256");
+  static constexpr int A_BYTES = BM * BK;
+  static constexpr int B_BYTES = BN * BK;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;  // multiple of 1024 for all three BN
+  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  // smem_d: per math warpgroup, BN/64 boxes of 64 rows x 64 bf16 (128 B rows, 128B swizzle: the
+  // TMA store box, and bank-conflict-free for the fragment writes and the 16-B read-back).
+  static constexpr int D_BOX_BYTES = 64 * 128;
+  static constexpr int D_WG_BYTES = BN / 64 * D_BOX_BYTES;
+  static constexpr int D_BYTES = 2 * D_WG_BYTES;
+  // Per stage: a scales of the 128 tile rows, then the b scales of the tile's (up to) 2 n-blocks.
+  static constexpr int SC_BYTES = BM * 4 + 16;
+  static constexpr int SC_OFF = PIPE_BYTES + D_BYTES;
+  static constexpr int BAR_OFF = SC_OFF + STAGES * SC_BYTES;
+  static constexpr int OFF_OFF = BAR_OFF + 2 * STAGES * 8;
+  static constexpr size_t smem_bytes(int num_experts) { return 1024 + OFF_OFF + 2 * (size_t)(num_experts + 1) * 4; }
+};
+
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const float* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+// The mbarrier counts one arrival when all of this thread's earlier cp.async have landed (.noinc:
+// that arrival is one of the count given at init).
+__device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+  return v;
+}
+// Barrier 1 + wg over the 128 threads of math warpgroup wg (immediate ids: a register id makes
+// ptxas reserve all 16 barriers).
+__device__ __forceinline__ void wg_bar_sync(int wg) {
+  if (wg == 0) asm volatile("bar.sync 1, 128;" ::: "memory");
+  else asm volatile("bar.sync 2, 128;" ::: "memory");
+}
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1) : "memory");
+}
+
+template <int WN, int ACCUM>
+__device__ __forceinline__ void wgmma_k32(float (&d)[WN / 2], uint64_t da, uint64_t db) {
+  if constexpr (WN == 128) wgmma_m64n128k32<ACCUM>(d, da, db);
+  else wgmma_m64n192k32<ACCUM>(d, da, db);
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads, 1)
+    fp8_grouped_kernel_v2(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
+                          const __grid_constant__ CUtensorMap tmap_d, const float* __restrict__ a_scales,
+                          const float* __restrict__ b_scales, const int32_t* __restrict__ offsets,
+                          __nv_bfloat16* __restrict__ out, int m_total, int n, int k, int num_experts) {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::BN, STAGES = Cfg::STAGES, SLABS = Cfg::SLABS, WN = Cfg::WN;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* smem = smem_raw + (base - raw);
+  const uint32_t smem_d = base + Cfg::PIPE_BYTES;
+  const uint32_t smem_sc = base + Cfg::SC_OFF;  // STAGES x SC_BYTES
+  const uint32_t bar_full = base + Cfg::BAR_OFF;
+  const uint32_t bar_empty = bar_full + STAGES * 8;
+  int* s_off = reinterpret_cast<int*>(smem + Cfg::OFF_OFF);  // [E+1]
+  int* s_tiles = s_off + num_experts + 1;                    // [E+1]
+
+  const int tid = threadIdx.x;
+  int warp = tid / 32, lane = tid % 32;
+  const int n_tiles = (n + BN - 1) / BN;
+
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(bar_full + 8 * s, 1 + 32);  // producer lane 0's arrive_expect_tx + 32 cp.async arrivals
+      mbar_init(bar_empty + 8 * s, kMathThreads / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  if (warp == kMathThreads / 32 && lane == 0) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_d)) : "memory");
+  }
+  // PDL: everything above overlapped the previous kernel; no global memory is touched before this
+  // (a no-op when the launch has no programmatic dependency).
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  for (int i = tid; i <= num_experts; i += kThreads) s_off[i] = min(max(offsets[i], 0), m_total);
+  __syncthreads();
+  if (warp == 0) {  // exclusive prefix sum of tiles per expert (as in v1)
+    const int chunk = (num_experts + 31) / 32;
+    const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
+    int sum = 0;
+    for (int e = lo; e < hi; ++e) sum += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
+    int incl = sum;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += v;
+    }
+    int run = incl - sum;
+    for (int e = lo; e < hi; ++e) {
+      s_tiles[e] = run;
+      run += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
+    }
+    if (lane == 31) s_tiles[num_experts] = incl;
+  }
+  __syncthreads();
+  const uint32_t total_addr = base + Cfg::OFF_OFF + (2 * num_experts + 1) * 4;
+
+  if (warp >= kMathThreads / 32) {
+    // ---------------------------------------------------------------- producer warp (all 32 lanes)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (warp == kMathThreads / 32) {
+      const int kb_count = opaque(k) / BK, n_blocks = opaque(n) / 128;
+      int stage = 0, cursor = 0;
+      uint32_t phase = 0;
+      for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
+        const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
+        const int b_row = tile.expert * n + tile.n0;
+        // Lane l copies the a scales of tile rows l, l+32, l+64, l+96 (rows past M clamped: never
+        // stored); lanes 0 and 1 also the b scales of the tile's first and second n-block (the
+        // second clamped to the expert's last n-block: then its columns are past N, never stored).
+        int a_idx[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) a_idx[j] = min(tile.row0 + lane + 32 * j, m_total - 1) * kb_count;
+        const int b_idx = (tile.expert * n_blocks + min(tile.n0 / 128 + lane, n_blocks - 1)) * kb_count;
+        for (int kb = 0; kb < kb_count; ++kb) {
+          mbar_wait(bar_empty + 8 * stage, phase ^ 1);
+          const uint32_t full = bar_full + 8 * stage;
+          if (lane == 0) {
+            const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+            mbar_expect_tx(full, Cfg::STAGE_BYTES);
+            tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
+            tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
+          }
+          const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) cp_async_4(sc + (lane + 32 * j) * 4, a_scales + a_idx[j] + kb);
+          if (lane < 2) cp_async_4(sc + BM * 4 + lane * 4, b_scales + b_idx + kb);
+          cp_async_arrive_noinc(full);
+          if (++stage == STAGES) stage = 0, phase ^= 1;
+        }
+      }
+      asm volatile("cp.async.wait_all;" ::: "memory");  // no copy of this thread outlives it
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------ math warpgroups
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+  int kb_count;
+  {
+    const int tid_m = read_tid_x();
+    warp = tid_m / 32, lane = tid_m % 32;
+    kb_count = opaque(k) / BK;
+  }
+  const int wg = warp / 4;
+  const int rw = (warp % 4) * 16 + lane / 4;  // fragment rows rw and rw + 8 of the warpgroup's 64
+  const int t_wg = (warp % 4) * 32 + lane;    // thread index inside the warpgroup
+  const uint32_t d_wg = smem_d + wg * Cfg::D_WG_BYTES;
+
+  float acc[SLABS][WN / 2];
+  float tmp[WN / 2];
+  int stage = 0, cursor = 0;
+  uint32_t phase = 0;
+
+  for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
+    const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
+    const int n0 = tile.n0;
+    const int slabs = min(SLABS, (n - n0 + WN - 1) / WN);  // BN = 256 with N % 256 == 128: 1 slab
+    // Work of this warpgroup: 64 rows from a_off, slabs [s_lo, s_hi). Narrow tile (BN = 256, <= 64
+    // rows, 2 slabs): both warpgroups on rows 0-63, one slab each, so the tile takes half the time.
+    const bool narrow = SLABS == 2 && slabs == 2 && tile.rows <= 64;
+    const int a_off = narrow ? 0 : wg * 64;
+    const int s_lo = narrow ? wg : 0, s_hi = narrow ? wg + 1 : slabs;
+    const bool active = a_off < tile.rows;
+    // BN = 192: the 8-column chunks 8..15 (tile columns 64-127) use the tile's second b-scale block
+    // when the tile starts in the middle of a 128-column block (n0 % 128 == 64).
+    const bool mid_second = (n0 & 127) != 0;
+
+#pragma unroll
+    for (int s = 0; s < SLABS; ++s)
+#pragma unroll
+      for (int i = 0; i < WN / 2; ++i) acc[s][i] = 0.f;
+
+    for (int kb = 0; kb < kb_count; ++kb) {
+      const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+      const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
+      mbar_wait(bar_full + 8 * stage, phase);
+      if (active) {
+        // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
+        // (its value used) before the stage is released below.
+        const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4), sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
+        const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
+        const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
+        const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
+        const uint64_t da = sw128_desc(sa + a_off * BK);
+#pragma unroll
+        for (int s = 0; s < SLABS; ++s) {
+          if (s >= s_lo && s < s_hi) {
+            const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
+            fence_regs(tmp);
+            wgmma_fence();
+            wgmma_k32<WN, 0>(tmp, da, db);
+            wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
+            wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
+            wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
+            wgmma_commit();
+            wgmma_wait0();
+            fence_regs(tmp);
+            if (s == s_hi - 1) {
+              __syncwarp();
+              if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+            }
+#pragma unroll
+            for (int i = 0; i < WN / 8; ++i) {
+              // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
+              // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
+              const int c = s * WN + 8 * i;
+              const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
+              const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
+              acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
+              acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
+              acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
+              acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
+            }
+          }
+        }
+      } else {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+      }
+      if (++stage == STAGES) stage = 0, phase ^= 1;
+    }
+
+    // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [n0 + s_lo*WN, +ncols), through
+    // its own smem_d region (box b = local columns 64b..64b+63). Only this warpgroup touches that
+    // region, so 128-thread named barriers (ids 1 and 2) suffice.
+    if (active) {
+      const int rows_valid = min(64, tile.rows - a_off);
+      const int col0 = n0 + s_lo * WN;
+      const int ncols = (s_hi - s_lo) * WN;
+      const int cols_valid = min(ncols, n - col0);
+      // The previous tile's TMA store must have finished reading smem_d before it is overwritten.
+      if (t_wg == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      wg_bar_sync(wg);
+      // The addresses are derived from `opaque` values here: otherwise the compiler hoists all
+      // WN/8 of them out of the tile loop and keeps them live across the mainloop (spills at BN >= 192).
+      const int sw = opaque(lane / 4);  // = row % 8 for rows rw and rw + 8
+      const uint32_t row_addr = d_wg + opaque(rw * 128 + (lane % 4) * 4);
+#pragma unroll
+      for (int s = 0; s < SLABS; ++s) {
+        if (s >= s_lo && s < s_hi) {
+          const uint32_t slab_base = row_addr + (s - s_lo) * (WN / 64) * Cfg::D_BOX_BYTES;
+#pragma unroll
+          for (int i = 0; i < WN / 8; ++i) {
+            // 16-B chunk i % 8 of rows rw and rw + 8 of box i / 8, XOR-swizzled with row % 8
+            const uint32_t addr = slab_base + (i / 8) * Cfg::D_BOX_BYTES + (((i % 8) ^ sw) * 16);
+            __nv_bfloat162 lo = __floats2bfloat162_rn(acc[s][4 * i + 0], acc[s][4 * i + 1]);
+            __nv_bfloat162 hi = __floats2bfloat162_rn(acc[s][4 * i + 2], acc[s][4 * i + 3]);
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo)) : "memory");
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128), "r"(*reinterpret_cast<uint32_t*>(&hi))
+                         : "memory");
+          }
+        }
+      }
+      // Generic-proxy writes -> visible to the TMA (async proxy) store.
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      wg_bar_sync(wg);
+      const int row0 = tile.row0 + a_off;
+      if (rows_valid == 64) {
+        // All 64 rows belong to the expert: TMA store (clips at N and M; completes asynchronously).
+        if (t_wg == 0) {
+          for (int b = 0; b * 64 < cols_valid; ++b) tma_store_2d(&tmap_d, d_wg + b * Cfg::D_BOX_BYTES, col0 + b * 64, row0);
+          asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+      } else {
+        // Expert tail: rows past rows_valid belong to the next expert (another CTA may be writing
+        // them): 16-B stores of the valid rows only, coalesced along the row.
+        const int cpr = cols_valid / 8;  // 16-B chunks per row (cols_valid is a multiple of 64)
+        for (int idx = t_wg; idx < rows_valid * cpr; idx += 128) {
+          const int r = idx / cpr, c = idx - r * cpr;
+          const uint32_t src = d_wg + (c / 8) * Cfg::D_BOX_BYTES + r * 128 + (((c % 8) ^ (r % 8)) * 16);
+          uint32_t v0, v1, v2, v3;
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3) : "r"(src)
+                       : "memory");
+          __nv_bfloat16* dst = out + (int64_t)(row0 + r) * n + col0 + c * 8;
+          asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2), "r"(v3)
+                       : "memory");
+        }
+      }
+    }
+    // Outstanding TMA stores must be complete before the CTA (and its smem_d) goes away. Done on the
+    // CTA's last tile inside the loop: any code after the tile loop makes ptxas cap this region
+    // below the 232 registers of setmaxnreg (~400 B of spills at BN >= 192).
+    if (t + (int)gridDim.x >= ld_shared_s32(total_addr) && t_wg == 0)
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+inline PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
+  // Through the runtime's entry-point query: no -lcuda needed at link time.
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      p = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// 2-D e4m3 map [rows, k] (k contiguous), box {128 (k), box_rows}, 128B swizzle, zero fill out of bounds.
+inline bool make_map(CUtensorMap* map, const void* ptr, uint64_t rows, uint64_t k, uint32_t box_rows) {
+  auto encode = get_encode_fn();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {k, rows};
+  const cuuint64_t strides[1] = {k};  // bytes, of dim 1
+  const cuuint32_t box[2] = {(cuuint32_t)BK, box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box, estr,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The launch depends only on host-known sizes (graph-capturable; the offsets are read on the
+// device). Requires n % 128 == 0, k % 128 == 0, 1 <= num_experts <= 1024, m_total < 2^31.
+template <class Cfg>
+cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b, const float* b_scales,
+                            const int32_t* offsets, void* out, int64_t m_total, int n, int k, int num_experts,
+                            int num_sms, cudaStream_t stream) {
+  if (n % 128 || k % 128 || n <= 0 || k <= 0 || num_experts < 1 || num_experts > kMaxExperts ||
+      m_total < 0 || m_total * (k / 128) >= (1ll << 31) || (int64_t)num_experts * n * (k / 128) >= (1ll << 31))
+    return cudaErrorInvalidValue;
+  if (m_total == 0) return cudaSuccess;
+  CUtensorMap map_a, map_b;
+  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM) ||
+      !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN))
+    return cudaErrorInvalidValue;
+  // Upper bound of the tile count from host-known sizes: every expert adds at most one partial m-tile.
+  const int64_t n_tiles = (n + Cfg::BN - 1) / Cfg::BN;
+  const int64_t max_tiles = (m_total / BM + num_experts) * n_tiles;
+  const int grid = (int)(max_tiles < num_sms ? max_tiles : num_sms);
+  const size_t smem = Cfg::smem_bytes(num_experts);
+  auto kernel = fp8_grouped_kernel<Cfg>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(map_a, map_b, a_scales, b_scales, offsets,
+                                           static_cast<__nv_bfloat16*>(out), (int)m_total, n, k, num_experts);
+  return cudaGetLastError();
+}
+
+// bf16 [m, n] output map for the v2 TMA store: box {64 columns (128 B), 64 rows}, 128B swizzle.
+inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
+  auto encode = get_encode_fn();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {n, m};
+  const cuuint64_t strides[1] = {n * 2};
+  const cuuint32_t box[2] = {64, 64};
+  const cuuint32_t estr[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ptr, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Same contract as fp8_grouped_run; also needs `out` 16-byte aligned (TMA store, 16-B stores).
+template <class Cfg>
+cudaError_t fp8_grouped_run_v2(const void* a, const float* a_scales, const void* b, const float* b_scales,
+                               const int32_t* offsets, void* out, int64_t m_total, int n, int k, int num_experts,
+                               int num_sms, cudaStream_t stream) {
+  if (n % 128 || k % 128 || n <= 0 || k <= 0 || num_experts < 1 || num_experts > kMaxExperts ||
+      m_total < 0 || m_total * (k / 128) >= (1ll << 31) || (int64_t)num_experts * n * (k / 128) >= (1ll << 31) ||
+      reinterpret_cast<uintptr_t>(out) % 16)
+    return cudaErrorInvalidValue;
+  if (m_total == 0) return cudaSuccess;
+  CUtensorMap map_a, map_b, map_d;
+  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM) ||
+      !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN) ||
+      !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
+    return cudaErrorInvalidValue;
+  const int64_t n_tiles = (n + Cfg::BN - 1) / Cfg::BN;
+  const int64_t max_tiles = (m_total / BM + num_experts) * n_tiles;
+  const int grid = (int)(max_tiles < num_sms ? max_tiles : num_sms);
+  const size_t smem = Cfg::smem_bytes(num_experts);
+  auto kernel = fp8_grouped_kernel_v2<Cfg>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  // PDL: this grid may start (barrier init, tensormap prefetch) while the previous kernel of the
+  // stream drains; the kernel waits on griddepcontrol.wait before touching global memory.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  err = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_d, a_scales, b_scales, offsets,
+                           static_cast<__nv_bfloat16*>(out), (int)m_total, n, k, num_experts);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// Configurations the benchmark compares (index = `config`).
+using Cfg128x6 = Config<128, 6>;
+using Cfg128x4 = Config<128, 4>;
+using Cfg256x4 = Config<256, 4>;
+using Cfg256x3 = Config<256, 3>;
+// v2 (scales in smem, smem_d epilogue with TMA store, PDL; see fp8_grouped_kernel_v2). Stage counts:
+// as many as fit next to smem_d in 227 KB with up to 1024 experts.
+using CfgV2_128x5 = ConfigV2<128, 5>;
+using CfgV2_192x4 = ConfigV2<192, 4>;
+using CfgV2_256x3 = ConfigV2<256, 3>;
+static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 && CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448 && Cfg128x6::smem_bytes(kMaxExperts) <= 232448,
+              "shared memory over the sm_90 limit");
+constexpr int kNumConfigs = 7;
+inline const char* config_name(int c) {
+  switch (c) {
+    case 0: return "BN128_S6";
+    case 1: return "BN128_S4";
+    case 2: return "BN256_S4";
+    case 3: return "BN256_S3";
+    case 4: return "V2_BN128_S5";
+    case 5: return "V2_BN192_S4";
+    case 6: return "V2_BN256_S3";
+    default: return "?";
+  }
+}
+
+inline cudaError_t fp8_grouped_run_config(int config, const void* a, const float* a_scales, const void* b,
+                                          const float* b_scales, const int32_t* offsets, void* out,
+                                          int64_t m_total, int n, int k, int num_experts, int num_sms,
+                                          cudaStream_t stream) {
+#define FP8G_CALL(F, C) F<C>(a, a_scales, b, b_scales, offsets, out, m_total, n, k, num_experts, num_sms, stream)
+  switch (config) {
+    case 0: return FP8G_CALL(fp8_grouped_run, Cfg128x6);
+    case 1: return FP8G_CALL(fp8_grouped_run, Cfg128x4);
+    case 2: return FP8G_CALL(fp8_grouped_run, Cfg256x4);
+    case 3: return FP8G_CALL(fp8_grouped_run, Cfg256x3);
+    case 4: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_128x5);
+    case 5: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_192x4);
+    case 6: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_256x3);
+    default: return cudaErrorInvalidValue;
+  }
+#undef FP8G_CALL
+}
+
+}  // namespace fp8g
