@@ -166,14 +166,36 @@ __device__ __forceinline__ int block_exclusive_sum(int x, int* warp_sums, int& t
   return (warp == 0 ? 0 : warp_sums[warp - 1]) + inclusive - x;
 }
 
-// Counts of expert e in chunks [c, c + kScanBatch) below `end` (0 past it), loaded together.
+// Counts of expert e in chunks [c, c + kBatch) below `end` (0 past it), loaded together.
 constexpr int kScanBatch = 8;
 
+template <int kBatch>
 __device__ __forceinline__ void load_counts(const PermuteIndexParams& p, int c, int end, int e,
-                                            int (&count)[kScanBatch]) {
+                                            int (&count)[kBatch]) {
 #pragma unroll
-  for (int b = 0; b < kScanBatch; ++b) {
+  for (int b = 0; b < kBatch; ++b) {
     count[b] = c + b < end ? p.chunk_rows[(c + b) * p.num_local + e] : 0;
+  }
+}
+
+__device__ __forceinline__ int align_rows(int rows, int align) {
+  return (rows + align - 1) / align * align;
+}
+
+// What the scan hands on: expert e's padded first row and pair count (the copy kernels' padding
+// bounds and the caller's offsets, clamped to num_out_rows), and the end of the last expert, with
+// the overflow report when it passes num_out_rows.
+__device__ __forceinline__ void publish_expert(const PermuteIndexParams& p, int e, int start, int count) {
+  p.expert_start[e] = start;
+  p.expert_count[e] = count;
+  p.expert_offsets[e] = min(start, p.num_out_rows);
+}
+
+__device__ __forceinline__ void publish_all_rows(const PermuteIndexParams& p, int all_rows) {
+  p.expert_start[p.num_local] = all_rows;
+  p.expert_offsets[p.num_local] = min(all_rows, p.num_out_rows);
+  if (all_rows > p.num_out_rows) {
+    report_device_error(p.error_flag, kPermuteRowsOverflow);
   }
 }
 
@@ -216,21 +238,15 @@ static __global__ void __launch_bounds__(kPermuteScanThreads) permute_scan_kerne
       total += count;
     }
   }
-  const int padded = (total + p.align - 1) / p.align * p.align;
   int all_rows = 0;
-  const int start = block_exclusive_sum(threadIdx.x < num_local ? padded : 0, warp_sums, all_rows);
+  const int start =
+      block_exclusive_sum(threadIdx.x < num_local ? align_rows(total, p.align) : 0, warp_sums, all_rows);
   if (threadIdx.x < num_local) {
     expert_start[threadIdx.x] = start;
-    p.expert_start[threadIdx.x] = start;
-    p.expert_count[threadIdx.x] = total;
-    p.expert_offsets[threadIdx.x] = min(start, p.num_out_rows);
+    publish_expert(p, threadIdx.x, start, total);
   }
   if (threadIdx.x == 0) {
-    p.expert_start[num_local] = all_rows;
-    p.expert_offsets[num_local] = min(all_rows, p.num_out_rows);
-    if (all_rows > p.num_out_rows) {
-      report_device_error(p.error_flag, kPermuteRowsOverflow);
-    }
+    publish_all_rows(p, all_rows);
   }
   __syncthreads();
   if (active) {
@@ -257,17 +273,14 @@ constexpr int kFusedScanBatch = 16;  // counts loaded together (one L2 round tri
 constexpr int kExpertsPerScanThread = kPermuteMaxLocalExperts / kPermuteIndexThreads;
 
 __device__ __forceinline__ void fused_chunk_first_rows(const PermuteIndexParams& p, int* first_row) {
-  __shared__ int padded_rows[kPermuteMaxLocalExperts];
+  __shared__ int expert_rows[kPermuteMaxLocalExperts];  // pairs per expert over all chunks
   __shared__ int warp_sums[kPermuteIndexWarps];
   const int num_local = p.num_local;
   for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
     int before = 0, total = 0;
     for (int c = 0; c < p.num_chunks; c += kFusedScanBatch) {
       int count[kFusedScanBatch];
-#pragma unroll
-      for (int b = 0; b < kFusedScanBatch; ++b) {
-        count[b] = c + b < p.num_chunks ? p.chunk_rows[(c + b) * num_local + e] : 0;
-      }
+      load_counts(p, c, p.num_chunks, e, count);
 #pragma unroll
       for (int b = 0; b < kFusedScanBatch; ++b) {
         total += count[b];
@@ -275,45 +288,32 @@ __device__ __forceinline__ void fused_chunk_first_rows(const PermuteIndexParams&
       }
     }
     first_row[e] = before;
-    padded_rows[e] = (total + p.align - 1) / p.align * p.align;
-    if (blockIdx.x == 0) {
-      p.expert_count[e] = total;
-    }
+    expert_rows[e] = total;
   }
   __syncthreads();
-  // Exclusive sum of padded_rows over the experts: kExpertsPerScanThread consecutive experts per
-  // thread, then the threads' sums over the block.
+  // Padded starts: kExpertsPerScanThread consecutive experts per thread, the threads' sums scanned
+  // over the block.
   const int first = threadIdx.x * kExpertsPerScanThread;
   int mine = 0;
 #pragma unroll
   for (int j = 0; j < kExpertsPerScanThread; ++j) {
-    mine += first + j < num_local ? padded_rows[first + j] : 0;
+    mine += first + j < num_local ? align_rows(expert_rows[first + j], p.align) : 0;
   }
   int all_rows = 0;
   int start = block_exclusive_sum<kPermuteIndexWarps>(mine, warp_sums, all_rows);
-  // Every thread has read its own experts' padded rows; each now overwrites only those.
 #pragma unroll
   for (int j = 0; j < kExpertsPerScanThread; ++j) {
-    if (first + j < num_local) {
-      const int rows = padded_rows[first + j];
-      padded_rows[first + j] = start;
-      start += rows;
-    }
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
-    first_row[e] += padded_rows[e];
-    if (blockIdx.x == 0) {
-      p.expert_start[e] = padded_rows[e];
-      p.expert_offsets[e] = min(padded_rows[e], p.num_out_rows);
+    const int e = first + j;
+    if (e < num_local) {
+      first_row[e] += start;
+      if (blockIdx.x == 0) {
+        publish_expert(p, e, start, expert_rows[e]);
+      }
+      start += align_rows(expert_rows[e], p.align);
     }
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    p.expert_start[num_local] = all_rows;
-    p.expert_offsets[num_local] = min(all_rows, p.num_out_rows);
-    if (all_rows > p.num_out_rows) {
-      report_device_error(p.error_flag, kPermuteRowsOverflow);
-    }
+    publish_all_rows(p, all_rows);
   }
   __syncthreads();
 }
