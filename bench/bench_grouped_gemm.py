@@ -100,22 +100,12 @@ def gemm_row(name, dtype, counts, n, k, per_config, us_dense, baselines, copy_tb
     }
 
 
-def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbps):
-    """Ours (blockwise scales) vs torch rowwise FP8, and the dense FP8 ceiling."""
-    m = sum(counts)
-    a, a_scales = moe_kernels.quantize_fp8(a_bf16)
-    b, b_scales = moe_kernels.quantize_fp8_weight(b_bf16)
+def scaled_grouped_mm_baseline(a_bf16, b_bf16, offsets):
+    """The FP8 baseline, torch._scaled_grouped_mm on rowwise FP8 copies of the operands: a function of
+    use_fast_accum, and the rowwise operands (a, a scales, b, b scales)."""
     a_row, sa_row = rowwise_fp8(a_bf16)
     b_row, sb_row = rowwise_fp8(b_bf16)
     ends = offsets[1:].contiguous()
-    per_config = {
-        c: time_cuda_us(
-            lambda c=c: moe_kernels.grouped_gemm(
-                a, b, offsets, a_scales=a_scales, b_scales=b_scales, config=c
-            )
-        )
-        for c in CONFIGS["fp8"]
-    }
 
     def scaled_grouped_mm(fast_accum):
         return torch._scaled_grouped_mm(
@@ -127,6 +117,24 @@ def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbp
             out_dtype=torch.bfloat16,
             use_fast_accum=fast_accum,
         )
+
+    return scaled_grouped_mm, (a_row, sa_row, b_row, sb_row)
+
+
+def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbps):
+    """Ours (blockwise scales) vs torch rowwise FP8, and the dense FP8 ceiling."""
+    m = sum(counts)
+    a, a_scales = moe_kernels.quantize_fp8(a_bf16)
+    b, b_scales = moe_kernels.quantize_fp8_weight(b_bf16)
+    scaled_grouped_mm, (a_row, sa_row, b_row, sb_row) = scaled_grouped_mm_baseline(a_bf16, b_bf16, offsets)
+    per_config = {
+        c: time_cuda_us(
+            lambda c=c: moe_kernels.grouped_gemm(
+                a, b, offsets, a_scales=a_scales, b_scales=b_scales, config=c
+            )
+        )
+        for c in CONFIGS["fp8"]
+    }
 
     us_fast = time_cuda_us(lambda: scaled_grouped_mm(True))
     us_default = time_cuda_us(lambda: scaled_grouped_mm(False))

@@ -98,13 +98,12 @@ def backward_case(name, dtype, t, copy_tbps):
     kwargs = preset.router_kwargs()
     grad = torch.randn(t, k, device="cuda")
 
-    def timed_backward(weights):
+    def backward(weights):
         # Through autograd, as a training step runs it: at small T this is mostly host time.
-        return time_cuda_us(lambda: torch.autograd.grad(weights, logits, grad, retain_graph=True))
+        return lambda: torch.autograd.grad(weights, logits, grad, retain_graph=True)
 
     out = moe_kernels.router(logits, k, bias=bias, **kwargs)
-    us = timed_backward(out.weights)
-    through_autograd = lambda: torch.autograd.grad(out.weights, logits, grad, retain_graph=True)
+    us = time_cuda_us(backward(out.weights))
     # The kernel alone, replayed from a CUDA graph (no autograd host time).
     config = (preset.score_func, preset.renormalize, preset.scaling_factor)
     kernel = lambda: torch.ops.moe_kernels.router_backward(grad, logits.detach(), out.ids, *config)
@@ -116,14 +115,14 @@ def backward_case(name, dtype, t, copy_tbps):
     # What the autograd path adds: GPU work (every kernel it launches, from the profiler) and host
     # time per call. "us" is an idle GPU waiting for that host time; in a training step the host
     # runs ahead and only the GPU work counts.
-    row["autograd gpu us"], row["autograd kernels"] = gpu_time_us(through_autograd)
+    row["autograd gpu us"], row["autograd kernels"] = gpu_time_us(backward(out.weights))
     row["x kernel"] = row["autograd gpu us"] / row["graph us"]
-    row["autograd host us"] = host_time_us(through_autograd)
+    row["autograd host us"] = host_time_us(backward(out.weights))
     row["GB/s"] = nbytes / (us * 1e-6) / 1e9
     row["% of copy"] = 100 * row["GB/s"] / (copy_tbps * 1e3)
-    row["eager us"] = timed_backward(eager_router(logits, bias, k, *kwargs.values())[0])
+    row["eager us"] = time_cuda_us(backward(eager_router(logits, bias, k, *kwargs.values())[0]))
     row["x eager"] = row["eager us"] / us
-    row["compiled us"] = timed_backward(_compiled_router(logits, bias, k, *kwargs.values())[0])
+    row["compiled us"] = time_cuda_us(backward(_compiled_router(logits, bias, k, *kwargs.values())[0]))
     row["x compiled"] = row["compiled us"] / us
     return row
 
