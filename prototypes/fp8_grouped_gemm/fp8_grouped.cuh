@@ -27,24 +27,6 @@ constexpr int kThreads = kMathThreads + 128;
 constexpr int kBand = 16;            // m-tiles per rasterisation band (see decode_tile)
 constexpr int kMaxExperts = 1024;
 
-template <int BN_, int STAGES_>
-struct Config {
-  static constexpr int BN = BN_, STAGES = STAGES_;
-  // The tile is processed as BN/128 column slabs of 128: one wgmma n128 accumulator and exactly one
-  // b-scale row per slab. That keeps 1 temporary of 64 fp32 per thread whatever BN is (a full
-  // n256 temporary would need 128 + 128 accumulators per thread, which cannot fit in 232 registers).
-  static constexpr int SLABS = BN / 128;
-  static_assert(BN % 128 == 0 && SLABS >= 1 && SLABS <= 2, "BN must be 128 or 256");
-  static constexpr int A_BYTES = BM * BK;  // e4m3: one byte per element
-  static constexpr int B_BYTES = BN * BK;
-  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;  // multiple of 1024: SW128 atoms stay aligned
-  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
-  static constexpr size_t smem_bytes(int num_experts) {
-    // 1024 slack to align the pipeline (128B swizzle repeats every 1024 B), barriers, offsets, tiles
-    return 1024 + PIPE_BYTES + 2 * STAGES * 8 + 2 * (size_t)(num_experts + 1) * 4;
-  }
-};
-
 // ------------------------------------------------------------------------------------------------
 // PTX wrappers
 // ------------------------------------------------------------------------------------------------
@@ -170,8 +152,6 @@ __device__ __forceinline__ int read_tid_x() {
   return t;
 }
 
-__device__ __forceinline__ float ldg_f32(const float* p) { return __ldg(p); }
-
 // ------------------------------------------------------------------------------------------------
 // Tile walk
 // ------------------------------------------------------------------------------------------------
@@ -208,226 +188,9 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 }
 
 // ------------------------------------------------------------------------------------------------
-// Kernel
-// ------------------------------------------------------------------------------------------------
-template <class Cfg>
-__global__ void __launch_bounds__(kThreads, 1)
-    fp8_grouped_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
-                       const float* __restrict__ a_scales, const float* __restrict__ b_scales,
-                       const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ out, int m_total, int n,
-                       int k, int num_experts) {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BN = Cfg::BN, STAGES = Cfg::STAGES, SLABS = Cfg::SLABS;
-  extern __shared__ uint8_t smem_raw[];
-  // Align in the shared window (the 128B swizzle pattern and the wgmma descriptors assume 1024).
-  const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t base = (raw + 1023u) & ~1023u;
-  uint8_t* smem = smem_raw + (base - raw);
-  const uint32_t bar_full = base + Cfg::PIPE_BYTES;  // STAGES x 8 B
-  const uint32_t bar_empty = bar_full + STAGES * 8;
-  int* s_off = reinterpret_cast<int*>(smem + Cfg::PIPE_BYTES + 2 * STAGES * 8);  // [E+1]
-  int* s_tiles = s_off + num_experts + 1;                                           // [E+1]
-
-  const int tid = threadIdx.x;
-  int warp = tid / 32, lane = tid % 32;
-  // Values derived from kernel parameters are recomputed in each role (through `opaque`) instead of
-  // being kept live across the whole kernel: at BN = 256 such a register was spilled.
-  const int n_tiles = (n + BN - 1) / BN;
-  int kb_count = k / BK;
-
-  if (tid == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, 1);  // the producer's arrive_expect_tx; TMA bytes complete it
-      mbar_init(bar_empty + 8 * s, kMathThreads / 32);  // one arrival per math warp
-    }
-    // Make the initialised barriers visible to the async proxy (TMA complete_tx) as well.
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  }
-  if (warp == kMathThreads / 32 && lane == 0) {
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
-  }
-  // Offsets clamped into [0, M] so that no TMA coordinate or store can leave the tensors even on bad
-  // input (the production kernel also raises the device error flag; this prototype does not).
-  for (int i = tid; i <= num_experts; i += kThreads) s_off[i] = min(max(offsets[i], 0), m_total);
-  __syncthreads();
-  if (warp == 0) {
-    // Exclusive prefix sum of tiles per expert: each lane sums a contiguous chunk, then a warp scan.
-    const int chunk = (num_experts + 31) / 32;
-    const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
-    int sum = 0;
-    for (int e = lo; e < hi; ++e) sum += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
-    int incl = sum;
-#pragma unroll
-    for (int d = 1; d < 32; d *= 2) {
-      const int v = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += v;
-    }
-    int run = incl - sum;
-    for (int e = lo; e < hi; ++e) {
-      s_tiles[e] = run;
-      run += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
-    }
-    if (lane == 31) s_tiles[num_experts] = incl;
-  }
-  __syncthreads();
-  // The tile count is re-read from shared memory at every tile (a 32-bit shared address off `base`,
-  // which is live anyway) rather than kept in a register across the kernel: at BN = 256 that one
-  // register was spilled.
-  const uint32_t total_addr = base + Cfg::PIPE_BYTES + 2 * STAGES * 8 + (2 * num_experts + 1) * 4;
-
-  if (warp >= kMathThreads / 32) {
-    // ---------------------------------------------------------------- producer warpgroup
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (warp == kMathThreads / 32 && lane == 0) {
-      kb_count = opaque(k) / BK;
-      int stage = 0, cursor = 0;
-      uint32_t phase = 0;
-      for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
-        const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
-        // A rows past the expert belong to the next expert (harmless: those rows are never stored);
-        // rows past M are zero-filled by TMA. B rows are [e*N + n0, +BN) of the [E*N, K] map.
-        const int b_row = tile.expert * n + tile.n0;
-        for (int kb = 0; kb < kb_count; ++kb) {
-          mbar_wait(bar_empty + 8 * stage, phase ^ 1);  // a fresh barrier passes parity 1 at once
-          const uint32_t full = bar_full + 8 * stage;
-          const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-          mbar_expect_tx(full, Cfg::STAGE_BYTES);  // OOB-filled boxes still count their full bytes
-          tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
-          tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
-          if (++stage == STAGES) stage = 0, phase ^= 1;
-        }
-      }
-    }
-    return;
-  }
-
-  // ------------------------------------------------------------------ math warpgroups
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-  {
-    // Re-derive the thread ids here instead of keeping them live from the prologue: at BN = 256
-    // values live across the whole kernel were spilled (8 B) by the register allocator.
-    const int tid_m = read_tid_x();
-    warp = tid_m / 32, lane = tid_m % 32;
-    kb_count = opaque(k) / BK;
-  }
-  const int wg = warp / 4;
-  const int r_lo = wg * 64 + (warp % 4) * 16 + lane / 4;  // wgmma D fragment rows: r_lo and r_lo + 8
-  const int r_hi = r_lo + 8;
-  const int col_in = 2 * (lane % 4);                       // + 8 * i for fragment pair i
-  const int n_blocks = n / 128;
-
-  float acc[SLABS][64];
-  float tmp[64];
-  int stage = 0, cursor = 0;
-  uint32_t phase = 0;
-
-  for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
-    const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
-    const int n0 = tile.n0;
-    // Skip the wgmmas of a warpgroup whose 64 rows are all past the expert's end (it still waits
-    // and releases every stage so that the barrier phases stay in step).
-    const bool active = wg * 64 < tile.rows;
-    // Column slabs past N (only when BN = 256 and N % 256 == 128) are skipped as well.
-    const int slabs = min(SLABS, (n - n0) / 128);
-    // Scale rows; rows past M are clamped (never stored, but must stay in bounds).
-    // 32-bit element indices (host checks M * K/128 and E * N/128 * K/128 < 2^31): fewer live
-    // registers than 64-bit pointers, which matters at BN = 256 (128 + 64 accumulators per thread).
-    const float* sa_lo = a_scales + min(tile.row0 + r_lo, m_total - 1) * kb_count;
-    const float* sa_hi = a_scales + min(tile.row0 + r_hi, m_total - 1) * kb_count;
-    const float* sb = b_scales + (tile.expert * n_blocks + n0 / 128) * kb_count;
-    const int sb_stride = slabs > 1 ? kb_count : 0;  // slab 1's b-scale row (clamped when absent)
-
-#pragma unroll
-    for (int s = 0; s < SLABS; ++s)
-#pragma unroll
-      for (int i = 0; i < 64; ++i) acc[s][i] = 0.f;
-
-    // Scales are read from global memory ahead of use (same address for the 4 lanes of a quad, and
-    // for the whole warp for b: broadcasts). A 3-deep register ring: the load for kb+2 is issued at
-    // the top of iteration kb, but the register rotation at the bottom of the iteration consumes it,
-    // so the latency actually hidden is one k-block of MMA (~550 cycles at BN = 128, ~1100 at 256), which
-    // covers an L2 hit; a TMA of the scales into the stage would remove the question (NOTES.md).
-    float a0_lo = ldg_f32(sa_lo), a0_hi = ldg_f32(sa_hi), b0_0 = ldg_f32(sb), b0_1 = ldg_f32(sb + sb_stride);
-    const int kb1 = min(1, kb_count - 1);
-    float a1_lo = ldg_f32(sa_lo + kb1), a1_hi = ldg_f32(sa_hi + kb1), b1_0 = ldg_f32(sb + kb1),
-          b1_1 = ldg_f32(sb + sb_stride + kb1);
-
-    for (int kb = 0; kb < kb_count; ++kb) {
-      const int kb2 = min(kb + 2, kb_count - 1);
-      const float a2_lo = ldg_f32(sa_lo + kb2), a2_hi = ldg_f32(sa_hi + kb2), b2_0 = ldg_f32(sb + kb2),
-                  b2_1 = ldg_f32(sb + sb_stride + kb2);
-
-      const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-      mbar_wait(bar_full + 8 * stage, phase);
-      if (active) {
-        const uint64_t da = sw128_desc(sa + wg * 64 * BK);
-#pragma unroll
-        for (int s = 0; s < SLABS; ++s) {
-          if (s < slabs) {
-            const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * 128 * BK);
-            fence_regs(tmp);
-            wgmma_fence();
-            // k steps of 32 bytes inside the 128-B swizzled row: +2 in the descriptor's address field
-            wgmma_m64n128k32<0>(tmp, da, db);
-            wgmma_m64n128k32<1>(tmp, da + 2, db + 2);
-            wgmma_m64n128k32<1>(tmp, da + 4, db + 4);
-            wgmma_m64n128k32<1>(tmp, da + 6, db + 6);
-            wgmma_commit();
-            wgmma_wait0();
-            fence_regs(tmp);
-            // The stage is free as soon as the last slab's MMAs are done: the promotion below only
-            // uses registers (the scales were loaded from global memory, not from the stage).
-            if (s == slabs - 1 && lane == 0) mbar_arrive(bar_empty + 8 * stage);
-            const float sb_s = s == 0 ? b0_0 : b0_1;
-            const float f_lo = a0_lo * sb_s, f_hi = a0_hi * sb_s;
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-              acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], f_lo, acc[s][4 * i + 0]);
-              acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], f_lo, acc[s][4 * i + 1]);
-              acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], f_hi, acc[s][4 * i + 2]);
-              acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], f_hi, acc[s][4 * i + 3]);
-            }
-          }
-        }
-      } else {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
-      }
-      if (++stage == STAGES) stage = 0, phase ^= 1;
-      a0_lo = a1_lo, a0_hi = a1_hi, b0_0 = b1_0, b0_1 = b1_1;
-      a1_lo = a2_lo, a1_hi = a2_hi, b1_0 = b2_0, b1_1 = b2_1;
-    }
-
-    // Epilogue: predicated bf16x2 stores straight from the fragments. Rows past the expert's end
-    // belong to another expert (whose CTA may be writing them now) or to nobody: never stored.
-    if (active) {
-      const bool ok_lo = r_lo < tile.rows, ok_hi = r_hi < tile.rows;
-      __nv_bfloat16* out_lo = out + (int64_t)(tile.row0 + r_lo) * n + n0 + col_in;
-      __nv_bfloat16* out_hi = out + (int64_t)(tile.row0 + r_hi) * n + n0 + col_in;
-#pragma unroll
-      for (int s = 0; s < SLABS; ++s) {
-        if (s < slabs) {
-#pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            const int c = s * 128 + 8 * i;
-            if (ok_lo)
-              *reinterpret_cast<__nv_bfloat162*>(out_lo + c) =
-                  __floats2bfloat162_rn(acc[s][4 * i + 0], acc[s][4 * i + 1]);
-            if (ok_hi)
-              *reinterpret_cast<__nv_bfloat162*>(out_hi + c) =
-                  __floats2bfloat162_rn(acc[s][4 * i + 2], acc[s][4 * i + 3]);
-          }
-        }
-      }
-    }
-  }
-#endif
-}
-
-// ------------------------------------------------------------------------------------------------
-// Kernel v2 (configs named V2_*): the same structure, with
+// Kernel (v2, configs named V2_*). Against the first version (v1: scales read from global memory
+// by the math warps, 4-byte epilogue stores, BN 128 / 256; slower on every benchmark case, see the
+// README's history, and removed) it has
 //   * scales through shared memory: the producer warp copies each stage's 128 a scales and 2 b
 //     scales with 4-byte cp.async next to the TMA loads, so the math loop has no global loads;
 //   * BN = 192 as one n192 wgmma (DeepGEMM's tile) besides 128 and 256 (two n128 slabs);
@@ -533,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   asm volatile("griddepcontrol.wait;" ::: "memory");
   for (int i = tid; i <= num_experts; i += kThreads) s_off[i] = min(max(offsets[i], 0), m_total);
   __syncthreads();
-  if (warp == 0) {  // exclusive prefix sum of tiles per expert (as in v1)
+  if (warp == 0) {  // exclusive prefix sum of tiles per expert
     const int chunk = (num_experts + 31) / 32;
     const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
     int sum = 0;
@@ -776,33 +539,6 @@ inline bool make_map(CUtensorMap* map, const void* ptr, uint64_t rows, uint64_t 
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The launch depends only on host-known sizes (graph-capturable; the offsets are read on the
-// device). Requires n % 128 == 0, k % 128 == 0, 1 <= num_experts <= 1024, m_total < 2^31.
-template <class Cfg>
-cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b, const float* b_scales,
-                            const int32_t* offsets, void* out, int64_t m_total, int n, int k, int num_experts,
-                            int num_sms, cudaStream_t stream) {
-  if (n % 128 || k % 128 || n <= 0 || k <= 0 || num_experts < 1 || num_experts > kMaxExperts ||
-      m_total < 0 || m_total * (k / 128) >= (1ll << 31) || (int64_t)num_experts * n * (k / 128) >= (1ll << 31))
-    return cudaErrorInvalidValue;
-  if (m_total == 0) return cudaSuccess;
-  CUtensorMap map_a, map_b;
-  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM) ||
-      !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN))
-    return cudaErrorInvalidValue;
-  // Upper bound of the tile count from host-known sizes: every expert adds at most one partial m-tile.
-  const int64_t n_tiles = (n + Cfg::BN - 1) / Cfg::BN;
-  const int64_t max_tiles = (m_total / BM + num_experts) * n_tiles;
-  const int grid = (int)(max_tiles < num_sms ? max_tiles : num_sms);
-  const size_t smem = Cfg::smem_bytes(num_experts);
-  auto kernel = fp8_grouped_kernel<Cfg>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem, stream>>>(map_a, map_b, a_scales, b_scales, offsets,
-                                           static_cast<__nv_bfloat16*>(out), (int)m_total, n, k, num_experts);
-  return cudaGetLastError();
-}
-
 // bf16 [m, n] output map for the v2 TMA store: box {64 columns (128 B), 64 rows}, 128B swizzle.
 inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
   auto encode = get_encode_fn();
@@ -816,7 +552,9 @@ inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Same contract as fp8_grouped_run; also needs `out` 16-byte aligned (TMA store, 16-B stores).
+// The launch depends only on host-known sizes (graph-capturable; the offsets are read on the
+// device). Requires n % 128 == 0, k % 128 == 0, 1 <= num_experts <= 1024, m_total < 2^31, and `out`
+// 16-byte aligned (TMA store, 16-B stores).
 template <class Cfg>
 cudaError_t fp8_grouped_run_v2(const void* a, const float* a_scales, const void* b, const float* b_scales,
                                const int32_t* offsets, void* out, int64_t m_total, int n, int k, int num_experts,
@@ -855,29 +593,20 @@ cudaError_t fp8_grouped_run_v2(const void* a, const float* a_scales, const void*
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-// Configurations the benchmark compares (index = `config`).
-using Cfg128x6 = Config<128, 6>;
-using Cfg128x4 = Config<128, 4>;
-using Cfg256x4 = Config<256, 4>;
-using Cfg256x3 = Config<256, 3>;
-// v2 (scales in smem, smem_d epilogue with TMA store, PDL; see fp8_grouped_kernel_v2). Stage counts:
-// as many as fit next to smem_d in 227 KB with up to 1024 experts.
+// Configurations the benchmark compares (index = `config`). Stage counts: as many as fit next to
+// smem_d in 227 KB with up to 1024 experts.
 using CfgV2_128x5 = ConfigV2<128, 5>;
 using CfgV2_192x4 = ConfigV2<192, 4>;
 using CfgV2_256x3 = ConfigV2<256, 3>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 && CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448 && Cfg128x6::smem_bytes(kMaxExperts) <= 232448,
+                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
-constexpr int kNumConfigs = 7;
+constexpr int kNumConfigs = 3;
 inline const char* config_name(int c) {
   switch (c) {
-    case 0: return "BN128_S6";
-    case 1: return "BN128_S4";
-    case 2: return "BN256_S4";
-    case 3: return "BN256_S3";
-    case 4: return "V2_BN128_S5";
-    case 5: return "V2_BN192_S4";
-    case 6: return "V2_BN256_S3";
+    case 0: return "V2_BN128_S5";
+    case 1: return "V2_BN192_S4";
+    case 2: return "V2_BN256_S3";
     default: return "?";
   }
 }
@@ -888,13 +617,9 @@ inline cudaError_t fp8_grouped_run_config(int config, const void* a, const float
                                           cudaStream_t stream) {
 #define FP8G_CALL(F, C) F<C>(a, a_scales, b, b_scales, offsets, out, m_total, n, k, num_experts, num_sms, stream)
   switch (config) {
-    case 0: return FP8G_CALL(fp8_grouped_run, Cfg128x6);
-    case 1: return FP8G_CALL(fp8_grouped_run, Cfg128x4);
-    case 2: return FP8G_CALL(fp8_grouped_run, Cfg256x4);
-    case 3: return FP8G_CALL(fp8_grouped_run, Cfg256x3);
-    case 4: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_128x5);
-    case 5: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_192x4);
-    case 6: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_256x3);
+    case 0: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_128x5);
+    case 1: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_192x4);
+    case 2: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_256x3);
     default: return cudaErrorInvalidValue;
   }
 #undef FP8G_CALL
