@@ -60,6 +60,11 @@ EXTRA_CONFIGS = [
     (64, 4, dict(num_groups=2, topk_groups=1, score_func="sigmoid")),
     (256, 8, dict(num_groups=16, topk_groups=3, group_score="max", score_func="sigmoid")),
     (384, 8, dict(score_func="sigmoid", scaling_factor=2.827)),
+    # The four-tokens-per-warp kernel (sigmoid, E = 256, K <= 8): every group count it takes.
+    (256, 8, dict(score_func="sigmoid")),
+    (256, 6, dict(num_groups=2, topk_groups=1, score_func="sigmoid")),
+    (256, 4, dict(num_groups=4, topk_groups=2, group_score="max", score_func="sigmoid")),
+    (256, 1, dict(num_groups=8, topk_groups=1, score_func="sigmoid", renormalize=False, scaling_factor=2.5)),
     (512, 16, dict(num_groups=16, topk_groups=2)),
     (1000, 3, dict(num_groups=10, topk_groups=1, group_score="max")),
     (1024, 16, dict(score_func="sigmoid", num_groups=32, topk_groups=5)),
@@ -235,6 +240,37 @@ def test_exact_ties_lower_index_wins(config):
     _, ref_ids, _ = reference.router(logits, k, **config)
     assert torch.equal(ids.cpu(), ref_ids), f"{config}: {ids.cpu().tolist()} vs {ref_ids.tolist()}"
     assert ids[0].tolist() == list(range(k)) and ids[2].tolist() == list(range(10, 16))
+
+
+@requires_sm90
+@pytest.mark.parametrize(
+    "k, config",
+    [
+        (8, PRESETS["deepseek_v3"].router_kwargs()),
+        (8, dict(score_func="sigmoid")),
+        (3, dict(score_func="sigmoid")),
+    ],
+)
+def test_quad_kernel_ties_nan_inf(k, config):
+    """E = 256 sigmoid (four tokens per warp): ties, NaN and inf rows, the exact fallback (all-equal
+    rows), and a token count that is not a multiple of four, against the reference's ids."""
+    e = 256
+    logits = torch.randn(11, e)
+    logits[0] = 0.0  # all tied: the fallback's argmax rounds
+    logits[1] = torch.arange(e) % 4  # four-way ties at each value
+    logits[2, 10:20] = 5.0  # ten tied maxima
+    logits[3] = torch.arange(e).flip(0) // 8  # ties inside each group
+    logits[4] = float("nan")  # all NaN: counts as all -inf
+    logits[5] = float("-inf")
+    logits[6, [3, 200]] = float("inf")
+    logits[7, ::2] = float("nan")
+    logits[8, 100:] = float("-inf")
+    w, ids, counts = run_router(logits.cuda(), k, None, config)
+    _, ref_ids, _ = reference.router(logits, k, **config)
+    assert torch.equal(ids.cpu(), ref_ids), f"{config}: {ids.cpu().tolist()} vs {ref_ids.tolist()}"
+    assert_router_matches_reference(logits, w, ids, k, **config)
+    assert all(len(set(r)) == k for r in ids.tolist())
+    assert torch.equal(counts.cpu(), torch.bincount(ids.cpu().long().flatten(), minlength=e).int())
 
 
 @requires_sm90

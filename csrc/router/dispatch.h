@@ -101,6 +101,15 @@ void dispatch_router_pair_kernel(at::ScalarType dtype, int vpt, const char* op, 
   });
 }
 
+// Whether router_forward_quad_kernel (four tokens per warp) applies: sigmoid scores, E = 8 lanes of
+// kQuadVpt experts (256), top_k <= 8 (a quarter's picks sit on its 8 lanes), groups (if any) of
+// whole lanes.
+inline bool quad_kernel_applies(int64_t num_experts, int64_t num_groups, int64_t top_k,
+                                ScoreFunc score_func) {
+  return score_func == ScoreFunc::kSigmoid && num_experts == kQuarterWarp * kQuadVpt &&
+         top_k <= kQuarterWarp && kQuarterWarp % num_groups == 0;
+}
+
 // Grid of a warp-per-token kernel: enough 8-warp blocks for every token, at most `waves` per SM.
 inline int warp_per_token_grid(int64_t num_tokens, int warps_per_block, int waves) {
   const int64_t needed = (num_tokens + warps_per_block - 1) / warps_per_block;

@@ -5,6 +5,21 @@ namespace moe_kernels {
 namespace router {
 namespace {
 
+// Blocks of a multi-token forward kernel that fit on one SM (asked once per kernel). Those kernels
+// run as one wave of resident blocks whose warps loop over their tokens: for the pair kernel, 41.7 /
+// 47.4 us at T = 65536 (DeepSeek-V3 / Kimi-K2) against 42.7 / 49.1 with two waves and 50.7 / 50.8
+// with four.
+template <auto kKernel>
+int resident_blocks() {
+  static const int blocks = [] {
+    int n = 0;
+    MK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kWarpsPerBlock * 32, 0),
+                  "router");
+    return std::max(n, 1);
+  }();
+  return blocks;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& logits_in, int64_t top_k,
                                                               const std::optional<at::Tensor>& bias_in,
                                                               c10::string_view score_func_name,
@@ -79,23 +94,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Two tokens per warp where it applies (DeepSeek-V3, Kimi-K2): the same results, half the
-  // per-token cost of the warp collectives.
+  // Four tokens per warp for DeepSeek-V3's shape (E = 256, K <= 8), else two where it applies
+  // (Kimi-K2): the same results, a half and a quarter of the per-token cost of the warp collectives.
+  if (quad_kernel_applies(num_experts, num_groups, top_k, score_func)) {
+    p.vpt = kQuadVpt;
+    p.vectorized = rows_vectorizable(logits, kQuadVpt);
+    dispatch_float_type(logits.scalar_type(), op, "logits", [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      constexpr auto kernel = router_forward_quad_kernel<T, kQuadVpt>;
+      const int quad_grid =
+          warp_per_token_grid((num_tokens + 3) / 4, kWarpsPerBlock, resident_blocks<kernel>());
+      MK_CUDA_CHECK(launch_pdl(kernel, quad_grid, kWarpsPerBlock * 32, 0, stream, return_counts, p), op);
+    });
+    return {weights, ids, counts};
+  }
   const int pair_vpt = pair_values_per_lane(num_experts, num_groups, score_func);
   if (pair_vpt > 0) {
     p.vpt = pair_vpt;
     p.vectorized = rows_vectorizable(logits, pair_vpt);
     dispatch_router_pair_kernel(logits.scalar_type(), pair_vpt, op, [&]<typename T, int kVpt>() {
-      // One wave of resident blocks whose warps loop over the pairs: 41.7 / 47.4 us at T = 65536
-      // (DeepSeek-V3 / Kimi-K2) against 42.7 / 49.1 with two waves and 50.7 / 50.8 with four.
-      static const int resident = [] {
-        int blocks = 0;
-        MK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                          &blocks, router_forward_pair_kernel<T, kVpt>, kWarpsPerBlock * 32, 0),
-                      "router");
-        return std::max(blocks, 1);
-      }();
-      const int pair_grid = warp_per_token_grid((num_tokens + 1) / 2, kWarpsPerBlock, resident);
+      const int pair_grid = warp_per_token_grid((num_tokens + 1) / 2, kWarpsPerBlock,
+                                                resident_blocks<router_forward_pair_kernel<T, kVpt>>());
       MK_CUDA_CHECK(launch_pdl(router_forward_pair_kernel<T, kVpt>, pair_grid, kWarpsPerBlock * 32, 0, stream,
                                return_counts, p),
                     op);

@@ -6,7 +6,8 @@
 // order-preserving keys, so the warp-wide argmax of a top-K round is one redux.sync plus a ballot;
 // ties go to the lowest lane and, inside a lane, to the lowest slot: the lower expert index.
 // router_forward_pair_kernel routes two tokens per warp (16 lanes each) for sigmoid scores and
-// E = 16 * kVpt, with the same results; see its comment.
+// E = 16 * kVpt, and router_forward_quad_kernel four (8 lanes each) for sigmoid scores, E = 256 and
+// K <= 8, with the same results; see their comments.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -501,18 +502,24 @@ __device__ __forceinline__ uint32_t half_max(uint32_t v, bool upper) {
   return upper ? upper_max : lower_max;
 }
 
-// The number of lanes j < `rounds` of this lane's half (read with 16-wide shuffles, lane
-// j * lane_step) whose key beats `mine`: greater, or equal with j < my_index (lower index wins
-// ties). That is one 64-bit compare, (other, my_index) > (mine, j), and a predicated add. The loop
-// bound must be uniform.
+// count += 1 if candidate j's key `other` beats candidate my_index's key `mine`: greater, or equal
+// with j < my_index (lower index wins ties). One 64-bit compare, (other, my_index) > (mine, j), and
+// a predicated add.
+__device__ __forceinline__ void add_if_beats(int& count, uint32_t other, int j, uint32_t mine, int my_index) {
+  asm("{\n\t.reg .pred p;\n\t.reg .b64 a, b;\n\tmov.b64 a, {%1, %2};\n\tmov.b64 b, {%3, %4};\n\t"
+      "setp.gt.u64 p, a, b;\n\t@p add.s32 %0, %0, 1;\n\t}"
+      : "+r"(count)
+      : "r"(my_index), "r"(other), "r"(j), "r"(mine));
+}
+
+// The number of lanes j < `rounds` of this lane's kWidth-lane segment (read with kWidth-wide
+// shuffles, lane j * lane_step) whose key beats `mine` (add_if_beats). The loop bound must be
+// uniform.
+template <int kWidth = kHalfWarp>
 __device__ __forceinline__ int count_beating(uint32_t mine, int rounds, int lane_step, int my_index) {
   int count = 0;
   for (int j = 0; j < rounds; ++j) {
-    const uint32_t other = __shfl_sync(0xffffffffu, mine, j * lane_step, kHalfWarp);
-    asm("{\n\t.reg .pred p;\n\t.reg .b64 a, b;\n\tmov.b64 a, {%1, %2};\n\tmov.b64 b, {%3, %4};\n\t"
-        "setp.gt.u64 p, a, b;\n\t@p add.s32 %0, %0, 1;\n\t}"
-        : "+r"(count)
-        : "r"(my_index), "r"(other), "r"(j), "r"(mine));
+    add_if_beats(count, __shfl_sync(0xffffffffu, mine, j * lane_step, kWidth), j, mine, my_index);
   }
   return count;
 }
@@ -541,13 +548,14 @@ __device__ __forceinline__ void append_ids(int32_t* dst, uint32_t mask, int firs
   }
 }
 
-// Whether this lane's group is kept, for kGroups groups of kHalfWarp / kGroups lanes in each half:
-// every lane of a group first gets the group's top two (from the lanes' best and second), hence
-// the same score; then fewer than topk_groups groups must beat it (higher score, or equal and
-// lower index), the groups kept by mask_groups' rounds. Group g is read from its first lane.
-template <int kGroups>
-__device__ __forceinline__ bool group_kept(const ForwardParams& p, float best, float second, int half_lane) {
-  constexpr int kLanes = kHalfWarp / kGroups;
+// Whether this lane's group is kept, for kGroups groups of kWidth / kGroups lanes in each kWidth-lane
+// segment (a token's lanes): every lane of a group first gets the group's top two (from the lanes'
+// best and second), hence the same score; then fewer than topk_groups groups must beat it (higher
+// score, or equal and lower index), the groups kept by mask_groups' rounds. Group g is read from
+// its first lane.
+template <int kGroups, int kWidth = kHalfWarp>
+__device__ __forceinline__ bool group_kept(const ForwardParams& p, float best, float second, int token_lane) {
+  constexpr int kLanes = kWidth / kGroups;
 #pragma unroll
   for (int offset = 1; offset < kLanes; offset *= 2) {
     const float other_best = __shfl_xor_sync(0xffffffffu, best, offset);
@@ -555,7 +563,7 @@ __device__ __forceinline__ bool group_kept(const ForwardParams& p, float best, f
     merge_top2(best, second, other_best, other_second);
   }
   const uint32_t key = select_key(p.group_top2 ? nan_to_neg_inf(best + second) : best);
-  return count_beating(key, kGroups, kLanes, half_lane / kLanes) < p.topk_groups;
+  return count_beating<kWidth>(key, kGroups, kLanes, token_lane / kLanes) < p.topk_groups;
 }
 
 // The lane's kVpt logits as fp32, 0 for a half past the last token (its results are not stored).
@@ -766,6 +774,297 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
     if (writer) {
       p.weights[t * p.top_k + half_lane] = weight * p.scaling_factor;
       p.ids[t * p.top_k + half_lane] = my_id;
+      if (p.counts != nullptr) {
+        atomicAdd(&block_counts[my_id], 1);
+      }
+    }
+  }
+  flush_block_counts(p, block_counts, kExperts);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Four tokens per warp: sigmoid scores, E = 8 * kQuadVpt = 256 (DeepSeek-V3), top_k <= 8, groups
+// (if any) made of whole lanes.
+//
+// Lanes 8q..8q+7 route token t0 + q (a "quarter"); lane l of a quarter owns the experts
+// [l*32, (l+1)*32). Every warp collective (group ranks, threshold rounds, prefix sum, candidate
+// ranks, renormalising sum) serves four tokens instead of the pair kernel's two; the per-expert work
+// is the same. Selection per quarter as in the pair kernel, with these differences:
+//   - a lane keeps the top two of each half of its experts: the threshold rounds draw from 32 heads
+//     per token, as the pair kernel's 16 lanes do (on random DeepSeek-V3 rows about K + 0.4
+//     candidates, 1e-4 of tokens over 16; the top two of 32 experts would give about K + 3);
+//   - the rounds pop from each lane's four heads sorted once, on floats (no key per head; NaN is
+//     an empty head, which fmaxf skips), and take the quarter's maximum by three xor shuffles;
+//   - up to 16 candidates, two per lane (candidates j and j + 8 on lane j), ranked in one pass;
+//   - the picks of a quarter sit on its 8 lanes, hence top_k <= 8.
+// Results are bit-identical to the pair kernel's: the same sel values and selection rule, each
+// candidate's score recomputed by the same instructions, and the renormalising sum over 8 lanes
+// equal to the pair kernel's over 16 (its lanes 8-15 hold +0 when top_k <= 8, and x + +0 = x for
+// the non-negative scores).
+// ------------------------------------------------------------------------------------------------
+constexpr int kQuarterWarp = 8;
+constexpr int kQuadVpt = 32;
+constexpr int kQuadMaxCandidates = 2 * kQuarterWarp;
+// Words per quarter in the candidate buffer: 16 ids and 8 of padding, so that the four quarters'
+// candidate j (read at once by lane j % 8 of each) lie in four different banks.
+constexpr int kQuadCandidateStride = kQuadMaxCandidates + 8;
+// 3 blocks per SM (24 warps) allow 80 registers; the kernel takes 72. With 4 it compiles to 64
+// registers without spills but 28 more instructions (not measured on the GPU).
+constexpr int kQuadMinBlocks = 3;
+
+// Where expert e's bias sits in the quad kernel's shared memory: a lane's 32 biases are 8 pieces of
+// 16 bytes, and piece j of lane l is stored at piece j ^ l of the lane's 128 bytes. The 8 lanes of
+// a quarter read their piece j from 8 different groups of 4 banks; unswizzled, they would all read
+// the same 4 banks (an 8-way conflict on each of the 8 vector loads per token).
+__device__ __forceinline__ int quad_bias_slot(int e) {
+  static_assert(kQuadVpt == 32 && kQuarterWarp == 8);
+  return e ^ (((e >> 5) & 7) << 2);  // the lane (e / 32 mod 8) times 4 floats
+}
+
+// Max over this lane's quarter, on every lane of it (NaN is skipped: the max of nothing is NaN).
+__device__ __forceinline__ float quarter_max(float v) {
+#pragma unroll
+  for (int offset = kQuarterWarp / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+__device__ __forceinline__ uint32_t quarter_max(uint32_t v) {
+#pragma unroll
+  for (int offset = kQuarterWarp / 2; offset > 0; offset /= 2) {
+    v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Ranks of the quarter's candidates qlane (key_a) and qlane + 8 (key_b) among its `rounds` (uniform
+// over the warp, at most 16) candidates, as count_beating. Candidate j < 8 precedes candidate
+// qlane + 8 and j >= 8 follows qlane, so one of each candidate's two compares needs no index.
+// With 8 or fewer candidates in every quarter, key_b is no candidate and is skipped.
+__device__ __forceinline__ void quad_ranks(uint32_t key_a, uint32_t key_b, int rounds, int qlane, int& rank_a,
+                                           int& rank_b) {
+  rank_a = 0;
+  rank_b = 0;
+  if (rounds <= kQuarterWarp) {
+#pragma unroll
+    for (int j = 0; j < kQuarterWarp; ++j) {
+      if (j >= rounds) {
+        break;
+      }
+      add_if_beats(rank_a, __shfl_sync(0xffffffffu, key_a, j, kQuarterWarp), j, key_a, qlane);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kQuarterWarp; ++j) {
+    const uint32_t other = __shfl_sync(0xffffffffu, key_a, j, kQuarterWarp);
+    add_if_beats(rank_a, other, j, key_a, qlane);
+    rank_b += other >= key_b;
+  }
+#pragma unroll
+  for (int j = kQuarterWarp; j < kQuadMaxCandidates; ++j) {
+    if (j >= rounds) {
+      break;
+    }
+    const uint32_t other = __shfl_sync(0xffffffffu, key_b, j - kQuarterWarp, kQuarterWarp);
+    rank_a += other > key_a;
+    add_if_beats(rank_b, other, j, key_b, qlane + kQuarterWarp);
+  }
+}
+
+// Candidate `id` of a quarter: its unbiased score and its selection key, by the instructions that
+// computed sel[] (sigmoid, then + bias), hence the same bits.
+template <typename T>
+__device__ __forceinline__ uint32_t quad_candidate(const T* row, const float* block_bias, int id,
+                                                   PairPick& pick) {
+  pick.id = id;
+  pick.score = sigmoid(to_float(row[id]));
+  return select_key(pick.score + block_bias[quad_bias_slot(id)]);
+}
+
+template <typename T, int kVpt>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kQuadMinBlocks)
+    router_forward_quad_kernel(const ForwardParams p) {
+  static_assert(kVpt == kQuadVpt,
+                "the bias swizzle and the 32-bit candidate mask assume 32 experts per lane");
+  constexpr int kExperts = kQuarterWarp * kVpt;
+  constexpr int kHalfVpt = kVpt / 2;
+  __shared__ int32_t block_counts[kExperts];
+  __shared__ alignas(16) float block_bias[kExperts];  // NaN as -inf (see the pair kernel), swizzled
+  __shared__ int32_t candidates[kWarpsPerBlock][4 * kQuadCandidateStride];  // expert ids
+  __shared__ PairPick picks[kWarpsPerBlock][32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int quarter = lane / kQuarterWarp, qlane = lane % kQuarterWarp, quarter_base = quarter * kQuarterWarp;
+  const int first_expert = qlane * kVpt;
+  const uint32_t quarter_mask = 0xffu << quarter_base;
+  int32_t* quarter_candidates = candidates[warp] + quarter * kQuadCandidateStride;
+  PairPick* quarter_picks = picks[warp] + quarter_base;
+  for (int e = threadIdx.x; e < kExperts; e += blockDim.x) {
+    block_bias[quad_bias_slot(e)] = p.bias != nullptr ? nan_to_neg_inf(p.bias[e]) : 0.0f;
+  }
+  __syncthreads();
+  zero_block_counts(p, block_counts, kExperts);
+
+  const T* logits = static_cast<const T*>(p.logits);
+  for (int64_t t0 = (blockIdx.x * int64_t(kWarpsPerBlock) + warp) * 4; t0 < p.num_tokens;
+       t0 += int64_t(gridDim.x) * kWarpsPerBlock * 4) {
+    const int64_t t = t0 + quarter;
+    const bool valid = t < p.num_tokens;  // false for the quarters past the last token
+    // Those quarters route the last token again (nothing of theirs is stored): loads without
+    // predicates, and no zeroing of the 32 registers.
+    const T* row = logits + (valid ? t : p.num_tokens - 1) * kExperts;
+    float sel[kVpt];
+    load_lane_logits<T, kVpt>(row + first_expert, true, p.vectorized, sel);
+#pragma unroll
+    for (int j = 0; j < kVpt / 4; ++j) {
+      const float4 bias = *reinterpret_cast<const float4*>(block_bias + first_expert + ((j ^ qlane) * 4));
+      sel[4 * j + 0] = sigmoid(sel[4 * j + 0]) + bias.x;  // a NaN logit scores as -inf does: 0
+      sel[4 * j + 1] = sigmoid(sel[4 * j + 1]) + bias.y;
+      sel[4 * j + 2] = sigmoid(sel[4 * j + 2]) + bias.z;
+      sel[4 * j + 3] = sigmoid(sel[4 * j + 3]) + bias.w;
+    }
+    // The top two of each half of the lane's experts (values with multiplicity; nothing is NaN).
+    float lo_best = -INFINITY, lo_second = -INFINITY, hi_best = -INFINITY, hi_second = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kHalfVpt; ++i) {
+      lo_second = fmaxf(lo_second, fminf(lo_best, sel[i]));
+      lo_best = fmaxf(lo_best, sel[i]);
+      hi_second = fmaxf(hi_second, fminf(hi_best, sel[kHalfVpt + i]));
+      hi_best = fmaxf(hi_best, sel[kHalfVpt + i]);
+    }
+
+    // Groups: every lane of a group ends up with the group's top two, hence the same score.
+    bool kept = true;
+    {
+      float best = lo_best, second = lo_second;
+      merge_top2(best, second, hi_best, hi_second);
+      switch (p.num_groups) {  // a compile-time group count unrolls group_kept's loops
+        case 2:
+          kept = group_kept<2, kQuarterWarp>(p, best, second, qlane);
+          break;
+        case 4:
+          kept = group_kept<4, kQuarterWarp>(p, best, second, qlane);
+          break;
+        case 8:
+          kept = group_kept<8, kQuarterWarp>(p, best, second, qlane);
+          break;
+        default:  // 1: no groups (the launcher admits only divisors of 8)
+          break;
+      }
+    }
+
+    // tau, as in the pair kernel: K rounds popping the quarter's largest head, every lane holding
+    // it popping its own. The lane's heads in descending order, merged from its two sorted pairs; a
+    // masked lane offers none (NaN first), and a lane that has popped all four offers NaN. tau is
+    // NaN when the kept lanes run out of heads.
+    const float mid_a = fminf(lo_best, hi_best), mid_b = fmaxf(lo_second, hi_second);
+    float head0 = kept ? fmaxf(lo_best, hi_best) : NAN, head1 = fmaxf(mid_a, mid_b),
+          head2 = fminf(mid_a, mid_b), head3 = fminf(lo_second, hi_second);
+    float tau = NAN;
+    for (int k = 0; k < p.top_k; ++k) {
+      tau = quarter_max(head0);
+      if (head0 == tau) {
+        head0 = head1;
+        head1 = head2;
+        head2 = head3;
+        head3 = NAN;
+      }
+    }
+    // Above -inf, tau is a value that at least K experts of kept lanes reach and the masked experts
+    // (-inf) do not. A NaN threshold makes a lane offer no candidate (masked lanes, the quarters
+    // past the last token, the fallback).
+    const bool usable = tau > -INFINITY;  // false for NaN
+    const float threshold = (valid && kept && usable) ? tau : __uint_as_float(0x7fffffffu);
+    const uint32_t passing = passing_mask<kVpt>(sel, threshold);
+    const int count = __popc(passing);
+    int position = count;  // inclusive prefix sum over the quarter's lanes, then exclusive
+#pragma unroll
+    for (int offset = 1; offset < kQuarterWarp; offset *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, position, offset, kQuarterWarp);
+      position += qlane >= offset ? other : 0;
+    }
+    const int num_candidates = __shfl_sync(0xffffffffu, position, kQuarterWarp - 1, kQuarterWarp);
+    position -= count;
+    const bool fallback = valid && (!usable || num_candidates > kQuadMaxCandidates);
+
+    const bool writer = valid && qlane < p.top_k;
+    PairPick my_pick = {0.0f, 0};  // lane k < K of the quarter: the k-th pick
+    if (!__any_sync(0xffffffffu, fallback)) {
+      append_ids(quarter_candidates + position, passing, first_expert);
+      __syncwarp();
+      // Candidates qlane and qlane + 8; lanes past the quarter's candidates rank key 0, below every
+      // candidate (> the key of -inf).
+      const bool candidate_a = qlane < num_candidates, candidate_b = qlane + kQuarterWarp < num_candidates;
+      PairPick pick_a = {0.0f, 0}, pick_b = {0.0f, 0};
+      uint32_t key_a = 0, key_b = 0;
+      if (candidate_a) {
+        key_a = quad_candidate(row, block_bias, quarter_candidates[qlane], pick_a);
+      }
+      if (candidate_b) {
+        key_b = quad_candidate(row, block_bias, quarter_candidates[qlane + kQuarterWarp], pick_b);
+      }
+      int rank_a, rank_b;
+      quad_ranks(key_a, key_b, __reduce_max_sync(0xffffffffu, num_candidates), qlane, rank_a, rank_b);
+      if (candidate_a && rank_a < p.top_k) {
+        quarter_picks[rank_a] = pick_a;
+      }
+      if (candidate_b && rank_b < p.top_k) {
+        quarter_picks[rank_b] = pick_b;
+      }
+      __syncwarp();
+      if (writer) {
+        my_pick = quarter_picks[qlane];
+      }
+    } else {
+      // K rounds of argmax over every expert, per quarter; masked experts count as -inf.
+      uint32_t key[kVpt];
+#pragma unroll
+      for (int i = 0; i < kVpt; ++i) {
+        key[i] = select_key(kept ? sel[i] : -INFINITY);
+      }
+      for (int k = 0; k < p.top_k; ++k) {
+        uint32_t lane_best = 0;
+        int best_slot = 0;
+#pragma unroll
+        for (int i = 0; i < kVpt; ++i) {
+          if (key[i] > lane_best) {
+            lane_best = key[i];
+            best_slot = i;
+          }
+        }
+        // Every expert's key is above 0 and E >= K: each quarter has a winner in every round.
+        const bool top = lane_best == quarter_max(lane_best);
+        const int winner = __ffs(__ballot_sync(0xffffffffu, top) & quarter_mask) - 1;
+        if (lane == winner) {
+#pragma unroll
+          for (int i = 0; i < kVpt; ++i) {
+            key[i] = i == best_slot ? 0u : key[i];
+          }
+        }
+        const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
+        if (qlane == k) {
+          my_pick.id = id;
+        }
+      }
+      if (writer) {
+        my_pick.score = sigmoid(to_float(row[my_pick.id]));
+      }
+    }
+
+    const int my_id = my_pick.id;
+    float weight = writer ? my_pick.score : 0.0f;
+    if (p.renormalize) {
+      float sum = weight;
+#pragma unroll
+      for (int offset = kQuarterWarp / 2; offset > 0; offset /= 2) {
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      }
+      weight = (writer ? weight : 1.0f) / (sum + kRenormEps);  // 1, not 0: see the pair kernel
+    }
+    if (writer) {
+      p.weights[t * p.top_k + qlane] = weight * p.scaling_factor;
+      p.ids[t * p.top_k + qlane] = my_id;
       if (p.counts != nullptr) {
         atomicAdd(&block_counts[my_id], 1);
       }
