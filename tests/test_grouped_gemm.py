@@ -239,18 +239,20 @@ def kernel_rows(offsets, rows):
 
 
 @requires_sm90
-@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("fp8, config", [(False, "auto")] + [(True, c) for c in FP8_CONFIGS])
 @pytest.mark.parametrize(
     "offsets", [[0, 100, 200, 150, 400], [-50, 100, 200, 300, 400], [0, 100, 200, 300, 4000]]
 )
-def test_bad_offsets_are_clamped_and_reported(offsets, fp8, gen):
+def test_bad_offsets_are_clamped_and_reported(offsets, fp8, config, gen):
     """Corrupt device offsets: rows are clamped into [0, M] (nothing outside the tensors is
     touched), experts whose clamped rows overlap no other's are still right, and the error is raised
-    by check_device_errors() or, without a sync, by the next call."""
+    by check_device_errors() or, without a sync, by the next call. FP8 "auto" runs our own kernel
+    (100 rows per expert), the other FP8 configurations name theirs."""
     moe_kernels.check_device_errors()
     a, b, good_offsets, sa, sb = make_problem([100] * 4, 256, 256, fp8, gen, device="cuda")
     bad = torch.tensor(offsets, dtype=torch.int32, device="cuda")
-    out = moe_kernels.grouped_gemm(a, b, bad, a_scales=sa, b_scales=sb)  # no raise: found on the device
+    # no raise: found on the device
+    out = moe_kernels.grouped_gemm(a, b, bad, a_scales=sa, b_scales=sb, config=config)
     ranges = kernel_rows(offsets, a.shape[0])
     overlaps = lambda r, s: max(r[0], s[0]) < min(r[1], s[1])
     alone = [
@@ -268,7 +270,7 @@ def test_bad_offsets_are_clamped_and_reported(offsets, fp8, gen):
     message = r"grouped_gemm: expert_offsets were not non-decreasing.*\(detected on the device during"
     with pytest.raises(RuntimeError, match=message):
         moe_kernels.check_device_errors()
-    moe_kernels.grouped_gemm(a, b, bad, a_scales=sa, b_scales=sb)
+    moe_kernels.grouped_gemm(a, b, bad, a_scales=sa, b_scales=sb, config=config)
     torch.cuda.synchronize()
     with pytest.raises(RuntimeError, match=message):  # the next call raises, without a sync
         moe_kernels.grouped_gemm(a, b, good_offsets, a_scales=sa, b_scales=sb)

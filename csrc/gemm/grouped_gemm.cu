@@ -3,6 +3,7 @@
 // once and graph-safe), the current stream.
 #include "common/device_error.h"
 #include "moe_kernels/env.h"
+#include "moe_kernels/fp8_grouped_sm90.cuh"
 #include "moe_kernels/grouped_gemm.h"
 #include "torch_utils.h"
 
@@ -22,7 +23,8 @@ at::Tensor gemm_output(at::IntArrayRef sizes, const at::TensorOptions& options) 
 
 constexpr int kBlock = 128;
 
-// Every tile configuration, each compiled in its own translation unit.
+// Every tile configuration, each compiled in its own translation unit: CUTLASS instantiations, and
+// fp8_wgmma_* (our own kernel, moe_kernels/fp8_grouped_sm90.cuh).
 struct GemmConfig {
   const char* name;
   bool fp8;
@@ -33,6 +35,7 @@ struct GemmConfig {
 #define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
 constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),         MOE_GEMM_CONFIG(fp8_wgmma_2cta_128x192, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
     MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
 };
@@ -82,27 +85,40 @@ const GemmConfig& config_named(c10::string_view name) {
       return c;
     }
   }
-  MK_CHECK(
-      false, "grouped_gemm", "config must be 'auto' or one of fp8_cooperative_128x128, ",
-      "fp8_pingpong_64x128, bf16_cooperative_128x128, bf16_cooperative_128x256, bf16_pingpong_64x128; got '",
-      name, "'");
+  MK_CHECK(false, "grouped_gemm", "config must be 'auto' or one of fp8_cooperative_128x128, ",
+           "fp8_pingpong_64x128, fp8_wgmma_128x192, fp8_wgmma_2cta_128x192, bf16_cooperative_128x128, ",
+           "bf16_cooperative_128x256, bf16_pingpong_64x128; got '", name, "'");
   return kConfigs[0];
 }
 
 // The heuristic: rows per expert, known on the host as M / E (never read from device counts).
 // Up to 64 rows per expert (decode, small batches) a 64-row Pingpong tile wastes less of each
-// expert's last tile and overlaps epilogues with MMAs; beyond, Cooperative tiles with a 1x2 cluster
-// sharing A by multicast: 128x128 for FP8 (CUTLASS's blockwise scaling takes one N scale per tile)
-// and 128x256 for BF16 (fastest in bench/results/grouped_gemm.json's per-config timings).
-const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t num_experts, c10::string_view requested) {
+// expert's last tile and overlaps epilogues with MMAs. Beyond, for FP8, our own kernel with
+// 128x192 tiles: clusters of two CTAs sharing the A tile below 512 rows per expert (256 experts),
+// one CTA per tile above (EP8; the cluster's lockstep costs more there than the multicast saves);
+// CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
+// 1024 experts, 32-bit scale indices). BF16: Cooperative 128x256 (fastest in
+// bench/results/grouped_gemm.json's per-config timings).
+const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k, int64_t num_experts,
+                                const void* out, c10::string_view requested) {
+  const bool wgmma_ok = fp8 && fp8g::fp8_grouped_supports(m_total, n, k, num_experts, out);
   if (requested != "auto") {
     const GemmConfig& c = config_named(requested);
     MK_CHECK(c.fp8 == fp8, "grouped_gemm", "config '", requested, "' does not match the operands' dtype");
+    MK_CHECK(wgmma_ok || c10::string_view(c.name).find("wgmma") == c10::string_view::npos, "grouped_gemm",
+             "config '", requested, "' takes at most ", fp8g::kMaxExperts,
+             " experts and fewer than 2^31 scales per operand; use 'auto'");
     return c;
   }
   const bool small = m_total <= 64 * num_experts;
   if (fp8) {
-    return config_named(small ? "fp8_pingpong_64x128" : "fp8_cooperative_128x128");
+    if (small) {
+      return config_named("fp8_pingpong_64x128");
+    }
+    if (!wgmma_ok) {
+      return config_named("fp8_cooperative_128x128");
+    }
+    return config_named(m_total < 512 * num_experts ? "fp8_wgmma_2cta_128x192" : "fp8_wgmma_128x192");
   }
   return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x256");
 }
@@ -119,7 +135,7 @@ void run_config(const char* op, const char* name, const Problem& p, const at::Te
   at::Tensor workspace =
       at::zeros({static_cast<int64_t>(workspace_bytes(p, sm_count))}, like.options().dtype(at::kByte));
   const cudaError_t err = run(p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, op, ": CUTLASS ", name, " failed: ", cudaGetErrorName(err), " (",
+  TORCH_CHECK(err == cudaSuccess, op, ": configuration ", name, " failed: ", cudaGetErrorName(err), " (",
               cudaGetErrorString(err), ")");
 }
 
@@ -173,7 +189,7 @@ void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor
            "out must start at a 16-byte aligned address (TMA stores), got a view offset by ",
            reinterpret_cast<uintptr_t>(out.data_ptr()) % 16, " bytes");
   check_hopper(a, op);
-  const GemmConfig& cfg = choose_config(fp8, m, num_experts, config);
+  const GemmConfig& cfg = choose_config(fp8, m, n, k, num_experts, out.data_ptr(), config);
   if (m == 0) {
     return;
   }

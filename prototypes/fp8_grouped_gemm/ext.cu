@@ -1,11 +1,46 @@
-// Minimal torch binding of the FP8 grouped GEMM prototype (prototypes/fp8_grouped_gemm/fp8_grouped.cuh).
+// Minimal torch binding of every variant of our FP8 grouped GEMM (csrc/include/moe_kernels/
+// fp8_grouped_sm90.cuh; the library launches two of them as its fp8_wgmma_* configurations).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include "fp8_grouped.cuh"
+#include "moe_kernels/fp8_grouped_sm90.cuh"
 
 namespace {
+
+using namespace moe_kernels::fp8g;
+
+constexpr int kNumConfigs = 6;
+const char* config_name(int c) {
+  switch (c) {
+    case 0: return "V2_BN128_S5";
+    case 1: return "V2_BN192_S4";
+    case 2: return "V2_BN256_S3";
+    case 3: return "V3_BN128_S5_C2";
+    case 4: return "V3_BN192_S4_C2";
+    case 5: return "V3_BN256_S3_C2";
+    default: return "?";
+  }
+}
+
+// Bad offsets are clamped, not reported here (no error flag): the library's tests cover the report.
+cudaError_t run_config(int config, const void* a, const float* a_scales, const void* b, const float* b_scales,
+                       const int32_t* offsets, void* out, int64_t m_total, int n, int k, int num_experts,
+                       int device, int num_sms, cudaStream_t stream) {
+#define FP8G_CALL(C) \
+  fp8_grouped_run<C>(a, a_scales, b, b_scales, offsets, out, nullptr, m_total, n, k, num_experts, device, num_sms, \
+                     /*pdl=*/true, stream)
+  switch (config) {
+    case 0: return FP8G_CALL(CfgV2_128x5);
+    case 1: return FP8G_CALL(CfgV2_192x4);
+    case 2: return FP8G_CALL(CfgV2_256x3);
+    case 3: return FP8G_CALL(CfgV3_128x5);
+    case 4: return FP8G_CALL(CfgV3_192x4);
+    case 5: return FP8G_CALL(CfgV3_256x3);
+    default: return cudaErrorInvalidValue;
+  }
+#undef FP8G_CALL
+}
 
 void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim,
                   const torch::Tensor& ref) {
@@ -27,20 +62,20 @@ void run(const torch::Tensor& a, const torch::Tensor& a_scales, const torch::Ten
   const int64_t m = a.size(0), k = a.size(1), e = b.size(0), n = b.size(1);
   TORCH_CHECK(n % 128 == 0 && k % 128 == 0 && n > 0 && k > 0, "N and K must be positive multiples of 128");
   TORCH_CHECK(b.size(2) == k, "b must be [E, N, K=", k, "], got ", b.sizes());
-  TORCH_CHECK(e >= 1 && e <= fp8g::kMaxExperts, "1 <= E <= 1024");
+  TORCH_CHECK(e >= 1 && e <= kMaxExperts, "1 <= E <= 1024");
   TORCH_CHECK(offsets.size(0) == e + 1, "offsets must be [E+1]");
   TORCH_CHECK(a_scales.size(0) == m && a_scales.size(1) == k / 128, "a_scales must be [M, K/128]");
   TORCH_CHECK(b_scales.size(0) == e && b_scales.size(1) == n / 128 && b_scales.size(2) == k / 128,
               "b_scales must be [E, N/128, K/128]");
   TORCH_CHECK(out.size(0) == m && out.size(1) == n, "out must be [M, N]");
-  TORCH_CHECK(config >= 0 && config < fp8g::kNumConfigs, "config out of range");
+  TORCH_CHECK(config >= 0 && config < kNumConfigs, "config out of range");
   if (m == 0) return;
   const c10::cuda::CUDAGuard guard(a.device());
   static int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const cudaError_t err = fp8g::fp8_grouped_run_config(
-      (int)config, a.data_ptr(), a_scales.data_ptr<float>(), b.data_ptr(), b_scales.data_ptr<float>(),
-      offsets.data_ptr<int32_t>(), out.data_ptr(), m, (int)n, (int)k, (int)e, num_sms,
-      at::cuda::getCurrentCUDAStream());
+  const cudaError_t err =
+      run_config((int)config, a.data_ptr(), a_scales.data_ptr<float>(), b.data_ptr(), b_scales.data_ptr<float>(),
+                 offsets.data_ptr<int32_t>(), out.data_ptr(), m, (int)n, (int)k, (int)e, a.get_device(), num_sms,
+                 at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fp8_grouped_run failed: ", cudaGetErrorString(err));
 }
 
@@ -49,6 +84,6 @@ void run(const torch::Tensor& a, const torch::Tensor& a_scales, const torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("run", &run, "FP8 grouped GEMM prototype (in place into out)", py::arg("a"), py::arg("a_scales"),
         py::arg("b"), py::arg("b_scales"), py::arg("offsets"), py::arg("out"), py::arg("config"));
-  m.attr("num_configs") = fp8g::kNumConfigs;
-  m.def("config_name", [](int c) { return std::string(fp8g::config_name(c)); });
+  m.attr("num_configs") = kNumConfigs;
+  m.def("config_name", [](int c) { return std::string(config_name(c)); });
 }

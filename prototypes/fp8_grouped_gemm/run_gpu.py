@@ -80,7 +80,7 @@ def build():
         os.environ["CUDA_HOME"] = find_cuda_home()  # before torch.utils.cpp_extension is imported
     from torch.utils.cpp_extension import load
 
-    includes = [str(HERE)]
+    includes = [str(HERE), str(ROOT / "csrc" / "include")]
     spec = importlib.util.find_spec("nvidia")
     for loc in spec.submodule_search_locations if spec else []:  # pip CUDA headers (cusparse.h, ...)
         if (Path(loc) / "cu13" / "include").exists():

@@ -1,5 +1,7 @@
-// Prototype Hopper (sm_90a) FP8 grouped GEMM with DeepSeek-V3 block scales (1x128 for A, 128x128
+// Our own Hopper (sm_90a) FP8 grouped GEMM with DeepSeek-V3 block scales (1x128 for A, 128x128
 // for B), after DeepGEMM's sm90_fp8_gemm_1d2d (docs/fp8_gemm_design.md). Raw PTX only: no CUTLASS.
+// The library's configurations fp8_wgmma_* (csrc/gemm/grouped_gemm_wgmma.cuh) launch it;
+// prototypes/fp8_grouped_gemm/ benchmarks all its variants against CUTLASS and torch.
 //
 //   out[r, n] = bf16( sum_kb sa[r, kb] * sb[e, n/128, kb] * sum_{k in kb} a[r, k] * b[e, n, k] )
 //   a e4m3 [M, K], sa fp32 [M, K/128], b e4m3 [E, N, K], sb fp32 [E, N/128, K/128],
@@ -18,13 +20,16 @@
 
 #include <cstdint>
 
+#include "moe_kernels/device_error.cuh"
+
+namespace moe_kernels {
 namespace fp8g {
 
-constexpr int BM = 128;              // rows per tile: 2 math warpgroups x 64 (wgmma M = 64)
-constexpr int BK = 128;              // = the scale block: one promotion per k-block
+constexpr int BM = 128;  // rows per tile: 2 math warpgroups x 64 (wgmma M = 64)
+constexpr int BK = 128;  // = the scale block: one promotion per k-block
 constexpr int kMathThreads = 256;
 constexpr int kThreads = kMathThreads + 128;
-constexpr int kBand = 16;            // m-tiles per rasterisation band (see decode_tile)
+constexpr int kBand = 16;  // m-tiles per rasterisation band (see decode_tile)
 constexpr int kMaxExperts = 1024;
 
 // ------------------------------------------------------------------------------------------------
@@ -48,11 +53,10 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 
 __device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
-  asm volatile(
-      "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-      : "=r"(done)
-      : "r"(bar), "r"(parity)
-      : "memory");
+  asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+               : "=r"(done)
+               : "r"(bar), "r"(parity)
+               : "memory");
   return done != 0;
 }
 
@@ -64,18 +68,65 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 #ifndef FP8G_NO_HANG_TRAP
   uint32_t polls = 0;
   while (!mbar_try_wait(bar, parity))
-    if (++polls == (1u << 28)) __trap();
+    if (++polls == (1u << 28))
+      __trap();
 #else
   while (!mbar_try_wait(bar, parity)) {
   }
 #endif
 }
 
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                            int c1) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
-      ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], "
+      "[%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
+}
+
+// The same box into the same shared-memory offset of every CTA in `mask` (cluster ranks), each
+// copy completing its bytes on the mbarrier at `bar`'s offset in that CTA.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                                      int c0, int c1, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+
+// Arrive on the mbarrier at `bar`'s offset in the shared memory of cluster rank `cta` (this CTA
+// included). The default semantics (release at CTA scope), as CUTLASS's ClusterBarrier::arrive:
+// the stage's reads are wgmma (async proxy) reads already completed by wgmma.wait_group, and the
+// refill is a TMA write ordered by the mbarrier itself. `.release.cluster` compiled to
+// MEMBAR.ALL.GPU + ERRBAR per arrival and made the 2-CTA kernel 1.2-1.8x slower than one CTA.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t cta) {
+  asm volatile(
+      "{ .reg .b32 remote; mapa.shared::cluster.u32 remote, %0, %1;"
+      " mbarrier.arrive.shared::cluster.b64 _, [remote]; }" ::"r"(bar),
+      "r"(cta)
+      : "memory");
+}
+
+// Read at each use (asm volatile): cheap S2R instead of registers held across the mainloop.
+__device__ __forceinline__ int cluster_rank() {
+  int r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ int cluster_id() {
+  int r;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ int num_clusters() {
+  int r;
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
 // K-major operand tile in the TMA 128B-swizzle layout: rows of 128 B (= BK e4m3), 16-B chunks XORed
@@ -86,20 +137,28 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait0() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
 
 // Pins accumulator registers at this point of the program order: without it the compiler may read
 // wgmma results before wgmma.wait (they look like ordinary asm outputs) or move FFMAs across it.
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+  for (int i = 0; i < N; ++i)
+    asm volatile("" : "+f"(r[i])::"memory");
 }
 
-#define FP8G_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), \
-                   "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FP8G_D8(i)                                                                            \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
 
 // d[64] (+)= A(64x32, smem) * B(128x32, smem)^T, e4m3 x e4m3 -> fp32. ACCUM = 0 overwrites d.
 template <int ACCUM>
@@ -157,6 +216,7 @@ __device__ __forceinline__ int read_tid_x() {
 // ------------------------------------------------------------------------------------------------
 struct Tile {
   int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128); n0: first output column
+  bool ghost;                  // n0 >= N: this CTA of a cluster only loads its share of A
 };
 
 // Tiles are numbered expert by expert (s_tiles = exclusive prefix of each expert's tile count).
@@ -166,10 +226,15 @@ struct Tile {
 // while the band's A rows (<= 16 x 128 rows x K, 15 MB at K = 7168) stay L2-resident across the
 // expert's n-tiles. With 1 m-tile per expert (decode) a wave streams consecutive n-tiles of B.
 // `cursor` only moves forward: a CTA's tile numbers increase, so the expert search is amortised.
-template <int BN>
-__device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n) {
-  const int n_tiles = (n + BN - 1) / BN;
-  while (t >= s_tiles[cursor + 1]) ++cursor;  // also skips empty experts (zero tiles)
+// With clusters of CLUSTER CTAs a "tile" t is one m-tile and CLUSTER neighbouring n-tiles: cluster
+// rank r takes n-tile CLUSTER * n_unit + r (past N when the n-tile count is not a multiple of
+// CLUSTER: a ghost, which only loads its share of the multicast A tile).
+template <int BN, int CLUSTER>
+__device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n,
+                                            int rank) {
+  const int n_tiles = ((n + BN - 1) / BN + CLUSTER - 1) / CLUSTER;  // n-units of CLUSTER tiles
+  while (t >= s_tiles[cursor + 1])
+    ++cursor;  // also skips empty experts (zero tiles)
   const int e = cursor;
   const int begin = s_off[e], end = s_off[e + 1];
   const int m_tiles = (end - begin + BM - 1) / BM;
@@ -183,7 +248,8 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
   tile.expert = e;
   tile.row0 = begin + m * BM;
   tile.rows = min(BM, end - tile.row0);
-  tile.n0 = n_tile * BN;
+  tile.n0 = (n_tile * CLUSTER + rank) * BN;
+  tile.ghost = tile.n0 >= n;
   return tile;
 }
 
@@ -202,9 +268,13 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //   * PDL: launched with programmatic stream serialisation; griddepcontrol.wait before any global
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
-template <int BN_, int STAGES_>
+template <int BN_, int STAGES_, int CLUSTER_ = 1>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
+  // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
+  // the A tile and multicasts it to both, so A's L2 -> SM traffic halves.
+  static constexpr int CLUSTER = CLUSTER_;
+  static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
   static constexpr int SLABS = BN / WN;
   static_assert(BN == 128 || BN == 192 || BN == 256, "BN must be 128, 192 or 256");
@@ -222,7 +292,9 @@ struct ConfigV2 {
   static constexpr int SC_OFF = PIPE_BYTES + D_BYTES;
   static constexpr int BAR_OFF = SC_OFF + STAGES * SC_BYTES;
   static constexpr int OFF_OFF = BAR_OFF + 2 * STAGES * 8;
-  static constexpr size_t smem_bytes(int num_experts) { return 1024 + OFF_OFF + 2 * (size_t)(num_experts + 1) * 4; }
+  static constexpr size_t smem_bytes(int num_experts) {
+    return 1024 + OFF_OFF + 2 * (size_t)(num_experts + 1) * 4;
+  }
 };
 
 __device__ __forceinline__ void cp_async_4(uint32_t dst, const float* src) {
@@ -241,28 +313,49 @@ __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
 // Barrier 1 + wg over the 128 threads of math warpgroup wg (immediate ids: a register id makes
 // ptxas reserve all 16 barriers).
 __device__ __forceinline__ void wg_bar_sync(int wg) {
-  if (wg == 0) asm volatile("bar.sync 1, 128;" ::: "memory");
-  else asm volatile("bar.sync 2, 128;" ::: "memory");
+  if (wg == 0)
+    asm volatile("bar.sync 1, 128;" ::: "memory");
+  else
+    asm volatile("bar.sync 2, 128;" ::: "memory");
 }
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
-  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
-               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1) : "memory");
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+
+// A math warp is done with a stage: lane c arrives on the empty barrier of cluster rank c.
+template <int CLUSTER>
+__device__ __forceinline__ void release_stage(uint32_t bar_empty, int lane) {
+  __syncwarp();
+  if constexpr (CLUSTER > 1) {
+    if (lane < CLUSTER)
+      mbar_arrive_cluster(bar_empty, lane);
+  } else {
+    if (lane == 0)
+      mbar_arrive(bar_empty);
+  }
 }
 
 template <int WN, int ACCUM>
 __device__ __forceinline__ void wgmma_k32(float (&d)[WN / 2], uint64_t da, uint64_t db) {
-  if constexpr (WN == 128) wgmma_m64n128k32<ACCUM>(d, da, db);
-  else wgmma_m64n192k32<ACCUM>(d, da, db);
+  if constexpr (WN == 128)
+    wgmma_m64n128k32<ACCUM>(d, da, db);
+  else
+    wgmma_m64n192k32<ACCUM>(d, da, db);
 }
 
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
-    fp8_grouped_kernel_v2(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
+    fp8_grouped_kernel_v2(const __grid_constant__ CUtensorMap tmap_a,
+                          const __grid_constant__ CUtensorMap tmap_b,
                           const __grid_constant__ CUtensorMap tmap_d, const float* __restrict__ a_scales,
                           const float* __restrict__ b_scales, const int32_t* __restrict__ offsets,
-                          __nv_bfloat16* __restrict__ out, int m_total, int n, int k, int num_experts) {
+                          __nv_bfloat16* __restrict__ out, int* __restrict__ error_flag, int m_total, int n,
+                          int k, int num_experts) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BN = Cfg::BN, STAGES = Cfg::STAGES, SLABS = Cfg::SLABS, WN = Cfg::WN;
+  constexpr int BN = Cfg::BN, STAGES = Cfg::STAGES, SLABS = Cfg::SLABS, WN = Cfg::WN, CLUSTER = Cfg::CLUSTER;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
@@ -276,12 +369,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = threadIdx.x;
   int warp = tid / 32, lane = tid % 32;
-  const int n_tiles = (n + BN - 1) / BN;
+  const int n_tiles = ((n + BN - 1) / BN + CLUSTER - 1) / CLUSTER;  // n-units (decode_tile)
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_full + 8 * s, 1 + 32);  // producer lane 0's arrive_expect_tx + 32 cp.async arrivals
-      mbar_init(bar_empty + 8 * s, kMathThreads / 32);
+      // One arrival per math warp of every CTA of the cluster: a stage is refilled (A multicast into
+      // both CTAs) only when both have consumed it.
+      mbar_init(bar_empty + 8 * s, CLUSTER * kMathThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -294,28 +389,49 @@ __global__ void __launch_bounds__(kThreads, 1)
   // PDL: everything above overlapped the previous kernel; no global memory is touched before this
   // (a no-op when the launch has no programmatic dependency).
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  for (int i = tid; i <= num_experts; i += kThreads) s_off[i] = min(max(offsets[i], 0), m_total);
+  // Offsets are clamped into [0, M] (an expert whose end is below its start has no rows), so corrupt
+  // offsets never address memory outside the tensors; CTA 0 reports them (the sticky device-error
+  // flag, as the CUTLASS configurations' setup kernel does).
+  for (int i = tid; i <= num_experts; i += kThreads) {
+    const int offset = offsets[i];
+    s_off[i] = min(max(offset, 0), m_total);
+    if (blockIdx.x == 0 && error_flag != nullptr && i < num_experts) {
+      const int next = offsets[i + 1];
+      if (offset < 0 || next < offset || next > m_total)
+        report_device_error(error_flag, kGroupedGemmBadOffsets);
+    }
+  }
   __syncthreads();
   if (warp == 0) {  // exclusive prefix sum of tiles per expert
     const int chunk = (num_experts + 31) / 32;
     const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
     int sum = 0;
-    for (int e = lo; e < hi; ++e) sum += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
+    for (int e = lo; e < hi; ++e)
+      sum += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
     int incl = sum;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
       const int v = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += v;
+      if (lane >= d)
+        incl += v;
     }
     int run = incl - sum;
     for (int e = lo; e < hi; ++e) {
       s_tiles[e] = run;
       run += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
     }
-    if (lane == 31) s_tiles[num_experts] = incl;
+    if (lane == 31)
+      s_tiles[num_experts] = incl;
   }
   __syncthreads();
+  // The peer's barriers are initialised before any multicast or remote arrival reaches them.
+  if constexpr (CLUSTER > 1)
+    cluster_sync();
   const uint32_t total_addr = base + Cfg::OFF_OFF + (2 * num_experts + 1) * 4;
+  // Tile loop of this CTA: CLUSTER = 1 walks blockIdx.x += gridDim.x; a cluster walks its id.
+  const auto first_tile = [] { return CLUSTER > 1 ? cluster_id() : (int)blockIdx.x; };
+  const auto tile_stride = [] { return CLUSTER > 1 ? num_clusters() : (int)gridDim.x; };
+  const auto my_rank = [] { return CLUSTER > 1 ? cluster_rank() : 0; };
 
   if (warp >= kMathThreads / 32) {
     // ---------------------------------------------------------------- producer warp (all 32 lanes)
@@ -324,31 +440,54 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int kb_count = opaque(k) / BK, n_blocks = opaque(n) / 128;
       int stage = 0, cursor = 0;
       uint32_t phase = 0;
-      for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
-        const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
+      for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
+        const int rank = my_rank();
+        const Tile tile = decode_tile<BN, CLUSTER>(t, cursor, s_off, s_tiles, opaque(n), rank);
         const int b_row = tile.expert * n + tile.n0;
         // Lane l copies the a scales of tile rows l, l+32, l+64, l+96 (rows past M clamped: never
         // stored); lanes 0 and 1 also the b scales of the tile's first and second n-block (the
         // second clamped to the expert's last n-block: then its columns are past N, never stored).
         int a_idx[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) a_idx[j] = min(tile.row0 + lane + 32 * j, m_total - 1) * kb_count;
+        for (int j = 0; j < 4; ++j)
+          a_idx[j] = min(tile.row0 + lane + 32 * j, m_total - 1) * kb_count;
         const int b_idx = (tile.expert * n_blocks + min(tile.n0 / 128 + lane, n_blocks - 1)) * kb_count;
         for (int kb = 0; kb < kb_count; ++kb) {
           mbar_wait(bar_empty + 8 * stage, phase ^ 1);
           const uint32_t full = bar_full + 8 * stage;
           if (lane == 0) {
             const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-            mbar_expect_tx(full, Cfg::STAGE_BYTES);
-            tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
-            tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
+            // Every CTA of the cluster receives the whole A tile (its own share and the peers'),
+            // and its own B tile unless it is a ghost.
+            mbar_expect_tx(full, Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES));
+            if constexpr (CLUSTER > 1) {
+              constexpr int share = BM / CLUSTER;  // rows of A this CTA loads for the cluster
+              tma_load_2d_multicast(sa + rank * share * BK, &tmap_a, full, kb * BK, tile.row0 + rank * share,
+                                    (1 << CLUSTER) - 1);
+            } else {
+              tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
+            }
+            if (!tile.ghost)
+              tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
           }
           const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
 #pragma unroll
-          for (int j = 0; j < 4; ++j) cp_async_4(sc + (lane + 32 * j) * 4, a_scales + a_idx[j] + kb);
-          if (lane < 2) cp_async_4(sc + BM * 4 + lane * 4, b_scales + b_idx + kb);
+          for (int j = 0; j < 4; ++j)
+            cp_async_4(sc + (lane + 32 * j) * 4, a_scales + a_idx[j] + kb);
+          if (lane < 2)
+            cp_async_4(sc + BM * 4 + lane * 4, b_scales + b_idx + kb);
           cp_async_arrive_noinc(full);
-          if (++stage == STAGES) stage = 0, phase ^= 1;
+          if (++stage == STAGES)
+            stage = 0, phase ^= 1;
+        }
+      }
+      if constexpr (CLUSTER > 1) {
+        // Drain: wait until every stage's last use was released by the math warps of both CTAs.
+        // The peer's arrivals land in this CTA's shared memory, which must outlive them.
+        for (int i = 0; i < STAGES; ++i) {
+          mbar_wait(bar_empty + 8 * stage, phase ^ 1);
+          if (++stage == STAGES)
+            stage = 0, phase ^= 1;
         }
       }
       asm volatile("cp.async.wait_all;" ::: "memory");  // no copy of this thread outlives it
@@ -374,8 +513,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int stage = 0, cursor = 0;
   uint32_t phase = 0;
 
-  for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x) {
-    const Tile tile = decode_tile<BN>(t, cursor, s_off, s_tiles, opaque(n));
+  for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
+    const Tile tile = decode_tile<BN, CLUSTER>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
     const int n0 = tile.n0;
     const int slabs = min(SLABS, (n - n0 + WN - 1) / WN);  // BN = 256 with N % 256 == 128: 1 slab
     // Work of this warpgroup: 64 rows from a_off, slabs [s_lo, s_hi). Narrow tile (BN = 256, <= 64
@@ -383,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool narrow = SLABS == 2 && slabs == 2 && tile.rows <= 64;
     const int a_off = narrow ? 0 : wg * 64;
     const int s_lo = narrow ? wg : 0, s_hi = narrow ? wg + 1 : slabs;
-    const bool active = a_off < tile.rows;
+    const bool active = !tile.ghost && a_off < tile.rows;
     // BN = 192: the 8-column chunks 8..15 (tile columns 64-127) use the tile's second b-scale block
     // when the tile starts in the middle of a 128-column block (n0 % 128 == 64).
     const bool mid_second = (n0 & 127) != 0;
@@ -391,7 +530,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int s = 0; s < SLABS; ++s)
 #pragma unroll
-      for (int i = 0; i < WN / 2; ++i) acc[s][i] = 0.f;
+      for (int i = 0; i < WN / 2; ++i)
+        acc[s][i] = 0.f;
 
     for (int kb = 0; kb < kb_count; ++kb) {
       const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
@@ -400,7 +540,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (active) {
         // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
         // (its value used) before the stage is released below.
-        const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4), sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
+        const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
+                    sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
         const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
         const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
         const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
@@ -418,10 +559,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             wgmma_commit();
             wgmma_wait0();
             fence_regs(tmp);
-            if (s == s_hi - 1) {
-              __syncwarp();
-              if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
-            }
+            if (s == s_hi - 1)
+              release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
 #pragma unroll
             for (int i = 0; i < WN / 8; ++i) {
               // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
@@ -437,10 +576,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       } else {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bar_empty + 8 * stage);
+        release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
       }
-      if (++stage == STAGES) stage = 0, phase ^= 1;
+      if (++stage == STAGES)
+        stage = 0, phase ^= 1;
     }
 
     // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [n0 + s_lo*WN, +ncols), through
@@ -452,7 +591,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int ncols = (s_hi - s_lo) * WN;
       const int cols_valid = min(ncols, n - col0);
       // The previous tile's TMA store must have finished reading smem_d before it is overwritten.
-      if (t_wg == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      if (t_wg == 0)
+        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
       wg_bar_sync(wg);
       // The addresses are derived from `opaque` values here: otherwise the compiler hoists all
       // WN/8 of them out of the tile loop and keeps them live across the mainloop (spills at BN >= 192).
@@ -468,8 +608,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             const uint32_t addr = slab_base + (i / 8) * Cfg::D_BOX_BYTES + (((i % 8) ^ sw) * 16);
             __nv_bfloat162 lo = __floats2bfloat162_rn(acc[s][4 * i + 0], acc[s][4 * i + 1]);
             __nv_bfloat162 hi = __floats2bfloat162_rn(acc[s][4 * i + 2], acc[s][4 * i + 3]);
-            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo)) : "memory");
-            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128), "r"(*reinterpret_cast<uint32_t*>(&hi))
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo))
+                         : "memory");
+            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128),
+                         "r"(*reinterpret_cast<uint32_t*>(&hi))
                          : "memory");
           }
         }
@@ -481,7 +623,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (rows_valid == 64) {
         // All 64 rows belong to the expert: TMA store (clips at N and M; completes asynchronously).
         if (t_wg == 0) {
-          for (int b = 0; b * 64 < cols_valid; ++b) tma_store_2d(&tmap_d, d_wg + b * Cfg::D_BOX_BYTES, col0 + b * 64, row0);
+          for (int b = 0; b * 64 < cols_valid; ++b)
+            tma_store_2d(&tmap_d, d_wg + b * Cfg::D_BOX_BYTES, col0 + b * 64, row0);
           asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
       } else {
@@ -492,10 +635,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int r = idx / cpr, c = idx - r * cpr;
           const uint32_t src = d_wg + (c / 8) * Cfg::D_BOX_BYTES + r * 128 + (((c % 8) ^ (r % 8)) * 16);
           uint32_t v0, v1, v2, v3;
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3) : "r"(src)
+          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
+                       : "r"(src)
                        : "memory");
           __nv_bfloat16* dst = out + (int64_t)(row0 + r) * n + col0 + c * 8;
-          asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2), "r"(v3)
+          asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2),
+                       "r"(v3)
                        : "memory");
         }
       }
@@ -503,7 +649,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Outstanding TMA stores must be complete before the CTA (and its smem_d) goes away. Done on the
     // CTA's last tile inside the loop: any code after the tile loop makes ptxas cap this region
     // below the 232 registers of setmaxnreg (~400 B of spills at BN >= 192).
-    if (t + (int)gridDim.x >= ld_shared_s32(total_addr) && t_wg == 0)
+    if (t + tile_stride() >= ld_shared_s32(total_addr) && t_wg == 0)
       asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   }
 #endif
@@ -529,7 +675,8 @@ inline PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
 // 2-D e4m3 map [rows, k] (k contiguous), box {128 (k), box_rows}, 128B swizzle, zero fill out of bounds.
 inline bool make_map(CUtensorMap* map, const void* ptr, uint64_t rows, uint64_t k, uint32_t box_rows) {
   auto encode = get_encode_fn();
-  if (!encode) return false;
+  if (!encode)
+    return false;
   const cuuint64_t dims[2] = {k, rows};
   const cuuint64_t strides[1] = {k};  // bytes, of dim 1
   const cuuint32_t box[2] = {(cuuint32_t)BK, box_rows};
@@ -542,87 +689,120 @@ inline bool make_map(CUtensorMap* map, const void* ptr, uint64_t rows, uint64_t 
 // bf16 [m, n] output map for the v2 TMA store: box {64 columns (128 B), 64 rows}, 128B swizzle.
 inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
   auto encode = get_encode_fn();
-  if (!encode) return false;
+  if (!encode)
+    return false;
   const cuuint64_t dims[2] = {n, m};
   const cuuint64_t strides[1] = {n * 2};
   const cuuint32_t box[2] = {64, 64};
   const cuuint32_t estr[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ptr, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ptr, dims, strides, box, estr,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The launch depends only on host-known sizes (graph-capturable; the offsets are read on the
-// device). Requires n % 128 == 0, k % 128 == 0, 1 <= num_experts <= 1024, m_total < 2^31, and `out`
-// 16-byte aligned (TMA store, 16-B stores).
+// Whether the kernel takes this problem: n, k positive multiples of 128, 1 <= E <= kMaxExperts (the
+// offsets and tile prefix live in shared memory), the 32-bit scale indices cannot overflow, and
+// `out` is 16-byte aligned (TMA store, 16-B stores).
+inline bool fp8_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t num_experts,
+                                 const void* out) {
+  return n > 0 && k > 0 && n % 128 == 0 && k % 128 == 0 && num_experts >= 1 && num_experts <= kMaxExperts &&
+         m_total >= 0 && m_total * (k / 128) < (1ll << 31) && num_experts * n * (k / 128) < (1ll << 31) &&
+         reinterpret_cast<uintptr_t>(out) % 16 == 0;
+}
+
+// What a launch of Cfg needs to know about the device, asked once per thread and device: the
+// kernel's shared-memory limit is raised to the most any E needs, and the number of clusters that
+// can be resident at once (clusters of 2 may not fill every SM: a GPC with an odd number of SMs).
 template <class Cfg>
-cudaError_t fp8_grouped_run_v2(const void* a, const float* a_scales, const void* b, const float* b_scales,
-                               const int32_t* offsets, void* out, int64_t m_total, int n, int k, int num_experts,
-                               int num_sms, cudaStream_t stream) {
-  if (n % 128 || k % 128 || n <= 0 || k <= 0 || num_experts < 1 || num_experts > kMaxExperts ||
-      m_total < 0 || m_total * (k / 128) >= (1ll << 31) || (int64_t)num_experts * n * (k / 128) >= (1ll << 31) ||
-      reinterpret_cast<uintptr_t>(out) % 16)
+int resident_units(int device, int num_sms) {
+  constexpr int kMaxDevices = 64;
+  thread_local int cached[kMaxDevices] = {};
+  if (device >= 0 && device < kMaxDevices && cached[device] > 0)
+    return cached[device];
+  auto kernel = fp8_grouped_kernel_v2<Cfg>;
+  const int smem = (int)Cfg::smem_bytes(kMaxExperts);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+    return -1;
+  int units = num_sms / Cfg::CLUSTER;
+  if constexpr (Cfg::CLUSTER > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(units * Cfg::CLUSTER);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = Cfg::CLUSTER;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    if (cudaOccupancyMaxActiveClusters(&units, kernel, &cfg) != cudaSuccess || units < 1)
+      return -1;
+  }
+  if (device >= 0 && device < kMaxDevices)
+    cached[device] = units;
+  return units;
+}
+
+// out[rows of e] = (a * a_scales)[rows of e] @ (b[e] * b_scales[e])^T for the problem of
+// fp8_grouped_supports (else cudaErrorInvalidValue). The launch depends only on host-known sizes
+// (graph-capturable; the offsets are read on the device). error_flag: the sticky device-error flag,
+// set when the offsets are not non-decreasing within [0, m_total] (or nullptr). With `pdl`, the
+// grid may start (barrier init, tensormap prefetch) while the previous kernel of the stream drains;
+// the kernel waits on griddepcontrol.wait before touching global memory.
+template <class Cfg>
+cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b, const float* b_scales,
+                            const int32_t* offsets, void* out, int* error_flag, int64_t m_total, int n, int k,
+                            int num_experts, int device, int num_sms, bool pdl, cudaStream_t stream) {
+  if (!fp8_grouped_supports(m_total, n, k, num_experts, out))
     return cudaErrorInvalidValue;
-  if (m_total == 0) return cudaSuccess;
+  if (m_total == 0)
+    return cudaSuccess;
   CUtensorMap map_a, map_b, map_d;
-  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM) ||
+  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM / Cfg::CLUSTER) ||
       !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN) ||
       !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
     return cudaErrorInvalidValue;
-  const int64_t n_tiles = (n + Cfg::BN - 1) / Cfg::BN;
-  const int64_t max_tiles = (m_total / BM + num_experts) * n_tiles;
-  const int grid = (int)(max_tiles < num_sms ? max_tiles : num_sms);
-  const size_t smem = Cfg::smem_bytes(num_experts);
-  auto kernel = fp8_grouped_kernel_v2<Cfg>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  // PDL: this grid may start (barrier init, tensormap prefetch) while the previous kernel of the
-  // stream drains; the kernel waits on griddepcontrol.wait before touching global memory.
+  constexpr int C = Cfg::CLUSTER;
+  const int resident = resident_units<Cfg>(device, num_sms);
+  if (resident < 1)
+    return cudaErrorInvalidConfiguration;
+  // Persistent grid of work units (one m-tile x C neighbouring n-tiles, one per CTA of a cluster):
+  // as many as can be resident, at most the host-known bound on the units.
+  const int64_t n_units = ((n + Cfg::BN - 1) / Cfg::BN + C - 1) / C;
+  const int64_t max_units = (m_total / BM + num_experts) * n_units;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
+  cfg.gridDim = dim3((unsigned)(max_units < resident ? max_units : resident) * C);
   cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
+  cfg.dynamicSmemBytes = Cfg::smem_bytes(num_experts);
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = C;
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  err = cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_d, a_scales, b_scales, offsets,
-                           static_cast<__nv_bfloat16*>(out), (int)m_total, n, k, num_experts);
+  cfg.numAttrs = C > 1 ? 2 : 1;  // one CTA: a plain launch, no cluster attribute
+  const cudaError_t err =
+      cudaLaunchKernelEx(&cfg, fp8_grouped_kernel_v2<Cfg>, map_a, map_b, map_d, a_scales, b_scales, offsets,
+                         static_cast<__nv_bfloat16*>(out), error_flag, (int)m_total, n, k, num_experts);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-// Configurations the benchmark compares (index = `config`). Stage counts: as many as fit next to
-// smem_d in 227 KB with up to 1024 experts.
+// The variants (prototypes/fp8_grouped_gemm benchmarks them all). Stage counts: as many as fit next
+// to smem_d in 227 KB with up to 1024 experts.
 using CfgV2_128x5 = ConfigV2<128, 5>;
 using CfgV2_192x4 = ConfigV2<192, 4>;
 using CfgV2_256x3 = ConfigV2<256, 3>;
-static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 && CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
+using CfgV3_128x5 = ConfigV2<128, 5, 2>;
+using CfgV3_192x4 = ConfigV2<192, 4, 2>;
+using CfgV3_256x3 = ConfigV2<256, 3, 2>;
+static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
-constexpr int kNumConfigs = 3;
-inline const char* config_name(int c) {
-  switch (c) {
-    case 0: return "V2_BN128_S5";
-    case 1: return "V2_BN192_S4";
-    case 2: return "V2_BN256_S3";
-    default: return "?";
-  }
-}
-
-inline cudaError_t fp8_grouped_run_config(int config, const void* a, const float* a_scales, const void* b,
-                                          const float* b_scales, const int32_t* offsets, void* out,
-                                          int64_t m_total, int n, int k, int num_experts, int num_sms,
-                                          cudaStream_t stream) {
-#define FP8G_CALL(F, C) F<C>(a, a_scales, b, b_scales, offsets, out, m_total, n, k, num_experts, num_sms, stream)
-  switch (config) {
-    case 0: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_128x5);
-    case 1: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_192x4);
-    case 2: return FP8G_CALL(fp8_grouped_run_v2, CfgV2_256x3);
-    default: return cudaErrorInvalidValue;
-  }
-#undef FP8G_CALL
-}
 
 }  // namespace fp8g
+}  // namespace moe_kernels
