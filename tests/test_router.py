@@ -44,6 +44,16 @@ def check_against_reference(logits, top_k, bias, config, case):
 
 # Shapes beyond the presets: non-powers of two, small and large E, every K bound, the generic
 # (shared-memory) group path (E=72 G=8, E=144 G=16, E=96 G=32) and the lane-local one.
+# The four-tokens-per-warp kernel (sigmoid, E = 256, K <= 8, from 1024 tokens): every group count.
+QUAD_CONFIGS = [
+    (256, 8, dict(score_func="sigmoid")),
+    (256, 6, dict(num_groups=2, topk_groups=1, score_func="sigmoid")),
+    (256, 4, dict(num_groups=4, topk_groups=2, group_score="max", score_func="sigmoid")),
+    (256, 1, dict(num_groups=8, topk_groups=1, score_func="sigmoid", renormalize=False, scaling_factor=2.5)),
+    (256, 8, dict(num_groups=8, topk_groups=4, score_func="sigmoid")),
+]
+QUAD_MIN_TOKENS = 1024  # kQuadMinTokens in csrc/router/dispatch.h
+
 EXTRA_CONFIGS = [
     (2, 1, dict()),
     (2, 2, dict(score_func="sigmoid")),
@@ -60,11 +70,9 @@ EXTRA_CONFIGS = [
     (64, 4, dict(num_groups=2, topk_groups=1, score_func="sigmoid")),
     (256, 8, dict(num_groups=16, topk_groups=3, group_score="max", score_func="sigmoid")),
     (384, 8, dict(score_func="sigmoid", scaling_factor=2.827)),
-    # The four-tokens-per-warp kernel (sigmoid, E = 256, K <= 8): every group count it takes.
-    (256, 8, dict(score_func="sigmoid")),
-    (256, 6, dict(num_groups=2, topk_groups=1, score_func="sigmoid")),
-    (256, 4, dict(num_groups=4, topk_groups=2, group_score="max", score_func="sigmoid")),
-    (256, 1, dict(num_groups=8, topk_groups=1, score_func="sigmoid", renormalize=False, scaling_factor=2.5)),
+    # The shapes of the four-tokens-per-warp kernel (below 1024 tokens the pair kernel runs them;
+    # test_quad_kernel_configs runs the quad kernel).
+    *QUAD_CONFIGS,
     (512, 16, dict(num_groups=16, topk_groups=2)),
     (1000, 3, dict(num_groups=10, topk_groups=1, group_score="max")),
     (1024, 16, dict(score_func="sigmoid", num_groups=32, topk_groups=5)),
@@ -220,6 +228,15 @@ def test_shapes_cuda(e, k, config, dtype, gen):
 
 
 @requires_sm90
+@pytest.mark.parametrize("e, k, config", QUAD_CONFIGS)
+@pytest.mark.parametrize("t", [QUAD_MIN_TOKENS, QUAD_MIN_TOKENS + 3])
+def test_quad_kernel_configs(e, k, config, t, gen):
+    """The quad kernel's shapes at token counts it runs (one not a multiple of four)."""
+    logits, bias = make_inputs(t, e, gen, torch.float32, "cuda", with_bias=True)
+    check_against_reference(logits, k, bias, config, f"{e=} {k=} {config} {t=}")
+
+
+@requires_sm90
 def test_many_tokens_cuda(gen):
     """More tokens than warps in the grid: every warp loops; counts stay exact."""
     preset = PRESETS["deepseek_v3"]
@@ -252,8 +269,9 @@ def test_exact_ties_lower_index_wins(config):
     ],
 )
 def test_quad_kernel_ties_nan_inf(k, config):
-    """E = 256 sigmoid (four tokens per warp): ties, NaN and inf rows, the exact fallback (all-equal
-    rows), and a token count that is not a multiple of four, against the reference's ids."""
+    """E = 256 sigmoid (four tokens per warp, so at least 1024 tokens): ties, NaN and inf rows, the
+    exact fallback (all-equal rows), and a token count that is not a multiple of four, against the
+    reference's ids. The 11 special rows repeat down the batch, so every quarter of a warp sees them."""
     e = 256
     logits = torch.randn(11, e)
     logits[0] = 0.0  # all tied: the fallback's argmax rounds
@@ -265,6 +283,7 @@ def test_quad_kernel_ties_nan_inf(k, config):
     logits[6, [3, 200]] = float("inf")
     logits[7, ::2] = float("nan")
     logits[8, 100:] = float("-inf")
+    logits = logits.repeat(QUAD_MIN_TOKENS // 11 + 1, 1)  # 1034 tokens
     w, ids, counts = run_router(logits.cuda(), k, None, config)
     _, ref_ids, _ = reference.router(logits, k, **config)
     assert torch.equal(ids.cpu(), ref_ids), f"{config}: {ids.cpu().tolist()} vs {ref_ids.tolist()}"

@@ -101,13 +101,19 @@ void dispatch_router_pair_kernel(at::ScalarType dtype, int vpt, const char* op, 
   });
 }
 
+// Tokens from which the quad kernel runs: it routes more tokens per instruction, but each lane's
+// chain of 32 experts is twice the pair kernel's 16, so a call of few tokens (one pass of the warps:
+// latency, not issue rate) takes longer. H200, DeepSeek-V3, replayed: T = 1 / 128 4.6 / 5.6 us
+// (pair 4.0 / 4.7), T = 4096 7.1 us (pair 7.9), T = 65536 33.3 us (pair 37.4).
+constexpr int64_t kQuadMinTokens = 1024;
+
 // Whether router_forward_quad_kernel (four tokens per warp) applies: sigmoid scores, E = 8 lanes of
 // kQuadVpt experts (256), top_k <= 8 (a quarter's picks sit on its 8 lanes), groups (if any) of
-// whole lanes.
-inline bool quad_kernel_applies(int64_t num_experts, int64_t num_groups, int64_t top_k,
+// whole lanes, and at least kQuadMinTokens tokens.
+inline bool quad_kernel_applies(int64_t num_tokens, int64_t num_experts, int64_t num_groups, int64_t top_k,
                                 ScoreFunc score_func) {
-  return score_func == ScoreFunc::kSigmoid && num_experts == kQuarterWarp * kQuadVpt &&
-         top_k <= kQuarterWarp && kQuarterWarp % num_groups == 0;
+  return num_tokens >= kQuadMinTokens && score_func == ScoreFunc::kSigmoid &&
+         num_experts == kQuarterWarp * kQuadVpt && top_k <= kQuarterWarp && kQuarterWarp % num_groups == 0;
 }
 
 // Grid of a warp-per-token kernel: enough 8-warp blocks for every token, at most `waves` per SM.

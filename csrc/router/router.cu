@@ -94,9 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_forward(const at::Tensor& 
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  // Four tokens per warp for DeepSeek-V3's shape (E = 256, K <= 8), else two where it applies
-  // (Kimi-K2): the same results, a half and a quarter of the per-token cost of the warp collectives.
-  if (quad_kernel_applies(num_experts, num_groups, top_k, score_func)) {
+  // Four tokens per warp for DeepSeek-V3's shape (E = 256, K <= 8) from 1024 tokens, else two where
+  // it applies (Kimi-K2, and DeepSeek-V3 below): the same results, a half and a quarter of the
+  // per-token cost of the warp collectives.
+  if (quad_kernel_applies(num_tokens, num_experts, num_groups, top_k, score_func)) {
     p.vpt = kQuadVpt;
     p.vectorized = rows_vectorizable(logits, kQuadVpt);
     dispatch_float_type(logits.scalar_type(), op, "logits", [&](auto* tag) {

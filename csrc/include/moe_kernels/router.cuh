@@ -593,6 +593,72 @@ __device__ __forceinline__ void load_lane_logits(const T* src, bool valid, bool 
   }
 }
 
+// The exact fallback of the multi-token kernels: K rounds of argmax over every expert of a token's
+// lanes (lane mask token_mask, lane token_lane of the token's kWidth), masked experts counting as
+// -inf; segment_max(v) is the max of v over the token's lanes. Returns the k-th pick's id on the
+// token's lane k (0 on its lanes >= K).
+template <int kVpt, typename SegmentMax>
+__device__ __forceinline__ int argmax_rounds(const float (&sel)[kVpt], bool kept, int top_k, int lane,
+                                             int token_lane, int first_expert, uint32_t token_mask,
+                                             SegmentMax segment_max) {
+  uint32_t key[kVpt];
+#pragma unroll
+  for (int i = 0; i < kVpt; ++i) {
+    key[i] = select_key(kept ? sel[i] : -INFINITY);
+  }
+  int pick = 0;
+  for (int k = 0; k < top_k; ++k) {
+    uint32_t lane_best = 0;
+    int best_slot = 0;
+#pragma unroll
+    for (int i = 0; i < kVpt; ++i) {
+      if (key[i] > lane_best) {
+        lane_best = key[i];
+        best_slot = i;
+      }
+    }
+    // Every expert's key is above 0 and E >= K: each token has a winner in every round.
+    const bool top = lane_best == segment_max(lane_best);
+    const int winner = __ffs(__ballot_sync(0xffffffffu, top) & token_mask) - 1;
+    if (lane == winner) {
+#pragma unroll
+      for (int i = 0; i < kVpt; ++i) {
+        key[i] = i == best_slot ? 0u : key[i];
+      }
+    }
+    const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
+    if (token_lane == k) {
+      pick = id;
+    }
+  }
+  return pick;
+}
+
+// Token t's pick on its lane token_lane (< K: `writer`) of kWidth: the weight, renormalised over the
+// token's lanes when asked, scaled, stored with the id, and counted.
+template <int kWidth>
+__device__ __forceinline__ void store_picks(const ForwardParams& p, int64_t t, int token_lane, bool writer,
+                                            PairPick pick, int32_t* block_counts) {
+  float weight = writer ? pick.score : 0.0f;
+  if (p.renormalize) {
+    float sum = weight;
+#pragma unroll
+    for (int offset = kWidth / 2; offset > 0; offset /= 2) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    }
+    // The other lanes divide 1, not their 0: a zero dividend sends the whole warp down the IEEE
+    // division's slow path (a subroutine of about 40 instructions) on every pass.
+    weight = (writer ? weight : 1.0f) / (sum + kRenormEps);
+  }
+  if (writer) {
+    p.weights[t * p.top_k + token_lane] = weight * p.scaling_factor;
+    p.ids[t * p.top_k + token_lane] = pick.id;
+    if (p.counts != nullptr) {
+      atomicAdd(&block_counts[pick.id], 1);
+    }
+  }
+}
+
 // Blocks per SM the pair kernel is compiled for: 5 (40 warps, at most 48 registers, no spills) for
 // kVpt <= 16. With the bias read from shared memory (16 fewer live registers), Kimi-K2 (kVpt = 24)
 // went from 101 registers and 2 blocks per SM to 71 and 3 (59.7 -> 47.4 us at T = 65536);
@@ -722,36 +788,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
         my_pick = half_picks[half_lane];
       }
     } else {
-      // K rounds of argmax over every expert, per half; masked experts count as -inf.
-      uint32_t key[kVpt];
-#pragma unroll
-      for (int i = 0; i < kVpt; ++i) {
-        key[i] = select_key(kept ? sel[i] : -INFINITY);
-      }
-      for (int k = 0; k < p.top_k; ++k) {
-        uint32_t lane_best = 0;
-        int best_slot = 0;
-#pragma unroll
-        for (int i = 0; i < kVpt; ++i) {
-          if (key[i] > lane_best) {
-            lane_best = key[i];
-            best_slot = i;
-          }
-        }
-        // Every expert's key is above 0 and E >= K: each half has a winner in every round.
-        const bool top = lane_best == half_max(lane_best, upper);
-        const int winner = __ffs(__ballot_sync(0xffffffffu, top) & half_mask) - 1;
-        if (lane == winner) {
-#pragma unroll
-          for (int i = 0; i < kVpt; ++i) {
-            key[i] = i == best_slot ? 0u : key[i];
-          }
-        }
-        const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
-        if (half_lane == k) {
-          my_pick.id = id;
-        }
-      }
+      my_pick.id = argmax_rounds<kVpt>(sel, kept, p.top_k, lane, half_lane, first_expert, half_mask,
+                                       [upper](uint32_t v) { return half_max(v, upper); });
       if (writer) {
         my_pick.score = sigmoid(to_float(row[my_pick.id]));
       }
@@ -759,25 +797,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, pair_min_blocks(kVpt))
 
     // The renormalising sum runs over the half as warp_sum does over lanes 0-15 in the one-token
     // kernel (lanes 16-31 add +0 there).
-    const int my_id = my_pick.id;
-    float weight = writer ? my_pick.score : 0.0f;
-    if (p.renormalize) {
-      float sum = weight;
-#pragma unroll
-      for (int offset = kHalfWarp / 2; offset > 0; offset /= 2) {
-        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-      }
-      // The other lanes divide 1, not their 0: a zero dividend sends the whole warp down the IEEE
-      // division's slow path (a subroutine of about 40 instructions) on every pair.
-      weight = (writer ? weight : 1.0f) / (sum + kRenormEps);
-    }
-    if (writer) {
-      p.weights[t * p.top_k + half_lane] = weight * p.scaling_factor;
-      p.ids[t * p.top_k + half_lane] = my_id;
-      if (p.counts != nullptr) {
-        atomicAdd(&block_counts[my_id], 1);
-      }
-    }
+    store_picks<kHalfWarp>(p, t, half_lane, writer, my_pick, block_counts);
   }
   flush_block_counts(p, block_counts, kExperts);
 }
@@ -1017,58 +1037,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kQuadMinBlocks)
         my_pick = quarter_picks[qlane];
       }
     } else {
-      // K rounds of argmax over every expert, per quarter; masked experts count as -inf.
-      uint32_t key[kVpt];
-#pragma unroll
-      for (int i = 0; i < kVpt; ++i) {
-        key[i] = select_key(kept ? sel[i] : -INFINITY);
-      }
-      for (int k = 0; k < p.top_k; ++k) {
-        uint32_t lane_best = 0;
-        int best_slot = 0;
-#pragma unroll
-        for (int i = 0; i < kVpt; ++i) {
-          if (key[i] > lane_best) {
-            lane_best = key[i];
-            best_slot = i;
-          }
-        }
-        // Every expert's key is above 0 and E >= K: each quarter has a winner in every round.
-        const bool top = lane_best == quarter_max(lane_best);
-        const int winner = __ffs(__ballot_sync(0xffffffffu, top) & quarter_mask) - 1;
-        if (lane == winner) {
-#pragma unroll
-          for (int i = 0; i < kVpt; ++i) {
-            key[i] = i == best_slot ? 0u : key[i];
-          }
-        }
-        const int id = __shfl_sync(0xffffffffu, first_expert + best_slot, winner);
-        if (qlane == k) {
-          my_pick.id = id;
-        }
-      }
+      my_pick.id = argmax_rounds<kVpt>(sel, kept, p.top_k, lane, qlane, first_expert, quarter_mask,
+                                       [](uint32_t v) { return quarter_max(v); });
       if (writer) {
         my_pick.score = sigmoid(to_float(row[my_pick.id]));
       }
     }
 
-    const int my_id = my_pick.id;
-    float weight = writer ? my_pick.score : 0.0f;
-    if (p.renormalize) {
-      float sum = weight;
-#pragma unroll
-      for (int offset = kQuarterWarp / 2; offset > 0; offset /= 2) {
-        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-      }
-      weight = (writer ? weight : 1.0f) / (sum + kRenormEps);  // 1, not 0: see the pair kernel
-    }
-    if (writer) {
-      p.weights[t * p.top_k + qlane] = weight * p.scaling_factor;
-      p.ids[t * p.top_k + qlane] = my_id;
-      if (p.counts != nullptr) {
-        atomicAdd(&block_counts[my_id], 1);
-      }
-    }
+    store_picks<kQuarterWarp>(p, t, qlane, writer, my_pick, block_counts);
   }
   flush_block_counts(p, block_counts, kExperts);
 }
