@@ -11,17 +11,8 @@
 Exits 1 if any correctness check failed (after benchmarking the configs that passed).
 """
 
-import argparse
-import contextlib
-import importlib.util
 import itertools
-import json
-import os
-import re
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,101 +21,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(HERE.parent))
+
+import gemm_harness as harness  # noqa: E402 (prototypes/, on the path above)
+
 FP8 = torch.float8_e4m3fn
-FLAGS = [
-    "-O3",
-    "-gencode=arch=compute_90a,code=sm_90a",
-    "-std=c++20",
-    "--expt-relaxed-constexpr",
-    "-lineinfo",
-    "-Xptxas=-v",
-]
-BUILD_DIR = Path(tempfile.gettempdir()) / "fp8gemm_proto_build"
-
-
-@contextlib.contextmanager
-def capture_fd(fd):
-    """Redirect an OS-level fd (ninja/nvcc write there directly) into a temp file; yields its path."""
-    with tempfile.NamedTemporaryFile("w+", delete=False) as f:
-        saved = os.dup(fd)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(f.fileno(), fd)
-        try:
-            yield f.name
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved, fd)
-            os.close(saved)
-
-
-def find_cuda_home():
-    """As setup.py: a root with bin/nvcc and include/cuda_runtime.h (torch's guess from a wrapper
-    nvcc on PATH, e.g. /usr/local/bin/nvcc, has no headers)."""
-    import shutil
-
-    nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    candidates += [str(Path(nvcc).resolve().parent.parent)] if nvcc else []
-    candidates += ["/usr/local/cuda"]
-    for home in filter(None, candidates):
-        if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
-            return home
-    return None
-
-
-def build():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    if find_cuda_home():
-        os.environ["CUDA_HOME"] = find_cuda_home()  # before torch.utils.cpp_extension is imported
-    from torch.utils.cpp_extension import load
-
-    includes = [str(HERE), str(ROOT / "csrc" / "include")]
-    spec = importlib.util.find_spec("nvidia")
-    for loc in spec.submodule_search_locations if spec else []:  # pip CUDA headers (cusparse.h, ...)
-        if (Path(loc) / "cu13" / "include").exists():
-            includes.append(str(Path(loc) / "cu13" / "include"))
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with capture_fd(1) as out1, capture_fd(2) as out2:
-        try:
-            ext = load(
-                name="fp8gemm_proto",
-                sources=[str(HERE / "ext.cu")],
-                build_directory=str(BUILD_DIR),
-                extra_cuda_cflags=FLAGS,
-                extra_include_paths=includes,
-                verbose=True,
-            )
-            err = None
-        except Exception as e:  # noqa: BLE001
-            ext, err = None, e
-    log = Path(out1).read_text() + Path(out2).read_text()
-    stats = [
-        line.strip()
-        for line in log.splitlines()
-        if "ptxas info" in line or "spill" in line or "arning" in line
-    ]
-    stats_file = BUILD_DIR / "ptxas_stats.txt"
-    if any("Used" in s for s in stats):
-        stats_file.write_text("\n".join(stats))
-    elif stats_file.exists():  # cached build: ninja did not recompile
-        stats = ["(cached build) " + s for s in stats_file.read_text().splitlines()]
-    if err is not None:
-        print(log[-6000:])
-        raise err
-    print(f"built in {time.time() - t0:.0f} s; ptxas:")
-    ptx = []
-    for s in stats:
-        m = re.search(r"Compiling entry function '(\S+)'", s)
-        if m:
-            ptx.append({"kernel": m.group(1)})
-        elif ptx and ("Used" in s or "spill" in s):
-            ptx[-1].setdefault("lines", []).append(s)
-        if "Compiling entry" in s or "Used" in s or "spill" in s or "arning" in s:
-            print("   ", s)
-    return ext, ptx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,104 +263,11 @@ def bench_case(ext, configs, name, counts, n, k):
 
 
 def print_row(row, configs, ext):
-    cols = [ext.config_name(c) for c in configs] + ["cutlass auto", "torch fast-accum"]
-    parts = [f"{c}: {row['us'][c]:8.1f} us {row['TFLOP/s'][c]:6.0f} TF" for c in cols]
-    ratio = ""
-    if "best proto" in row:
-        best, vs_cutlass, vs_torch = row["best proto"], row["x cutlass"], row["x torch fast-accum"]
-        ratio = f" | best {best} x{vs_cutlass:.2f} vs cutlass, x{vs_torch:.2f} vs torch"
-    print(f"  {row['case']:38s} " + " | ".join(parts) + ratio, flush=True)
+    harness.print_row(row, configs, ext, "torch fast-accum")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--build-only", action="store_true")
-    parser.add_argument("--no-bench", action="store_true")
-    parser.add_argument(
-        "--configs",
-        default="all",
-        help="comma-separated config names, or 'all' (the default)",
-    )
-    parser.add_argument("--check", type=int, default=None, help=argparse.SUPPRESS)  # child: one config
-    args = parser.parse_args()
-    t0 = time.time()
-    torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32
-    if args.check is not None:
-        with capture_fd(1), capture_fd(2):  # the (cached) build is silent in the child
-            ext, _ = build()
-        results = correctness(ext, args.check, torch.Generator().manual_seed(0))
-        print("RESULT " + json.dumps(results), flush=True)
-        return 0
-    ext, ptx = build()
-    names = [ext.config_name(c) for c in range(ext.num_configs)]
-    print("configs:", names)
-    wanted = names if args.configs == "all" else args.configs.split(",")
-    unknown = [w for w in wanted if w not in names]
-    if unknown:
-        print(f"unknown configs {unknown}; known: {names}")
-        return 2
-    selected = [names.index(w) for w in wanted]
-    print("selected:", [names[c] for c in selected])
-    if args.build_only:
-        return 0
-    print("correctness (one child process per config, run concurrently):")
-    checks, passed = {}, []
-    procs = {
-        c: subprocess.Popen(
-            [sys.executable, __file__, "--check", str(c)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=os.environ.copy(),
-        )
-        for c in selected
-    }
-    deadline = time.time() + 150  # all children together; a hang trap fires after a few seconds
-    for c, proc in procs.items():
-        cname = ext.config_name(c)
-        try:
-            stdout, stderr = proc.communicate(timeout=max(10.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-            stderr += "\n(timeout: hang?)"
-        lines = stdout.splitlines()
-        print("\n".join(line for line in lines if not line.startswith("RESULT ")), flush=True)
-        res = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not res:
-            print(f"  [FAIL] {cname}: child exit code {proc.returncode}\n{stderr[-3000:]}")
-            res = [[{"case": "child process", "ok": False, "msg": f"exit code {proc.returncode}"}]]
-        checks[cname] = res[0]
-        if all(r["ok"] for r in res[0]):
-            passed.append(c)
-    failed = [ext.config_name(c) for c in selected if c not in passed]
-    print(f"passed: {[ext.config_name(c) for c in passed]}  failed: {failed}  ({time.time() - t0:.0f} s)")
-    rows = []
-    if not args.no_bench and passed:
-        print("benchmark (median us, L2 flushed; TFLOP/s of useful rows):")
-        try:
-            rows = bench(ext, passed, torch.Generator().manual_seed(1))
-        except Exception as e:  # noqa: BLE001
-            print(f"benchmark failed: {type(e).__name__}: {e}")
-    result = {
-        "ptxas": ptx,
-        "correctness": checks,
-        "passed": [ext.config_name(c) for c in passed],
-        "failed": failed,
-        "bench": rows,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "seconds": time.time() - t0,
-    }
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "fp8gemm_proto.json"
-        path.write_text(json.dumps(result, indent=1, default=str))
-        print("wrote", path)
-    print(f"total {time.time() - t0:.0f} s")
-    if failed:
-        print(f"CORRECTNESS FAILED for {failed}")
-        return 1
-    return 0
+    return harness.main(__doc__, HERE, "fp8gemm_proto", correctness, bench, check_seconds=150)
 
 
 if __name__ == "__main__":
