@@ -232,6 +232,20 @@ def test_cuda_graph_replay_with_new_offsets(fp8, gen):
         assert err < (FP8_GEMM_CALC_DIFF if fp8 else 1e-2), f"{counts=}: error {err}"
 
 
+@requires_sm90
+def test_wgmma_configs_take_at_most_1024_experts(gen):
+    """Our kernel keeps the offsets in shared memory: named, its configurations refuse more than 1024
+    experts; "auto" runs CUTLASS's cooperative tile there (65 rows per expert: not the small path)."""
+    counts = [65] * 1025
+    a, b, offsets, sa, sb = make_problem(counts, 128, 128, True, gen, device="cuda")
+    for config in ("fp8_wgmma_128x192", "fp8_wgmma_2cta_128x192"):
+        with pytest.raises(ValueError, match="takes at most 1024 experts"):
+            moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=config)
+    out = moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb)
+    diff = calc_diff(out.float(), run_reference(a, b, offsets, sa, sb))
+    assert diff < FP8_GEMM_CALC_DIFF, f"auto with 1025 experts: calc_diff {diff}"
+
+
 def kernel_rows(offsets, rows):
     """Rows each expert gets from corrupt offsets, as setup_grouped_args clamps them."""
     clamped = [min(max(o, 0), rows) for o in offsets]
