@@ -10,7 +10,7 @@ namespace {
 
 using namespace moe_kernels::fp8g;
 
-constexpr int kNumConfigs = 6;
+constexpr int kNumConfigs = 10;
 const char* config_name(int c) {
   switch (c) {
     case 0: return "V2_BN128_S5";
@@ -19,6 +19,10 @@ const char* config_name(int c) {
     case 3: return "V3_BN128_S5_C2";
     case 4: return "V3_BN192_S4_C2";
     case 5: return "V3_BN256_S3_C2";
+    case 6: return "V2_BN192_S4_NS";
+    case 7: return "V3_BN192_S4_C2_NS";
+    case 8: return "V4_BN192_S4_M2";
+    case 9: return "V4_BN192_S4_M2_NS";
     default: return "?";
   }
 }
@@ -37,6 +41,10 @@ cudaError_t run_config(int config, const void* a, const float* a_scales, const v
     case 3: return FP8G_CALL(CfgV3_128x5);
     case 4: return FP8G_CALL(CfgV3_192x4);
     case 5: return FP8G_CALL(CfgV3_256x3);
+    case 6: return FP8G_CALL(CfgV2_192x4_NS);
+    case 7: return FP8G_CALL(CfgV3_192x4_NS);
+    case 8: return FP8G_CALL(CfgV4_192x4);
+    case 9: return FP8G_CALL(CfgV4_192x4_NS);
     default: return cudaErrorInvalidValue;
   }
 #undef FP8G_CALL

@@ -113,6 +113,13 @@ def correctness(ext, config, gen):
             dict(counts=[0, 0, 0, 1000, 0, 0, 0, 0], n=512, k=256),
             True,
         ),
+        (
+            # Tiles of <= 64 rows (the *_NS configs split their columns between the warpgroups)
+            # with N = 512: the last 192-column tile has 128 columns, its second half only 32.
+            "narrow tiles, E=4 counts [40,0,64,3] N=512 K=256",
+            dict(counts=[40, 0, 64, 3], n=512, k=256),
+            True,
+        ),
         ("M_total=0", dict(counts=[0, 0, 0], n=128, k=128), False),
         (
             "all experts empty, 64 poison rows",

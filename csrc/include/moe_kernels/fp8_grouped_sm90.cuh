@@ -192,6 +192,19 @@ __device__ __forceinline__ void wgmma_m64n192k32(float (&d)[96], uint64_t da, ui
         FP8G_D8(64), FP8G_D8(72), FP8G_D8(80), FP8G_D8(88)
       : "l"(da), "l"(db), "n"(ACCUM));
 }
+// d[48] (+)= A(64x32) * B(96x32)^T: half of a BN = 192 tile, for the split narrow tiles.
+template <int ACCUM>
+__device__ __forceinline__ void wgmma_m64n96k32(float (&d)[48], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
+      "%48, %49, p, 1, 1;\n}\n"
+      : FP8G_D8(0), FP8G_D8(8), FP8G_D8(16), FP8G_D8(24), FP8G_D8(32), FP8G_D8(40)
+      : "l"(da), "l"(db), "n"(ACCUM));
+}
 #undef FP8G_D8
 
 __device__ __forceinline__ int ld_shared_s32(uint32_t addr) {
@@ -226,30 +239,33 @@ struct Tile {
 // while the band's A rows (<= 16 x 128 rows x K, 15 MB at K = 7168) stay L2-resident across the
 // expert's n-tiles. With 1 m-tile per expert (decode) a wave streams consecutive n-tiles of B.
 // `cursor` only moves forward: a CTA's tile numbers increase, so the expert search is amortised.
-// With clusters of CLUSTER CTAs a "tile" t is one m-tile and CLUSTER neighbouring n-tiles: cluster
-// rank r takes n-tile CLUSTER * n_unit + r (past N when the n-tile count is not a multiple of
-// CLUSTER: a ghost, which only loads its share of the multicast A tile).
-template <int BN, int CLUSTER>
+// With clusters a "tile" t is a unit of CM x CN tiles (Cfg::CM neighbouring m-tiles of one expert, or
+// Cfg::CN neighbouring n-tiles): cluster rank r takes m-tile CM * m_unit + r or n-tile
+// CN * n_unit + r. Past the expert's m-tiles or past N it is a ghost, which only loads its share
+// of the multicast tile. Bands then hold kBand / CM m-units.
+template <class Cfg>
 __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n,
                                             int rank) {
-  const int n_tiles = ((n + BN - 1) / BN + CLUSTER - 1) / CLUSTER;  // n-units of CLUSTER tiles
+  constexpr int BN = Cfg::BN, CM = Cfg::CM, CN = Cfg::CN, kBandUnits = kBand / CM;
+  const int n_tiles = ((n + BN - 1) / BN + CN - 1) / CN;  // n-units of CN tiles
   while (t >= s_tiles[cursor + 1])
     ++cursor;  // also skips empty experts (zero tiles)
   const int e = cursor;
   const int begin = s_off[e], end = s_off[e + 1];
   const int m_tiles = (end - begin + BM - 1) / BM;
+  const int m_units = (m_tiles + CM - 1) / CM;
   const int local = t - s_tiles[e];
-  const int band = local / (kBand * n_tiles);
-  const int in_band = local - band * kBand * n_tiles;
-  const int band_m = min(kBand, m_tiles - band * kBand);
-  const int m = band * kBand + in_band % band_m;
+  const int band = local / (kBandUnits * n_tiles);
+  const int in_band = local - band * kBandUnits * n_tiles;
+  const int band_m = min(kBandUnits, m_units - band * kBandUnits);
+  const int m = (band * kBandUnits + in_band % band_m) * CM + (CM > 1 ? rank : 0);
   const int n_tile = in_band / band_m;
   Tile tile;
   tile.expert = e;
   tile.row0 = begin + m * BM;
-  tile.rows = min(BM, end - tile.row0);
-  tile.n0 = (n_tile * CLUSTER + rank) * BN;
-  tile.ghost = tile.n0 >= n;
+  tile.rows = min(BM, end - tile.row0);  // <= 0 for an m-ghost
+  tile.n0 = (n_tile * CN + (CN > 1 ? rank : 0)) * BN;
+  tile.ghost = tile.n0 >= n || (CM > 1 && m >= m_tiles);
   return tile;
 }
 
@@ -268,13 +284,24 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //   * PDL: launched with programmatic stream serialisation; griddepcontrol.wait before any global
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
-template <int BN_, int STAGES_, int CLUSTER_ = 1>
+template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
   // the A tile and multicasts it to both, so A's L2 -> SM traffic halves.
   static constexpr int CLUSTER = CLUSTER_;
   static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
+  // SPLIT_NARROW (configs *_NS, BN = 192): a tile with <= 64 valid rows (an expert's tail m-tile,
+  // decode) gives each warpgroup half of the columns on rows 0-63 (one m64n96 wgmma per k-step)
+  // instead of leaving the second warpgroup idle, as the BN = 256 narrow tiles do with their slabs.
+  static constexpr bool SPLIT_NARROW = SPLIT_NARROW_;
+  static_assert(!SPLIT_NARROW || BN == 192, "split narrow tiles are written for BN = 192");
+  // SHARE_B (configs V4_*, CLUSTER = 2): the cluster's CTAs take neighbouring m-tiles of one expert
+  // and one n-tile instead; each loads half of the B (weight) tile and multicasts it to both.
+  static constexpr bool SHARE_B = SHARE_B_;
+  static_assert(!SHARE_B || CLUSTER == 2, "SHARE_B needs a cluster of 2");
+  static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
+  static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
   static constexpr int SLABS = BN / WN;
   static_assert(BN == 128 || BN == 192 || BN == 256, "BN must be 128, 192 or 256");
@@ -369,7 +396,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int tid = threadIdx.x;
   int warp = tid / 32, lane = tid % 32;
-  const int n_tiles = ((n + BN - 1) / BN + CLUSTER - 1) / CLUSTER;  // n-units (decode_tile)
+  constexpr int CM = Cfg::CM, CN = Cfg::CN;
+  const int n_tiles = ((n + BN - 1) / BN + CN - 1) / CN;  // n-units (decode_tile)
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -407,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
     int sum = 0;
     for (int e = lo; e < hi; ++e)
-      sum += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
+      sum += ((max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM + CM - 1) / CM * n_tiles;
     int incl = sum;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -418,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int run = incl - sum;
     for (int e = lo; e < hi; ++e) {
       s_tiles[e] = run;
-      run += (max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM * n_tiles;
+      run += ((max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM + CM - 1) / CM * n_tiles;
     }
     if (lane == 31)
       s_tiles[num_experts] = incl;
@@ -442,7 +470,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t phase = 0;
       for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
         const int rank = my_rank();
-        const Tile tile = decode_tile<BN, CLUSTER>(t, cursor, s_off, s_tiles, opaque(n), rank);
+        const Tile tile = decode_tile<Cfg>(t, cursor, s_off, s_tiles, opaque(n), rank);
         const int b_row = tile.expert * n + tile.n0;
         // Lane l copies the a scales of tile rows l, l+32, l+64, l+96 (rows past M clamped: never
         // stored); lanes 0 and 1 also the b scales of the tile's first and second n-block (the
@@ -457,18 +485,29 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t full = bar_full + 8 * stage;
           if (lane == 0) {
             const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-            // Every CTA of the cluster receives the whole A tile (its own share and the peers'),
-            // and its own B tile unless it is a ghost.
-            mbar_expect_tx(full, Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES));
-            if constexpr (CLUSTER > 1) {
-              constexpr int share = BM / CLUSTER;  // rows of A this CTA loads for the cluster
-              tma_load_2d_multicast(sa + rank * share * BK, &tmap_a, full, kb * BK, tile.row0 + rank * share,
-                                    (1 << CLUSTER) - 1);
+            if constexpr (Cfg::SHARE_B) {
+              // Every CTA of the cluster receives the whole B tile (its own half and the peer's),
+              // and its own A tile unless it is a ghost.
+              constexpr int share = BN / CLUSTER;  // rows of B this CTA loads for the cluster
+              mbar_expect_tx(full, (tile.ghost ? 0 : Cfg::A_BYTES) + Cfg::B_BYTES);
+              if (!tile.ghost)
+                tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
+              tma_load_2d_multicast(sa + Cfg::A_BYTES + rank * share * BK, &tmap_b, full, kb * BK,
+                                    b_row + rank * share, (1 << CLUSTER) - 1);
             } else {
-              tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
+              // Every CTA of the cluster receives the whole A tile (its own share and the peers'),
+              // and its own B tile unless it is a ghost.
+              mbar_expect_tx(full, Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES));
+              if constexpr (CLUSTER > 1) {
+                constexpr int share = BM / CLUSTER;  // rows of A this CTA loads for the cluster
+                tma_load_2d_multicast(sa + rank * share * BK, &tmap_a, full, kb * BK,
+                                      tile.row0 + rank * share, (1 << CLUSTER) - 1);
+              } else {
+                tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
+              }
+              if (!tile.ghost)
+                tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
             }
-            if (!tile.ghost)
-              tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
           }
           const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
 #pragma unroll
@@ -514,15 +553,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t phase = 0;
 
   for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
-    const Tile tile = decode_tile<BN, CLUSTER>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
+    const Tile tile = decode_tile<Cfg>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
     const int n0 = tile.n0;
     const int slabs = min(SLABS, (n - n0 + WN - 1) / WN);  // BN = 256 with N % 256 == 128: 1 slab
     // Work of this warpgroup: 64 rows from a_off, slabs [s_lo, s_hi). Narrow tile (BN = 256, <= 64
     // rows, 2 slabs): both warpgroups on rows 0-63, one slab each, so the tile takes half the time.
     const bool narrow = SLABS == 2 && slabs == 2 && tile.rows <= 64;
-    const int a_off = narrow ? 0 : wg * 64;
+    // Split narrow tile (SPLIT_NARROW, BN = 192, <= 64 rows): both warpgroups on rows 0-63, warpgroup
+    // w on the tile's columns [96w, 96w + 96); the second half is idle in the N tail tile (64 columns).
+    const bool split = Cfg::SPLIT_NARROW && tile.rows <= 64;
+    const int a_off = (narrow || split) ? 0 : wg * 64;
     const int s_lo = narrow ? wg : 0, s_hi = narrow ? wg + 1 : slabs;
-    const bool active = !tile.ghost && a_off < tile.rows;
+    const int col_lo = split ? wg * (WN / 2) : 0;  // first tile column of a split warpgroup
+    const bool active = !tile.ghost && a_off < tile.rows && (!split || n0 + col_lo < n);
     // BN = 192: the 8-column chunks 8..15 (tile columns 64-127) use the tile's second b-scale block
     // when the tile starts in the middle of a 128-column block (n0 % 128 == 64).
     const bool mid_second = (n0 & 127) != 0;
@@ -546,32 +589,64 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
         const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
         const uint64_t da = sw128_desc(sa + a_off * BK);
-#pragma unroll
-        for (int s = 0; s < SLABS; ++s) {
-          if (s >= s_lo && s < s_hi) {
-            const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
-            fence_regs(tmp);
+        if (split) {
+          if constexpr (Cfg::SPLIT_NARROW) {
+            // This warpgroup's 64 x 96 half, promoted into the first 48 of acc[0]. Its own array:
+            // a view of tmp's first 48 registers made ptxas serialise every wgmma (C7511).
+            float half[WN / 4];
+            const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + col_lo * BK);  // 96 rows: 1024-aligned
+            fence_regs(half);
             wgmma_fence();
-            wgmma_k32<WN, 0>(tmp, da, db);
-            wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
-            wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
-            wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
+            wgmma_m64n96k32<0>(half, da, db);
+            wgmma_m64n96k32<1>(half, da + 2, db + 2);
+            wgmma_m64n96k32<1>(half, da + 4, db + 4);
+            wgmma_m64n96k32<1>(half, da + 6, db + 6);
             wgmma_commit();
             wgmma_wait0();
-            fence_regs(tmp);
-            if (s == s_hi - 1)
-              release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+            fence_regs(half);
+            release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+            // b-scale blocks by tile column as below: warpgroup 0 has columns 0-95 (block 0, then
+            // the middle chunk from 64), warpgroup 1 columns 96-191 (the middle chunk to 127, then 1).
+            const bool upper = col_lo != 0;
+            const float q0[3] = {upper ? fm0 : f00, upper ? f01 : f00, upper ? f01 : fm0};
+            const float q1[3] = {upper ? fm1 : f10, upper ? f11 : f10, upper ? f11 : fm1};
 #pragma unroll
-            for (int i = 0; i < WN / 8; ++i) {
-              // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
-              // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
-              const int c = s * WN + 8 * i;
-              const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
-              const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
-              acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
-              acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
-              acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
-              acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
+            for (int i = 0; i < WN / 16; ++i) {  // 8-column chunk i: columns col_lo + 8i ...
+              const float g0 = q0[i / 4], g1 = q1[i / 4];
+              acc[0][4 * i + 0] = fmaf(half[4 * i + 0], g0, acc[0][4 * i + 0]);
+              acc[0][4 * i + 1] = fmaf(half[4 * i + 1], g0, acc[0][4 * i + 1]);
+              acc[0][4 * i + 2] = fmaf(half[4 * i + 2], g1, acc[0][4 * i + 2]);
+              acc[0][4 * i + 3] = fmaf(half[4 * i + 3], g1, acc[0][4 * i + 3]);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int s = 0; s < SLABS; ++s) {
+            if (s >= s_lo && s < s_hi) {
+              const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
+              fence_regs(tmp);
+              wgmma_fence();
+              wgmma_k32<WN, 0>(tmp, da, db);
+              wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
+              wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
+              wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
+              wgmma_commit();
+              wgmma_wait0();
+              fence_regs(tmp);
+              if (s == s_hi - 1)
+                release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+#pragma unroll
+              for (int i = 0; i < WN / 8; ++i) {
+                // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
+                // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
+                const int c = s * WN + 8 * i;
+                const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
+                const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
+                acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
+                acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
+                acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
+                acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
+              }
             }
           }
         }
@@ -587,8 +662,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // region, so 128-thread named barriers (ids 1 and 2) suffice.
     if (active) {
       const int rows_valid = min(64, tile.rows - a_off);
-      const int col0 = n0 + s_lo * WN;
-      const int ncols = (s_hi - s_lo) * WN;
+      const int col0 = n0 + s_lo * WN + col_lo;
+      const int ncols = split ? WN / 2 : (s_hi - s_lo) * WN;
       const int cols_valid = min(ncols, n - col0);
       // The previous tile's TMA store must have finished reading smem_d before it is overwritten.
       if (t_wg == 0)
@@ -604,6 +679,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t slab_base = row_addr + (s - s_lo) * (WN / 64) * Cfg::D_BOX_BYTES;
 #pragma unroll
           for (int i = 0; i < WN / 8; ++i) {
+            if (split && i >= WN / 16)  // a split warpgroup holds 96 columns
+              break;
             // 16-B chunk i % 8 of rows rw and rw + 8 of box i / 8, XOR-swizzled with row % 8
             const uint32_t addr = slab_base + (i / 8) * Cfg::D_BOX_BYTES + (((i % 8) ^ sw) * 16);
             __nv_bfloat162 lo = __floats2bfloat162_rn(acc[s][4 * i + 0], acc[s][4 * i + 1]);
@@ -620,8 +697,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       wg_bar_sync(wg);
       const int row0 = tile.row0 + a_off;
-      if (rows_valid == 64) {
+      if (rows_valid == 64 && !split) {
         // All 64 rows belong to the expert: TMA store (clips at N and M; completes asynchronously).
+        // (Not for a split half: its 96 columns are not a whole number of 64-column boxes.)
         if (t_wg == 0) {
           for (int b = 0; b * 64 < cols_valid; ++b)
             tma_store_2d(&tmap_d, d_wg + b * Cfg::D_BOX_BYTES, col0 + b * 64, row0);
@@ -630,7 +708,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         // Expert tail: rows past rows_valid belong to the next expert (another CTA may be writing
         // them): 16-B stores of the valid rows only, coalesced along the row.
-        const int cpr = cols_valid / 8;  // 16-B chunks per row (cols_valid is a multiple of 64)
+        const int cpr = cols_valid / 8;  // 16-B chunks per row (cols_valid is a multiple of 32)
         for (int idx = t_wg; idx < rows_valid * cpr; idx += 128) {
           const int r = idx / cpr, c = idx - r * cpr;
           const uint32_t src = d_wg + (c / 8) * Cfg::D_BOX_BYTES + r * 128 + (((c % 8) ^ (r % 8)) * 16);
@@ -759,18 +837,20 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
   if (m_total == 0)
     return cudaSuccess;
   CUtensorMap map_a, map_b, map_d;
-  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM / Cfg::CLUSTER) ||
-      !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN) ||
+  // Box rows: the share of the multicast operand a CTA loads (A's rows unless SHARE_B, else B's).
+  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM / Cfg::CN) ||
+      !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN / Cfg::CM) ||
       !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
     return cudaErrorInvalidValue;
   constexpr int C = Cfg::CLUSTER;
   const int resident = resident_units<Cfg>(device, num_sms);
   if (resident < 1)
     return cudaErrorInvalidConfiguration;
-  // Persistent grid of work units (one m-tile x C neighbouring n-tiles, one per CTA of a cluster):
-  // as many as can be resident, at most the host-known bound on the units.
-  const int64_t n_units = ((n + Cfg::BN - 1) / Cfg::BN + C - 1) / C;
-  const int64_t max_units = (m_total / BM + num_experts) * n_units;
+  // Persistent grid of work units (CM m-tiles x CN n-tiles, one tile per CTA of a cluster): as many
+  // as can be resident, at most the host-known bound on the units (an expert of r rows has
+  // ceil(ceil(r / BM) / CM) <= r / (BM * CM) + 1 m-units).
+  const int64_t n_units = ((n + Cfg::BN - 1) / Cfg::BN + Cfg::CN - 1) / Cfg::CN;
+  const int64_t max_units = (m_total / (BM * Cfg::CM) + num_experts) * n_units;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)(max_units < resident ? max_units : resident) * C);
   cfg.blockDim = dim3(kThreads);
@@ -799,6 +879,10 @@ using CfgV2_256x3 = ConfigV2<256, 3>;
 using CfgV3_128x5 = ConfigV2<128, 5, 2>;
 using CfgV3_192x4 = ConfigV2<192, 4, 2>;
 using CfgV3_256x3 = ConfigV2<256, 3, 2>;
+using CfgV2_192x4_NS = ConfigV2<192, 4, 1, true>;
+using CfgV3_192x4_NS = ConfigV2<192, 4, 2, true>;
+using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
+using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
