@@ -9,7 +9,9 @@ accumulation for FP8, bf16 for BF16), measured in the same run. TFLOP/s count us
 Loads: "realistic" counts are what a router gives (T*K picks drawn from uniform experts, so the
 fullest of 32 experts gets ~5% more rows than the mean), "skewed" a Zipf router, "balanced" equal
 counts. Decode rows also report GB/s of expert weights read (all their bytes must stream from HBM)
-and that rate as % of the copy bandwidth measured in the same process.
+and that rate as % of the copy bandwidth measured in the same process. Our configurations and the
+grouped torch baselines of a row are timed in interleaved rounds (time_cuda_us_interleaved), so
+that no candidate gains from its position in the run.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import itertools
 import torch
 
 import moe_kernels
-from moe_kernels.testing import measure_copy_tbps, report, time_cuda_us
+from moe_kernels.testing import measure_copy_tbps, report, time_cuda_us, time_cuda_us_interleaved
 
 FP8 = torch.float8_e4m3fn
 # "auto" is what users get; the named configurations are timed too, to keep the heuristic honest.
@@ -127,17 +129,15 @@ def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbp
     a, a_scales = moe_kernels.quantize_fp8(a_bf16)
     b, b_scales = moe_kernels.quantize_fp8_weight(b_bf16)
     scaled_grouped_mm, (a_row, sa_row, b_row, sb_row) = scaled_grouped_mm_baseline(a_bf16, b_bf16, offsets)
-    per_config = {
-        c: time_cuda_us(
-            lambda c=c: moe_kernels.grouped_gemm(
-                a, b, offsets, a_scales=a_scales, b_scales=b_scales, config=c
-            )
-        )
+    # Our configurations and torch's two settings timed in interleaved rounds (same conditions).
+    fns = {
+        c: lambda c=c: moe_kernels.grouped_gemm(a, b, offsets, a_scales=a_scales, b_scales=b_scales, config=c)
         for c in CONFIGS["fp8"]
     }
-
-    us_fast = time_cuda_us(lambda: scaled_grouped_mm(True))
-    us_default = time_cuda_us(lambda: scaled_grouped_mm(False))
+    fns["torch fast-accum"] = lambda: scaled_grouped_mm(True)
+    fns["torch default"] = lambda: scaled_grouped_mm(False)
+    per_config = time_cuda_us_interleaved(fns)
+    us_fast, us_default = per_config.pop("torch fast-accum"), per_config.pop("torch default")
     bounds = list(itertools.pairwise([0, *itertools.accumulate(counts)]))
 
     def scaled_mm_loop():
@@ -171,11 +171,12 @@ def bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbp
 def bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets, copy_tbps):
     """Ours vs torch._grouped_mm, and the dense bf16 ceiling."""
     ends = offsets[1:].contiguous()
-    per_config = {
-        c: time_cuda_us(lambda c=c: moe_kernels.grouped_gemm(a_bf16, b_bf16, offsets, config=c))
-        for c in CONFIGS["bf16"]
+    fns = {
+        c: lambda c=c: moe_kernels.grouped_gemm(a_bf16, b_bf16, offsets, config=c) for c in CONFIGS["bf16"]
     }
-    us_torch = time_cuda_us(lambda: torch._grouped_mm(a_bf16, b_bf16.transpose(1, 2), offs=ends))
+    fns["torch"] = lambda: torch._grouped_mm(a_bf16, b_bf16.transpose(1, 2), offs=ends)
+    per_config = time_cuda_us_interleaved(fns)
+    us_torch = per_config.pop("torch")
     dense_b = b_bf16[0].T
     us_dense = time_cuda_us(lambda: a_bf16 @ dense_b)
     return gemm_row(name, "bf16", counts, n, k, per_config, us_dense, {"x grouped_mm": us_torch}, copy_tbps)

@@ -15,6 +15,7 @@ from moe_kernels.testing.bench import (
     report,
     time_cuda_graph_us,
     time_cuda_us,
+    time_cuda_us_interleaved,
     write_json,
 )
 from moe_kernels.testing.numeric import (
@@ -51,5 +52,6 @@ __all__ = [
     "report",
     "time_cuda_graph_us",
     "time_cuda_us",
+    "time_cuda_us_interleaved",
     "write_json",
 ]

@@ -5,7 +5,7 @@ import os
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,21 +22,35 @@ def time_cuda_us(
 ) -> float:
     """Median µs of fn() over reps, each timed with CUDA events after an L2 flush (so inputs are
     read from HBM as in a real layer). For kernels of a few µs use time_cuda_graph_us."""
+    return time_cuda_us_interleaved({"fn": fn}, warmup=warmup, reps=reps, flush_l2=flush_l2)["fn"]
+
+
+def time_cuda_us_interleaved(
+    fns: Mapping[str, Callable[[], object]], *, warmup: int = 5, reps: int = 30, flush_l2: bool = True
+) -> dict[str, float]:
+    """{name: median µs} of each fn, timed as time_cuda_us does but in rounds: every round times each
+    fn once, starting one name further each round. Timing the candidates one after the other let
+    their position in a run move a kernel by 5-10% (clocks and heat drift over a benchmark);
+    interleaved, every candidate sees the same conditions."""
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush_l2 else None
-    for _ in range(warmup):
-        fn()
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if flush is not None:
-            flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            if flush is not None:
+                flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fns[name]()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def capture_cuda_graph(fn: Callable[[], object], *, calls: int = 1, warmup: int = 3):

@@ -224,7 +224,7 @@ def bench_case(ext, configs, name, counts, n, k):
     """One benchmark row (a function so that its tensors are freed on return). Inputs as in
     bench/bench_grouped_gemm.py: randn a, randn / sqrt(K) b."""
     import moe_kernels
-    from moe_kernels.testing import time_cuda_us
+    from moe_kernels.testing import time_cuda_us_interleaved
 
     e, m = len(counts), sum(counts)
     offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
@@ -233,16 +233,17 @@ def bench_case(ext, configs, name, counts, n, k):
     for i in range(e):
         b[i] = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    us = {}
-    for c in configs:
-        us[ext.config_name(c)] = time_cuda_us(lambda c=c: ext.run(a, b, offsets, out, c))
-    us["cutlass auto"] = time_cuda_us(lambda: moe_kernels.grouped_gemm(a, b, offsets, config="auto"))
+    # Every candidate timed in interleaved rounds (a kernel's position in a run moves it by 5-10%).
+    fns = {ext.config_name(c): lambda c=c: ext.run(a, b, offsets, out, c) for c in configs}
+    fns["cutlass auto"] = lambda: moe_kernels.grouped_gemm(a, b, offsets, config="auto")
     ends = offsets[1:].contiguous()
     try:
-        us["torch grouped_mm"] = time_cuda_us(lambda: torch._grouped_mm(a, b.transpose(1, 2), offs=ends))
+        torch._grouped_mm(a, b.transpose(1, 2), offs=ends)
+        fns["torch grouped_mm"] = lambda: torch._grouped_mm(a, b.transpose(1, 2), offs=ends)
     except RuntimeError as err:
         print(f"  torch._grouped_mm failed: {err}")
-        us["torch grouped_mm"] = float("nan")
+    us = time_cuda_us_interleaved(fns)
+    us.setdefault("torch grouped_mm", float("nan"))
     flops = 2.0 * m * n * k
     row = {
         "case": name,

@@ -226,7 +226,7 @@ def bench_case(ext, configs, name, counts, n, k):
     import bench_grouped_gemm as bgg
 
     import moe_kernels
-    from moe_kernels.testing import time_cuda_us
+    from moe_kernels.testing import time_cuda_us_interleaved
 
     e, m = len(counts), sum(counts)
     offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
@@ -237,20 +237,22 @@ def bench_case(ext, configs, name, counts, n, k):
     a, sa = moe_kernels.quantize_fp8(a_bf16)
     b, sb = moe_kernels.quantize_fp8_weight(b_bf16)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    us = {}
-    for c in configs:
-        us[ext.config_name(c)] = time_cuda_us(lambda c=c: ext.run(a, sa, b, sb, offsets, out, c))
-    us["cutlass auto"] = time_cuda_us(
-        lambda: moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config="auto")
+    # Every candidate timed in interleaved rounds: timed one after the other, a kernel's position in
+    # the run moved it by 5-10%.
+    fns = {ext.config_name(c): lambda c=c: ext.run(a, sa, b, sb, offsets, out, c) for c in configs}
+    fns["cutlass auto"] = lambda: moe_kernels.grouped_gemm(
+        a, b, offsets, a_scales=sa, b_scales=sb, config="auto"
     )
     # torch._scaled_grouped_mm with rowwise scales, the baseline of bench_grouped_gemm
     scaled_grouped_mm, _ = bgg.scaled_grouped_mm_baseline(a_bf16, b_bf16, offsets)
     del a_bf16, b_bf16
     try:
-        us["torch fast-accum"] = time_cuda_us(lambda: scaled_grouped_mm(True))
+        scaled_grouped_mm(True)
+        fns["torch fast-accum"] = lambda: scaled_grouped_mm(True)
     except RuntimeError as err:
         print(f"  torch._scaled_grouped_mm failed: {err}")
-        us["torch fast-accum"] = float("nan")
+    us = time_cuda_us_interleaved(fns)
+    us.setdefault("torch fast-accum", float("nan"))
     flops = 2.0 * m * n * k
     row = {
         "case": name,

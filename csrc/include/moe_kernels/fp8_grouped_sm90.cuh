@@ -239,14 +239,15 @@ struct Tile {
 // while the band's A rows (<= 16 x 128 rows x K, 15 MB at K = 7168) stay L2-resident across the
 // expert's n-tiles. With 1 m-tile per expert (decode) a wave streams consecutive n-tiles of B.
 // `cursor` only moves forward: a CTA's tile numbers increase, so the expert search is amortised.
-// With clusters a "tile" t is a unit of CM x CN tiles (Cfg::CM neighbouring m-tiles of one expert, or
-// Cfg::CN neighbouring n-tiles): cluster rank r takes m-tile CM * m_unit + r or n-tile
-// CN * n_unit + r. Past the expert's m-tiles or past N it is a ghost, which only loads its share
-// of the multicast tile. Bands then hold kBand / CM m-units.
-template <class Cfg>
+// With clusters a "tile" t is a unit of CM x CN tiles (CM neighbouring m-tiles of one expert, or CN
+// neighbouring n-tiles): cluster rank r takes m-tile CM * m_unit + r or n-tile CN * n_unit + r.
+// Past the expert's m-tiles or past N it is a ghost, which only loads its share of the multicast
+// tile. Bands then hold kBand / CM m-units.
+template <int BN, int CN, int CM = 1>
 __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n,
                                             int rank) {
-  constexpr int BN = Cfg::BN, CM = Cfg::CM, CN = Cfg::CN, kBandUnits = kBand / CM;
+  static_assert(CM == 1 || CN == 1, "a cluster along M or along N");
+  constexpr int kBandUnits = kBand / CM;
   const int n_tiles = ((n + BN - 1) / BN + CN - 1) / CN;  // n-units of CN tiles
   while (t >= s_tiles[cursor + 1])
     ++cursor;  // also skips empty experts (zero tiles)
@@ -470,7 +471,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint32_t phase = 0;
       for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
         const int rank = my_rank();
-        const Tile tile = decode_tile<Cfg>(t, cursor, s_off, s_tiles, opaque(n), rank);
+        const Tile tile = decode_tile<BN, CN, CM>(t, cursor, s_off, s_tiles, opaque(n), rank);
         const int b_row = tile.expert * n + tile.n0;
         // Lane l copies the a scales of tile rows l, l+32, l+64, l+96 (rows past M clamped: never
         // stored); lanes 0 and 1 also the b scales of the tile's first and second n-block (the
@@ -553,7 +554,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint32_t phase = 0;
 
   for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
-    const Tile tile = decode_tile<Cfg>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
+    const Tile tile = decode_tile<BN, CN, CM>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
     const int n0 = tile.n0;
     const int slabs = min(SLABS, (n - n0 + WN - 1) / WN);  // BN = 256 with N % 256 == 128: 1 slab
     // Work of this warpgroup: 64 rows from a_off, slabs [s_lo, s_hi). Narrow tile (BN = 256, <= 64
