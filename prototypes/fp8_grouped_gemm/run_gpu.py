@@ -116,10 +116,19 @@ def correctness(ext, config, gen):
         (
             # Tiles of <= 64 rows (the *_NS configs split their columns between the warpgroups)
             # with N = 512: the last 192-column tile has 128 columns, its second half only 32.
-            "narrow tiles, E=4 counts [40,0,64,3] N=512 K=256",
-            dict(counts=[40, 0, 64, 3], n=512, k=256),
+            # Poison rows on both sides catch stores past a split tile's rows.
+            "narrow tiles, start 5, tail 61, E=4 counts [40,0,64,3] N=512 K=256",
+            dict(counts=[40, 0, 64, 3], n=512, k=256, start=5, tail=61),
             True,
         ),
+        (
+            # 17 m-tiles (the last of 5 rows): a second band of the tile walk, an odd m-tile count
+            # (a ghost in the V4 clusters, whose second band holds one unit), a split tail.
+            "one expert of 2053 rows, tail 40, N=512 K=256",
+            dict(counts=[2053], n=512, k=256, tail=40),
+            False,
+        ),
+        ("N=128 (one n-block), E=3 counts [70,0,9]", dict(counts=[70, 0, 9], n=128, k=384), True),
         ("M_total=0", dict(counts=[0, 0, 0], n=128, k=128), False),
         (
             "all experts empty, 64 poison rows",

@@ -228,8 +228,9 @@ __device__ __forceinline__ int read_tid_x() {
 // Tile walk
 // ------------------------------------------------------------------------------------------------
 struct Tile {
-  int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128); n0: first output column
-  bool ghost;                  // n0 >= N: this CTA of a cluster only loads its share of A
+  int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128, <= 0 for an m-ghost); n0: first column
+  bool ghost;  // n0 >= N or past the expert's m-tiles: this CTA of a cluster only loads its share of the
+               // multicast tile (A, or B with SHARE_B)
 };
 
 // Tiles are numbered expert by expert (s_tiles = exclusive prefix of each expert's tile count).
@@ -403,8 +404,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_full + 8 * s, 1 + 32);  // producer lane 0's arrive_expect_tx + 32 cp.async arrivals
-      // One arrival per math warp of every CTA of the cluster: a stage is refilled (A multicast into
-      // both CTAs) only when both have consumed it.
+      // One arrival per math warp of every CTA of the cluster: a stage is refilled (A, or B with
+      // SHARE_B, multicast into both CTAs) only when both have consumed it.
       mbar_init(bar_empty + 8 * s, CLUSTER * kMathThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -658,7 +659,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         stage = 0, phase ^= 1;
     }
 
-    // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [n0 + s_lo*WN, +ncols), through
+    // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [col0, +ncols), through
     // its own smem_d region (box b = local columns 64b..64b+63). Only this warpgroup touches that
     // region, so 128-thread named barriers (ids 1 and 2) suffice.
     if (active) {
