@@ -8,8 +8,10 @@
 # WHEELS holds nvidia_cutlass-4.2.0.0-py3-none-any.whl, fetched where there is network with
 #   pip download --no-deps nvidia-cutlass==4.2.0.0 -d .whl
 # PYTEST_ARGS (default: tests) and BENCH_ARGS (default: all families) narrow a run; SANITIZE=0 skips
-# the compute-sanitizer pass (scripts/sanitize.sh, a few minutes). Object files
-# stay in .gpu_build/ so a second call on the same machine only recompiles what changed.
+# the compute-sanitizer pass (scripts/sanitize.sh, a few minutes); BENCH=0 skips the benchmarks.
+# PROTOTYPES="fp8_grouped_gemm bf16_grouped_gemm" (default: none) also runs those prototypes'
+# run_gpu.py (checks and benchmark; their own extensions are built while the library builds).
+# Object files stay in .gpu_build/ so a second call on the same machine only recompiles what changed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -35,13 +37,28 @@ $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/moe_kernel
   { echo "gpu_check: no nvidia-cutlass wheel in $WHEELS"; exit 1; }
 export PYTHONPATH=/tmp/moe_kernels_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
+# The prototypes' extensions (one translation unit each) build beside the library's, on the same
+# cores: their builds need torch only, their checks and benchmarks the built library.
+proto_pids=()
+for proto in ${PROTOTYPES:-}; do
+  CC=/usr/bin/gcc CXX=/usr/bin/g++ $PY "prototypes/$proto/run_gpu.py" --build-only >"$OUT/proto_${proto}_build.log" 2>&1 &
+  proto_pids+=($!)
+done
 # The default g++ wrapper on the GPU machine produced extensions that crashed in libstdc++.
 if stage build build.log env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS="$(nproc)" \
   $PY setup.py build_ext --inplace --build-temp .gpu_build; then
   # shellcheck disable=SC2086
   stage tests tests.log $PY -m pytest ${PYTEST_ARGS:-tests} -q -rs --durations=10
-  # shellcheck disable=SC2086
-  stage bench bench.log $PY bench/run.py --out "$OUT" ${BENCH_ARGS:-}
+  for i in "${!proto_pids[@]}"; do
+    wait "${proto_pids[$i]}"
+  done
+  for proto in ${PROTOTYPES:-}; do  # the builds above are cached: this only checks and benchmarks
+    stage "prototype $proto" "proto_$proto.log" env OUT="$OUT" $PY "prototypes/$proto/run_gpu.py"
+  done
+  if [ "${BENCH:-1}" = 1 ]; then
+    # shellcheck disable=SC2086
+    stage bench bench.log $PY bench/run.py --out "$OUT" ${BENCH_ARGS:-}
+  fi
   # compute-sanitizer over every op (scripts/sanitize.sh); SANITIZE=0 skips it.
   if [ "${SANITIZE:-1}" = 1 ]; then
     stage sanitize sanitize.log env OUT="$OUT" PY="$PY" scripts/sanitize.sh
