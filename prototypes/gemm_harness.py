@@ -59,6 +59,46 @@ def find_cuda_home():
     return None
 
 
+POISON = 123.0  # fills every output before a checked launch
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64; inf where out has a non-finite value."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    d = ref.norm().item()
+    return (out - ref).norm().item() / (d if d > 0 else 1.0)
+
+
+def check_launch(launch, m, n, offsets, refs):
+    """(ok, max rel error, message) of launch(out) on a poisoned bf16 out [m, n]: the experts in refs
+    ({expert: reference rows}) within 1e-3, every row of [off[0], off[E]) written and finite, the
+    rows outside untouched, and a second launch bitwise identical (the kernels are deterministic, so
+    a difference is a race: a stage or an epilogue buffer reused too early)."""
+    out = torch.full((m, n), POISON, device="cuda", dtype=torch.bfloat16)
+    launch(out)
+    torch.cuda.synchronize()
+    offs = offsets.tolist()
+    worst = max((rel_err(out[offs[e] : offs[e + 1]], r) for e, r in refs.items()), default=0.0)
+    problems = []
+    if not bool((torch.cat([out[: offs[0]], out[offs[-1] :]]) == POISON).all()):
+        problems.append("ROWS OUTSIDE THE EXPERTS WERE WRITTEN")
+    inside = out[offs[0] : offs[-1]]
+    if not bool(torch.isfinite(inside).all()) or bool((inside == POISON).any()):
+        problems.append("EXPERT ROWS NOT WRITTEN OR NOT FINITE")
+    again = torch.full_like(out, POISON)
+    launch(again)
+    torch.cuda.synchronize()
+    if not torch.equal(out, again):
+        problems.append("A SECOND LAUNCH GAVE OTHER BITS")
+    return (
+        worst < 1e-3 and not problems,
+        worst,
+        f"max rel err {worst:.2e}" + "".join(f"  {p}" for p in problems),
+    )
+
+
 def build(here, name):
     """Builds here/ext.cu as the extension `name` (cached in a temp folder); returns (ext, ptxas lines)."""
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")

@@ -542,6 +542,7 @@ inline bool bf16_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t
                                   const void* b, const void* out) {
   return n > 0 && k > 0 && n % 64 == 0 && k % 64 == 0 && num_experts >= 1 && num_experts <= kMaxExperts &&
          m_total >= 0 && m_total < (1ll << 31) && num_experts * n < (1ll << 31) &&
+         (m_total / BM + num_experts) * ((n + 127) / 128) < (1ll << 31) &&  // int tile numbers
          reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }

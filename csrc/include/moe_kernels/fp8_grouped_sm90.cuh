@@ -781,13 +781,14 @@ inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
 }
 
 // Whether the kernel takes this problem: n, k positive multiples of 128, 1 <= E <= kMaxExperts (the
-// offsets and tile prefix live in shared memory), the 32-bit scale indices cannot overflow, and
-// `out` is 16-byte aligned (TMA store, 16-B stores).
+// offsets and tile prefix live in shared memory), the 32-bit scale indices and tile numbers cannot
+// overflow (the latter only with an output far beyond any GPU's memory), and `out` is 16-byte
+// aligned (TMA store, 16-B stores).
 inline bool fp8_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t num_experts,
                                  const void* out) {
   return n > 0 && k > 0 && n % 128 == 0 && k % 128 == 0 && num_experts >= 1 && num_experts <= kMaxExperts &&
          m_total >= 0 && m_total * (k / 128) < (1ll << 31) && num_experts * n * (k / 128) < (1ll << 31) &&
-         reinterpret_cast<uintptr_t>(out) % 16 == 0;
+         (m_total / BM + num_experts) * (n / 128) < (1ll << 31) && reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
 // What a launch of Cfg needs to know about the device, asked once per thread and device: the
