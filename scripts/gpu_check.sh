@@ -49,9 +49,7 @@ if stage build build.log env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS="$(nproc)
   $PY setup.py build_ext --inplace --build-temp .gpu_build; then
   # shellcheck disable=SC2086
   stage tests tests.log $PY -m pytest ${PYTEST_ARGS:-tests} -q -rs --durations=10
-  for i in "${!proto_pids[@]}"; do
-    wait "${proto_pids[$i]}"
-  done
+  [ ${#proto_pids[@]} -eq 0 ] || wait "${proto_pids[@]}"
   for proto in ${PROTOTYPES:-}; do  # the builds above are cached: this only checks and benchmarks
     stage "prototype $proto" "proto_$proto.log" env OUT="$OUT" $PY "prototypes/$proto/run_gpu.py"
   done

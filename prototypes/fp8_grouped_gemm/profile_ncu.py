@@ -12,7 +12,6 @@ the repository root. Two launches run before the range, as warm-up.
 """
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -26,14 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_grouped_gemm as bgg  # noqa: E402 (bench/, on the path above)
 import gemm_harness as harness  # noqa: E402 (prototypes/, on the path above)
-
-CASES = {  # name -> (counts(gen), N, K), as run_gpu.py's benchmark
-    "ep8_realistic": (lambda gen: bgg.realistic(32768, 32, gen), 4096, 7168),
-    "ep8_balanced": (lambda gen: bgg.balanced(32768, 32), 4096, 7168),
-    "ep8_down": (lambda gen: bgg.realistic(32768, 32, gen), 7168, 2048),
-    "e256_realistic": (lambda gen: bgg.realistic(32768, 256, gen), 4096, 7168),
-    "e256_down": (lambda gen: bgg.realistic(32768, 256, gen), 7168, 2048),
-}
+from run_gpu import BENCH_CASES, bench_inputs  # noqa: E402 (this folder)
 
 
 def main():
@@ -41,21 +33,15 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", required=True)
-    parser.add_argument("--case", choices=sorted(CASES), required=True)
+    parser.add_argument("--case", choices=sorted(BENCH_CASES), required=True)
     args = parser.parse_args()
 
     import moe_kernels
 
-    counts_of, n, k = CASES[args.case]
-    counts = counts_of(torch.Generator().manual_seed(0))
+    _, counts_of, n, k = BENCH_CASES[args.case]
+    counts = counts_of(bgg, torch.Generator().manual_seed(0))
     e, m = len(counts), sum(counts)
-    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
-    a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
-    b_bf16 = torch.empty(e, n, k, device="cuda", dtype=torch.bfloat16)
-    for i in range(e):  # per expert: no 30 GB fp32 temporary at 256 experts
-        b_bf16[i] = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
-    a, sa = moe_kernels.quantize_fp8(a_bf16)
-    b, sb = moe_kernels.quantize_fp8_weight(b_bf16)
+    offsets, a_bf16, b_bf16, a, sa, b, sb = bench_inputs(counts, n, k)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     if args.config == "cutlass":
         run = lambda: moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config="auto")  # noqa: E731

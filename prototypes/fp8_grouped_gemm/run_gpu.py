@@ -200,23 +200,52 @@ def check_graph_replay(ext, config):
 # ------------------------------------------------------------------------------------------------
 # Benchmark
 # ------------------------------------------------------------------------------------------------
+# The benchmark's cases: key (profile_ncu.py's --case) -> (name, counts(bench_grouped_gemm, gen), N, K).
+BENCH_CASES = {
+    "ep8_realistic": (
+        "EP8 gate_up E=32 realistic",
+        lambda bgg, gen: bgg.realistic(32768, 32, gen),
+        4096,
+        7168,
+    ),
+    "ep8_down": ("EP8 down E=32 realistic", lambda bgg, gen: bgg.realistic(32768, 32, gen), 7168, 2048),
+    "ep8_balanced": ("EP8 gate_up balanced", lambda bgg, gen: bgg.balanced(32768, 32), 4096, 7168),
+    "e256_realistic": (
+        "256 experts gate_up realistic",
+        lambda bgg, gen: bgg.realistic(32768, 256, gen),
+        4096,
+        7168,
+    ),
+    "e256_down": ("256 experts down realistic", lambda bgg, gen: bgg.realistic(32768, 256, gen), 7168, 2048),
+    "decode": ("decode 256 experts x 8 rows gate_up", lambda bgg, gen: bgg.balanced(2048, 256), 4096, 7168),
+}
+
+
 def bench(ext, configs, gen):
     import bench_grouped_gemm as bgg
 
-    cases = [
-        ("EP8 gate_up E=32 realistic", bgg.realistic(32768, 32, gen), 4096, 7168),
-        ("EP8 down E=32 realistic", bgg.realistic(32768, 32, gen), 7168, 2048),
-        ("EP8 gate_up balanced", bgg.balanced(32768, 32), 4096, 7168),
-        ("256 experts gate_up realistic", bgg.realistic(32768, 256, gen), 4096, 7168),
-        ("256 experts down realistic", bgg.realistic(32768, 256, gen), 7168, 2048),
-        ("decode 256 experts x 8 rows gate_up", bgg.balanced(2048, 256), 4096, 7168),
-    ]
     rows = []
-    for case in cases:
-        rows.append(bench_case(ext, configs, *case))
+    for name, counts, n, k in BENCH_CASES.values():
+        rows.append(bench_case(ext, configs, name, counts(bgg, gen), n, k))
         print_row(rows[-1], configs, ext)
         torch.cuda.empty_cache()
     return rows
+
+
+def bench_inputs(counts, n, k):
+    """(offsets, a_bf16, b_bf16, a, a scales, b, b scales) as bench/bench_grouped_gemm.py makes them:
+    randn a, randn / sqrt(K) b (expert by expert: no fp32 temporary of all experts), FP8 copies."""
+    import moe_kernels
+
+    e, m = len(counts), sum(counts)
+    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
+    a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
+    b_bf16 = torch.empty(e, n, k, device="cuda", dtype=torch.bfloat16)
+    for i in range(e):
+        b_bf16[i] = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
+    a, sa = moe_kernels.quantize_fp8(a_bf16)
+    b, sb = moe_kernels.quantize_fp8_weight(b_bf16)
+    return offsets, a_bf16, b_bf16, a, sa, b, sb
 
 
 def bench_case(ext, configs, name, counts, n, k):
@@ -227,13 +256,7 @@ def bench_case(ext, configs, name, counts, n, k):
     from moe_kernels.testing import time_cuda_us_interleaved
 
     e, m = len(counts), sum(counts)
-    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
-    a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
-    b_bf16 = torch.empty(e, n, k, device="cuda", dtype=torch.bfloat16)
-    for i in range(e):
-        b_bf16[i] = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
-    a, sa = moe_kernels.quantize_fp8(a_bf16)
-    b, sb = moe_kernels.quantize_fp8_weight(b_bf16)
+    offsets, a_bf16, b_bf16, a, sa, b, sb = bench_inputs(counts, n, k)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     # Every candidate timed in interleaved rounds: timed one after the other, a kernel's position in
     # the run moved it by 5-10%.

@@ -375,6 +375,39 @@ __device__ __forceinline__ void wgmma_k32(float (&d)[WN / 2], uint64_t da, uint6
     wgmma_m64n192k32<ACCUM>(d, da, db);
 }
 
+// One k-block of a split narrow tile (SPLIT_NARROW, BN = 192): this warpgroup's 64 x 96 half of the
+// tile's columns (db: its 96 B rows, 1024-aligned), promoted into acc[0..47]. `upper`: the half at
+// tile columns 96-191. f**: the k-block's row x b-scale factors as the kernel names them. `half` is
+// its own array: a view of the kernel's tmp registers made ptxas serialise every wgmma (C7511).
+template <int CLUSTER>
+__device__ __forceinline__ void split_half_kblock(float (&acc)[96], uint64_t da, uint64_t db, bool upper,
+                                                  float f00, float f10, float f01, float f11, float fm0,
+                                                  float fm1, uint32_t bar_empty, int lane) {
+  float half[48];
+  fence_regs(half);
+  wgmma_fence();
+  wgmma_m64n96k32<0>(half, da, db);
+  wgmma_m64n96k32<1>(half, da + 2, db + 2);
+  wgmma_m64n96k32<1>(half, da + 4, db + 4);
+  wgmma_m64n96k32<1>(half, da + 6, db + 6);
+  wgmma_commit();
+  wgmma_wait0();
+  fence_regs(half);
+  release_stage<CLUSTER>(bar_empty, lane);
+  // b-scale block by tile column, as in the kernel: the lower half has columns 0-95 (block 0, then
+  // the middle chunk from 64), the upper half columns 96-191 (the middle chunk to 127, then block 1).
+  const float q0[3] = {upper ? fm0 : f00, upper ? f01 : f00, upper ? f01 : fm0};
+  const float q1[3] = {upper ? fm1 : f10, upper ? f11 : f10, upper ? f11 : fm1};
+#pragma unroll
+  for (int i = 0; i < 12; ++i) {  // 8-column chunk i of the half
+    const float g0 = q0[i / 4], g1 = q1[i / 4];
+    acc[4 * i + 0] = fmaf(half[4 * i + 0], g0, acc[4 * i + 0]);
+    acc[4 * i + 1] = fmaf(half[4 * i + 1], g0, acc[4 * i + 1]);
+    acc[4 * i + 2] = fmaf(half[4 * i + 2], g1, acc[4 * i + 2]);
+    acc[4 * i + 3] = fmaf(half[4 * i + 3], g1, acc[4 * i + 3]);
+  }
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_grouped_kernel_v2(const __grid_constant__ CUtensorMap tmap_a,
@@ -592,35 +625,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
         const uint64_t da = sw128_desc(sa + a_off * BK);
         if (split) {
-          if constexpr (Cfg::SPLIT_NARROW) {
-            // This warpgroup's 64 x 96 half, promoted into the first 48 of acc[0]. Its own array:
-            // a view of tmp's first 48 registers made ptxas serialise every wgmma (C7511).
-            float half[WN / 4];
-            const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + col_lo * BK);  // 96 rows: 1024-aligned
-            fence_regs(half);
-            wgmma_fence();
-            wgmma_m64n96k32<0>(half, da, db);
-            wgmma_m64n96k32<1>(half, da + 2, db + 2);
-            wgmma_m64n96k32<1>(half, da + 4, db + 4);
-            wgmma_m64n96k32<1>(half, da + 6, db + 6);
-            wgmma_commit();
-            wgmma_wait0();
-            fence_regs(half);
-            release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
-            // b-scale blocks by tile column as below: warpgroup 0 has columns 0-95 (block 0, then
-            // the middle chunk from 64), warpgroup 1 columns 96-191 (the middle chunk to 127, then 1).
-            const bool upper = col_lo != 0;
-            const float q0[3] = {upper ? fm0 : f00, upper ? f01 : f00, upper ? f01 : fm0};
-            const float q1[3] = {upper ? fm1 : f10, upper ? f11 : f10, upper ? f11 : fm1};
-#pragma unroll
-            for (int i = 0; i < WN / 16; ++i) {  // 8-column chunk i: columns col_lo + 8i ...
-              const float g0 = q0[i / 4], g1 = q1[i / 4];
-              acc[0][4 * i + 0] = fmaf(half[4 * i + 0], g0, acc[0][4 * i + 0]);
-              acc[0][4 * i + 1] = fmaf(half[4 * i + 1], g0, acc[0][4 * i + 1]);
-              acc[0][4 * i + 2] = fmaf(half[4 * i + 2], g1, acc[0][4 * i + 2]);
-              acc[0][4 * i + 3] = fmaf(half[4 * i + 3], g1, acc[0][4 * i + 3]);
-            }
-          }
+          if constexpr (Cfg::SPLIT_NARROW)
+            split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
+                                       f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
         } else {
 #pragma unroll
           for (int s = 0; s < SLABS; ++s) {
