@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_grouped_gemm as bgg  # noqa: E402 (bench/, on the path above)
 import gemm_harness as harness  # noqa: E402 (prototypes/, on the path above)
-from run_gpu import BENCH_CASES, bench_inputs  # noqa: E402 (this folder)
+from run_gpu import BENCH_CASES, bench_inputs, case_counts  # noqa: E402 (this folder)
 
 
 def main():
@@ -38,8 +38,8 @@ def main():
 
     import moe_kernels
 
-    _, counts_of, n, k = BENCH_CASES[args.case]
-    counts = counts_of(bgg, torch.Generator().manual_seed(0))
+    _, load, rows, experts, n, k = BENCH_CASES[args.case]
+    counts = case_counts(bgg, load, rows, experts, torch.Generator().manual_seed(0))
     e, m = len(counts), sum(counts)
     offsets, a_bf16, b_bf16, a, sa, b, sb = bench_inputs(counts, n, k)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)

@@ -200,33 +200,29 @@ def check_graph_replay(ext, config):
 # ------------------------------------------------------------------------------------------------
 # Benchmark
 # ------------------------------------------------------------------------------------------------
-# The benchmark's cases: key (profile_ncu.py's --case) -> (name, counts(bench_grouped_gemm, gen), N, K).
+# The benchmark's cases: key (profile_ncu.py's --case) -> (name, load, rows, experts, N, K); the
+# load is bench_grouped_gemm's: "realistic" (drawn per token) or "balanced".
 BENCH_CASES = {
-    "ep8_realistic": (
-        "EP8 gate_up E=32 realistic",
-        lambda bgg, gen: bgg.realistic(32768, 32, gen),
-        4096,
-        7168,
-    ),
-    "ep8_down": ("EP8 down E=32 realistic", lambda bgg, gen: bgg.realistic(32768, 32, gen), 7168, 2048),
-    "ep8_balanced": ("EP8 gate_up balanced", lambda bgg, gen: bgg.balanced(32768, 32), 4096, 7168),
-    "e256_realistic": (
-        "256 experts gate_up realistic",
-        lambda bgg, gen: bgg.realistic(32768, 256, gen),
-        4096,
-        7168,
-    ),
-    "e256_down": ("256 experts down realistic", lambda bgg, gen: bgg.realistic(32768, 256, gen), 7168, 2048),
-    "decode": ("decode 256 experts x 8 rows gate_up", lambda bgg, gen: bgg.balanced(2048, 256), 4096, 7168),
+    "ep8_realistic": ("EP8 gate_up E=32 realistic", "realistic", 32768, 32, 4096, 7168),
+    "ep8_down": ("EP8 down E=32 realistic", "realistic", 32768, 32, 7168, 2048),
+    "ep8_balanced": ("EP8 gate_up balanced", "balanced", 32768, 32, 4096, 7168),
+    "e256_realistic": ("256 experts gate_up realistic", "realistic", 32768, 256, 4096, 7168),
+    "e256_down": ("256 experts down realistic", "realistic", 32768, 256, 7168, 2048),
+    "decode": ("decode 256 experts x 8 rows gate_up", "balanced", 2048, 256, 4096, 7168),
 }
+
+
+def case_counts(bgg, load, rows, experts, gen):
+    """Rows per expert of a BENCH_CASES load (bgg: the bench_grouped_gemm module)."""
+    return bgg.realistic(rows, experts, gen) if load == "realistic" else bgg.balanced(rows, experts)
 
 
 def bench(ext, configs, gen):
     import bench_grouped_gemm as bgg
 
     rows = []
-    for name, counts, n, k in BENCH_CASES.values():
-        rows.append(bench_case(ext, configs, name, counts(bgg, gen), n, k))
+    for name, load, m, e, n, k in BENCH_CASES.values():
+        rows.append(bench_case(ext, configs, name, case_counts(bgg, load, m, e, gen), n, k))
         print_row(rows[-1], configs, ext)
         torch.cuda.empty_cache()
     return rows
