@@ -550,7 +550,7 @@ inline bool bf16_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t
 // Resident work units (CTAs, or clusters of 2), asked once per thread and device; also raises the
 // kernel's shared-memory limit to the most any E needs.
 template <class Cfg>
-int resident_units(int device, int num_sms) {
+static int resident_units(int device, int num_sms) {
   constexpr int kMaxDevices = 64;
   thread_local int cached[kMaxDevices] = {};
   if (device >= 0 && device < kMaxDevices && cached[device] > 0)

@@ -801,8 +801,12 @@ inline bool fp8_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t 
 // What a launch of Cfg needs to know about the device, asked once per thread and device: the
 // kernel's shared-memory limit is raised to the most any E needs, and the number of clusters that
 // can be resident at once (clusters of 2 may not fill every SM: a GPC with an odd number of SMs).
+// `static` (internal linkage) on purpose: the cache of a function with external linkage is one
+// STB_GNU_UNIQUE object per process, shared with every other extension that includes this header
+// (the prototypes, say), whose own copy of the kernel had its shared-memory limit raised instead of
+// ours: our launch then failed with cudaErrorInvalidValue (measured, seventh session's variants).
 template <class Cfg>
-int resident_units(int device, int num_sms) {
+static int resident_units(int device, int num_sms) {
   constexpr int kMaxDevices = 64;
   thread_local int cached[kMaxDevices] = {};
   if (device >= 0 && device < kMaxDevices && cached[device] > 0)

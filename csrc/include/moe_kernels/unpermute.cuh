@@ -286,9 +286,10 @@ __global__ void __launch_bounds__(kBulkMaxThreads)
 
 // Blocks of the bulk kernel per SM for a layout on the current device. The shared-memory opt-in
 // (once per device) and the occupancy query (once per device and layout: its threads and shared
-// memory) are host calls of a few µs, kept off the launch path.
+// memory) are host calls of a few µs, kept off the launch path. `static`: the cache must belong to
+// this module's kernel (see resident_units in fp8_grouped_sm90.cuh).
 template <typename T, typename W>
-cudaError_t bulk_blocks_per_sm(const BulkLayout& layout, int& per_sm) {
+static cudaError_t bulk_blocks_per_sm(const BulkLayout& layout, int& per_sm) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int, size_t>, int> known;  // (device, threads, smem) -> blocks
   int device = 0;
