@@ -1,4 +1,5 @@
-"""Grouped GEMM benchmark: our CUTLASS kernels vs what a user would otherwise call.
+"""Grouped GEMM benchmark: our kernels (CUTLASS configurations and our own wgmma kernels) vs what a
+user would otherwise call.
 
 FP8 (ours: 1x128 / 128x128 blockwise scales, fp32 promotion every 128 of K) against
 torch._scaled_grouped_mm (FP8 rowwise, coarser scales) with fast accumulation (the fastest setting,

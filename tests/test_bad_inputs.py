@@ -866,6 +866,14 @@ ROWS = [
     ),
     Row(
         "grouped_gemm",
+        "expert_offsets decreasing (corrupt) with config bf16_wgmma_128x256",
+        "flag",
+        lambda d: gemm(d, offsets=ints(0, 5, 3, 8, d=d), config="bf16_wgmma_128x256"),
+        r"grouped_gemm: expert_offsets must be non-decreasing",
+        flag="grouped_gemm: expert_offsets were not non-decreasing",
+    ),
+    Row(
+        "grouped_gemm",
         "expert_offsets past the rows of a (corrupt)",
         "flag",
         lambda d: gemm(d, offsets=ints(0, 3, 3, 9, d=d)),
@@ -895,6 +903,15 @@ ROWS = [
         lambda d: gemm(d, a=misaligned(gemm_inputs(d)[0])),
         r"grouped_gemm: a\b",
         good=lambda d: gemm(d),
+        isolate=True,
+    ),
+    Row(
+        "grouped_gemm",
+        "misaligned a with config bf16_wgmma_128x256",
+        "accepted",
+        lambda d: gemm(d, a=misaligned(gemm_inputs(d)[0]), config="bf16_wgmma_128x256"),
+        r"grouped_gemm: a\b",
+        good=lambda d: gemm(d, config="bf16_wgmma_128x256"),
         isolate=True,
     ),
     Row(

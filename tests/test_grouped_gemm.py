@@ -1,4 +1,5 @@
-"""Grouped GEMMs and the expert MLP: CPU path and schemas everywhere, CUTLASS kernels on Hopper.
+"""Grouped GEMMs and the expert MLP: CPU path and schemas everywhere, the kernels (CUTLASS's and our
+own wgmma kernels) on Hopper.
 
 FP8 is compared with the reference on the same quantised inputs (calc_diff < 1e-3); BF16 with the
 fp32 reference, within 2x the error of PyTorch's own bf16 matmul on the same inputs.
@@ -163,7 +164,7 @@ def test_opcheck_cpu(gen):
 
 
 # ------------------------------------------------------------------------------------------------
-# Hopper: the CUTLASS kernels
+# Hopper: the kernels
 # ------------------------------------------------------------------------------------------------
 
 
@@ -187,21 +188,56 @@ def test_fp8_matches_reference(load, config, gen):
     )
 
 
+def check_bf16(out, a, b, offsets, case):
+    """BF16 out within BF16_ERROR_FACTOR x the error of torch's bf16 matmul on the expert rows."""
+    bounds = offsets.tolist()
+    lo, hi = bounds[0], bounds[-1]
+    ref = run_reference(a, b, offsets, None, None)[lo:hi]
+    torch_bf16 = torch.cat(
+        [a[start:end] @ b[e].T for e, (start, end) in enumerate(itertools.pairwise(bounds))]
+    )
+    ours, theirs = rel_error(out[lo:hi], ref), rel_error(torch_bf16, ref)
+    assert ours <= BF16_ERROR_FACTOR * theirs + 1e-6, f"{case}: error {ours} vs torch bf16 {theirs}"
+
+
 @requires_sm90
-@pytest.mark.parametrize("load", ["balanced_e8", "skewed_e32", "edges_e8", "decode_e256"])
+@pytest.mark.parametrize("load", ["balanced_e8", "skewed_e32", "single_expert_e8", "edges_e8", "decode_e256"])
 @pytest.mark.parametrize("config", BF16_CONFIGS)
 def test_bf16_matches_reference(load, config, gen):
+    """N = 384: a 128-column N tail after a 256-wide tile; unused rows before and after the experts
+    must keep their NaN."""
     counts = LOADS[load]
-    a, b, offsets, _, _ = make_problem(counts, 384, 256, False, gen, device="cuda")
+    a, b, offsets, _, _ = make_problem(counts, 384, 256, False, gen, head=3, tail=5, device="cuda")
+    out = torch.full((a.shape[0], b.shape[1]), float("nan"), dtype=torch.bfloat16, device="cuda")
+    moe_kernels.grouped_gemm(a, b, offsets, out=out, config=config)
+    lo, hi = 3, 3 + sum(counts)
+    case = f"{load=} {config=}"
+    check_bf16(out, a, b, offsets, case)
+    assert torch.isfinite(out[lo:hi]).all(), f"{case}: rows of experts left unwritten"
+    assert torch.isnan(out[:lo]).all() and torch.isnan(out[hi:]).all(), (
+        f"{case}: rows outside experts were written"
+    )
+
+
+@requires_sm90
+@pytest.mark.parametrize("shape", [(7168, 2048), (4096, 7168), (2048, 768)])
+@pytest.mark.parametrize("config", BF16_CONFIGS)
+def test_bf16_model_shapes(shape, config, gen):
+    """The DeepSeek-V3 and Qwen3 expert shapes (N, K) with a few experts (long K: many k-blocks)."""
+    n, k = shape
+    a, b, offsets, _, _ = make_problem([300, 0, 45, 129], n, k, False, gen, device="cuda")
     out = moe_kernels.grouped_gemm(a, b, offsets, config=config)
-    ref = run_reference(a, b, offsets, None, None)
-    torch_bf16 = torch.cat(
-        [a[lo:hi] @ b[e].T for e, (lo, hi) in enumerate(itertools.pairwise(offsets.tolist()))]
-    )
-    ours, theirs = rel_error(out, ref), rel_error(torch_bf16, ref)
-    assert ours <= BF16_ERROR_FACTOR * theirs + 1e-6, (
-        f"{load=} {config=}: error {ours} vs torch bf16 {theirs}"
-    )
+    check_bf16(out, a, b, offsets, f"{shape=} {config=}")
+
+
+@requires_sm90
+@pytest.mark.parametrize("fp8, config", [(False, c) for c in BF16_CONFIGS] + [(True, c) for c in FP8_CONFIGS])
+def test_zero_rows(fp8, config, gen):
+    """No rows at all (M = 0): an empty output, no launch."""
+    a, b, offsets, sa, sb = make_problem([0, 0, 0], 256, 256, fp8, gen, device="cuda")
+    out = moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=config)
+    assert out.shape == (0, 256) and out.dtype == torch.bfloat16, f"{fp8=} {config=}: {out.shape}"
+    moe_kernels.check_device_errors()
 
 
 @requires_sm90
@@ -216,10 +252,10 @@ def test_fp8_model_shapes(shape, gen):
 
 
 @requires_sm90
-@pytest.mark.parametrize("fp8", [False, True])
-def test_cuda_graph_replay_with_new_offsets(fp8, gen):
+@pytest.mark.parametrize("fp8, config", [(False, "auto"), (False, "bf16_wgmma_128x256"), (True, "auto")])
+def test_cuda_graph_replay_with_new_offsets(fp8, config, gen):
     a, b, offsets, sa, sb = make_problem([100, 50, 0, 106], 256, 256, fp8, gen, device="cuda")
-    run = lambda: moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb)
+    run = lambda: moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=config)
     run()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -229,21 +265,25 @@ def test_cuda_graph_replay_with_new_offsets(fp8, gen):
         graph.replay()
         ref = run_reference(a, b, offsets, sa, sb)
         err = calc_diff(out.float(), ref) if fp8 else rel_error(out, ref)
-        assert err < (FP8_GEMM_CALC_DIFF if fp8 else 1e-2), f"{counts=}: error {err}"
+        assert err < (FP8_GEMM_CALC_DIFF if fp8 else 1e-2), f"{counts=} {config=}: error {err}"
 
 
 @requires_sm90
-def test_wgmma_configs_take_at_most_1024_experts(gen):
-    """Our kernel keeps the offsets in shared memory: named, its configurations refuse more than 1024
-    experts; "auto" runs CUTLASS's cooperative tile there (65 rows per expert: not the small path)."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_wgmma_configs_take_at_most_1024_experts(fp8, gen):
+    """Our kernels keep the offsets in shared memory: named, their configurations refuse more than
+    1024 experts; "auto" runs CUTLASS's cooperative tile there (65 rows per expert: not the small
+    path)."""
     counts = [65] * 1025
-    a, b, offsets, sa, sb = make_problem(counts, 128, 128, True, gen, device="cuda")
-    for config in ("fp8_wgmma_128x192", "fp8_wgmma_2cta_128x192"):
-        with pytest.raises(ValueError, match="takes at most 1024 experts"):
+    a, b, offsets, sa, sb = make_problem(counts, 128, 128, fp8, gen, device="cuda")
+    configs = FP8_CONFIGS if fp8 else BF16_CONFIGS
+    for config in [c for c in configs if "wgmma" in c]:
+        with pytest.raises(ValueError, match=f"grouped_gemm: config '{config}' takes at most 1024 experts"):
             moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=config)
     out = moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb)
-    diff = calc_diff(out.float(), run_reference(a, b, offsets, sa, sb))
-    assert diff < FP8_GEMM_CALC_DIFF, f"auto with 1025 experts: calc_diff {diff}"
+    ref = run_reference(a, b, offsets, sa, sb)
+    err = calc_diff(out.float(), ref) if fp8 else rel_error(out, ref)
+    assert err < (FP8_GEMM_CALC_DIFF if fp8 else 1e-2), f"auto with 1025 experts, {fp8=}: error {err}"
 
 
 def kernel_rows(offsets, rows):
@@ -253,15 +293,15 @@ def kernel_rows(offsets, rows):
 
 
 @requires_sm90
-@pytest.mark.parametrize("fp8, config", [(False, "auto")] + [(True, c) for c in FP8_CONFIGS])
+@pytest.mark.parametrize("fp8, config", [(False, c) for c in BF16_CONFIGS] + [(True, c) for c in FP8_CONFIGS])
 @pytest.mark.parametrize(
     "offsets", [[0, 100, 200, 150, 400], [-50, 100, 200, 300, 400], [0, 100, 200, 300, 4000]]
 )
 def test_bad_offsets_are_clamped_and_reported(offsets, fp8, config, gen):
     """Corrupt device offsets: rows are clamped into [0, M] (nothing outside the tensors is
     touched), experts whose clamped rows overlap no other's are still right, and the error is raised
-    by check_device_errors() or, without a sync, by the next call. FP8 "auto" runs our own kernel
-    (100 rows per expert), the other FP8 configurations name theirs."""
+    by check_device_errors() or, without a sync, by the next call. "auto" runs our own kernels (100
+    rows per expert), the other configurations name theirs."""
     moe_kernels.check_device_errors()
     a, b, good_offsets, sa, sb = make_problem([100] * 4, 256, 256, fp8, gen, device="cuda")
     bad = torch.tensor(offsets, dtype=torch.int32, device="cuda")

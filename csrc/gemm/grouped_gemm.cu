@@ -2,6 +2,7 @@
 // tile-configuration heuristic, the workspace (from torch's caching allocator, so it is allocated
 // once and graph-safe), the current stream.
 #include "common/device_error.h"
+#include "moe_kernels/bf16_grouped_sm90.cuh"
 #include "moe_kernels/env.h"
 #include "moe_kernels/fp8_grouped_sm90.cuh"
 #include "moe_kernels/grouped_gemm.h"
@@ -24,7 +25,7 @@ at::Tensor gemm_output(at::IntArrayRef sizes, const at::TensorOptions& options) 
 constexpr int kBlock = 128;
 
 // Every tile configuration, each compiled in its own translation unit: CUTLASS instantiations, and
-// fp8_wgmma_* (our own kernel, moe_kernels/fp8_grouped_sm90.cuh).
+// fp8_wgmma_* / bf16_wgmma_* (our own kernels, moe_kernels/{fp8,bf16}_grouped_sm90.cuh).
 struct GemmConfig {
   const char* name;
   bool fp8;
@@ -37,7 +38,7 @@ constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
     MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),         MOE_GEMM_CONFIG(fp8_wgmma_2cta_128x192, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
-    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
+    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),     MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
 };
 // The dgrad's configurations (BF16, the weight read untransposed), chosen by the same rule.
 constexpr GemmConfig kDgradConfigs[] = {
@@ -87,7 +88,7 @@ const GemmConfig& config_named(c10::string_view name) {
   }
   MK_CHECK(false, "grouped_gemm", "config must be 'auto' or one of fp8_cooperative_128x128, ",
            "fp8_pingpong_64x128, fp8_wgmma_128x192, fp8_wgmma_2cta_128x192, bf16_cooperative_128x128, ",
-           "bf16_cooperative_128x256, bf16_pingpong_64x128; got '", name, "'");
+           "bf16_cooperative_128x256, bf16_pingpong_64x128, bf16_wgmma_128x256; got '", name, "'");
   return kConfigs[0];
 }
 
@@ -98,17 +99,24 @@ const GemmConfig& config_named(c10::string_view name) {
 // 5% faster on gate_up), one CTA per tile above (EP8, Qwen3 at 256 rows per expert: 3-10% faster;
 // the cluster's lockstep costs more there than the multicast saves);
 // CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
-// 1024 experts, 32-bit scale indices). BF16: Cooperative 128x256 (fastest in
-// bench/results/grouped_gemm.json's per-config timings).
+// 1024 experts, 32-bit scale indices). BF16: our own kernel's 128x256 tile (bf16_wgmma_128x256; in
+// the prototype's H200 benchmark 2-7% faster than CUTLASS's Cooperative 128x256 at EP8 and 11% on
+// 256 experts' gate_up, equal on their down projection; 4% slower at 8 rows per expert, which the
+// small path keeps on CUTLASS), CUTLASS's Cooperative 128x256 where our kernel does not apply (more
+// than 1024 experts). a, b and out are the pointers the kernel will read (a and b already 16-byte
+// aligned by aligned_rows).
 const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k, int64_t num_experts,
-                                const void* out, c10::string_view requested) {
-  const bool wgmma_ok = fp8 && fp8g::fp8_grouped_supports(m_total, n, k, num_experts, out);
+                                const void* a, const void* b, const void* out, c10::string_view requested) {
+  const bool wgmma_ok = fp8 ? fp8g::fp8_grouped_supports(m_total, n, k, num_experts, out)
+                            : bf16g::bf16_grouped_supports(m_total, n, k, num_experts, a, b, out);
   if (requested != "auto") {
     const GemmConfig& c = config_named(requested);
     MK_CHECK(c.fp8 == fp8, "grouped_gemm", "config '", requested, "' does not match the operands' dtype");
     MK_CHECK(wgmma_ok || c10::string_view(c.name).find("wgmma") == c10::string_view::npos, "grouped_gemm",
              "config '", requested, "' takes at most ", fp8g::kMaxExperts,
-             " experts and fewer than 2^31 scales per operand; use 'auto'");
+             fp8 ? " experts and fewer than 2^31 scales per operand"
+                 : " experts, fewer than 2^31 rows and fewer than 2^31 weight rows (experts x N)",
+             "; use 'auto'");
     return c;
   }
   const bool small = m_total <= 64 * num_experts;
@@ -121,7 +129,10 @@ const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k,
     }
     return config_named(m_total < 192 * num_experts ? "fp8_wgmma_2cta_128x192" : "fp8_wgmma_128x192");
   }
-  return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x256");
+  if (small) {
+    return config_named("bf16_pingpong_64x128");
+  }
+  return config_named(wgmma_ok ? "bf16_wgmma_128x256" : "bf16_cooperative_128x256");
 }
 
 // Runs a configuration with a workspace from torch's allocator on the current stream.
@@ -190,14 +201,15 @@ void grouped_gemm_out(const at::Tensor& a, const at::Tensor& b, const at::Tensor
            "out must start at a 16-byte aligned address (TMA stores), got a view offset by ",
            reinterpret_cast<uintptr_t>(out.data_ptr()) % 16, " bytes");
   check_hopper(a, op);
-  const GemmConfig& cfg = choose_config(fp8, m, n, k, num_experts, out.data_ptr(), config);
-  if (m == 0) {
-    return;
-  }
   const c10::cuda::CUDAGuard guard(a.device());
   // TMA loads need 16-byte aligned bases: a view offset into its storage is copied (rare, so the
   // copy costs nothing in the usual case), offsets are made contiguous for the setup kernel.
   const at::Tensor a_base = aligned_rows(a), b_base = aligned_rows(b);
+  const GemmConfig& cfg =
+      choose_config(fp8, m, n, k, num_experts, a_base.data_ptr(), b_base.data_ptr(), out.data_ptr(), config);
+  if (m == 0) {
+    return;
+  }
   const at::Tensor offsets = expert_offsets.contiguous();
   GroupedGemmProblem p{};
   p.a = a_base.data_ptr();

@@ -23,6 +23,7 @@ GEMM_CONFIGS = (
     "bf16_cooperative_128x128",
     "bf16_cooperative_128x256",
     "bf16_pingpong_64x128",
+    "bf16_wgmma_128x256",
 )
 
 
@@ -36,8 +37,8 @@ def grouped_gemm(
     out: torch.Tensor | None = None,
     config: str = "auto",
 ) -> torch.Tensor:
-    """out[rows of e] = a[rows of e] @ b[e]^T for every expert e, in one kernel (CUTLASS, or for FP8
-    our own wgmma kernel: the ``fp8_wgmma_*`` configurations).
+    """out[rows of e] = a[rows of e] @ b[e]^T for every expert e, in one kernel (CUTLASS, or our own
+    wgmma kernels: the ``fp8_wgmma_*`` and ``bf16_wgmma_*`` configurations).
 
     Args:
         a: [M, K] float8_e4m3fn or bfloat16, contiguous; K a multiple of 128.
@@ -48,7 +49,8 @@ def grouped_gemm(
         b_scales: FP8 only, fp32 [E, N/128, K/128] (128x128 blocks, DeepSeek-V3's weight_scale_inv).
         out: optional bf16 [M, N] to write into.
         config: "auto" (rows per expert M/E decides, see csrc/gemm/grouped_gemm.cu) or a tile
-            configuration name from GEMM_CONFIGS (``fp8_wgmma_*`` take at most 1024 experts).
+            configuration name from GEMM_CONFIGS (the ``fp8_wgmma_*`` and ``bf16_wgmma_*`` ones take
+            at most 1024 experts).
     Returns:
         bf16 [M, N]. Rows outside [offsets[0], offsets[E]) are left untouched: uninitialised when the
         op allocates ``out``. FP8 accumulates in fp32 with the block scales applied every 128 of K.

@@ -1,9 +1,10 @@
-// Minimal torch binding of every variant of the BF16 grouped GEMM prototype (bf16_grouped.cuh).
+// Minimal torch binding of every variant of our BF16 grouped GEMM kernel
+// (moe_kernels/bf16_grouped_sm90.cuh; the library launches one of them as bf16_wgmma_128x256).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include "bf16_grouped.cuh"
+#include "moe_kernels/bf16_grouped_sm90.cuh"
 
 namespace {
 

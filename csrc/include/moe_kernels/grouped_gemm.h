@@ -54,6 +54,7 @@ MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_2cta_128x192)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x128)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(bf16_pingpong_64x128)
+MOE_DECLARE_GROUPED_GEMM(bf16_wgmma_128x256)  // our own kernel (moe_kernels/bf16_grouped_sm90.cuh)
 MOE_DECLARE_GROUPED_GEMM(bf16_dgrad_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(bf16_dgrad_pingpong_64x128)
 #undef MOE_DECLARE_GROUPED_GEMM

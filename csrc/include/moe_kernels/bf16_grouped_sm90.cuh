@@ -1,5 +1,7 @@
-// BF16 variant of our Hopper (sm_90a) grouped GEMM (prototype; the FP8 kernel it derives from is
-// csrc/include/moe_kernels/fp8_grouped_sm90.cuh, whose PTX wrappers and tile walk it reuses).
+// Our own Hopper (sm_90a) BF16 grouped GEMM, a variant of the FP8 kernel
+// (moe_kernels/fp8_grouped_sm90.cuh, whose PTX wrappers and tile walk it reuses). Raw PTX only: no
+// CUTLASS. The library's configuration bf16_wgmma_128x256 (csrc/gemm/grouped_gemm_wgmma.cuh)
+// launches CfgBf16_256x3_D4; prototypes/bf16_grouped_gemm/ checks and benchmarks all its variants.
 //
 //   out[rows of e] = a[rows of e] @ b[e]^T, a bf16 [M, K], b bf16 [E, N, K] (K contiguous),
 //   rows of expert e = [off[e], off[e+1]) with off int32 [E+1] on the device (clamped into [0, M]),
@@ -512,7 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     // Outstanding TMA stores must be complete before the CTA (and its smem_d) goes away: on the
-    // CTA's last tile, inside the loop (code after the tile loop costs registers, see the FP8 README).
+    // CTA's last tile, inside the loop (code after the tile loop costs registers, see the FP8 kernel).
     if (t + tile_stride() >= ld_shared_s32(total_addr) && t_wg == 0)
       asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   }
@@ -548,7 +550,9 @@ inline bool bf16_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t
 }
 
 // Resident work units (CTAs, or clusters of 2), asked once per thread and device; also raises the
-// kernel's shared-memory limit to the most any E needs.
+// kernel's shared-memory limit to the most any E needs. `static` (internal linkage) on purpose: see
+// fp8g::resident_units (a cache with external linkage is one STB_GNU_UNIQUE object per process,
+// shared with every other extension that includes this header, such as the prototype's).
 template <class Cfg>
 static int resident_units(int device, int num_sms) {
   constexpr int kMaxDevices = 64;
@@ -581,7 +585,10 @@ static int resident_units(int device, int num_sms) {
 }
 
 // out[rows of e] = a[rows of e] @ b[e]^T for the problem of bf16_grouped_supports (else
-// cudaErrorInvalidValue). Graph-capturable: the launch depends only on host-known sizes.
+// cudaErrorInvalidValue). Graph-capturable: the launch depends only on host-known sizes (the offsets
+// are read on the device). error_flag: the sticky device-error flag, set when the offsets are not
+// non-decreasing within [0, m_total] (or nullptr). With `pdl`, the grid may start while the previous
+// kernel of the stream drains; the kernel waits on griddepcontrol.wait before touching global memory.
 template <class Cfg>
 cudaError_t bf16_grouped_run(const void* a, const void* b, const int32_t* offsets, void* out, int* error_flag,
                              int64_t m_total, int n, int k, int num_experts, int device, int num_sms,
@@ -621,8 +628,8 @@ cudaError_t bf16_grouped_run(const void* a, const void* b, const int32_t* offset
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-// The variants (see README.md). Config<BN, WN, STAGES, CLUSTER, DBOX>; stage counts: the most that
-// fit next to smem_d in 227 KB with 1024 experts (Config's static_assert).
+// The variants (prototypes/bf16_grouped_gemm/README.md). Config<BN, WN, STAGES, CLUSTER, DBOX>; stage
+// counts: the most that fit next to smem_d in 227 KB with 1024 experts (Config's static_assert).
 using Cfg256_S4 = Config<256, 256, 4, 1, 1>;    // n256 wgmma, 1-box epilogue ring
 using Cfg256_S3 = Config<256, 256, 3, 1, 4>;    // n256 wgmma, whole-tile smem_d (as the FP8 kernel)
 using Cfg256x2_S4 = Config<256, 128, 4, 1, 1>;  // two n128 slabs, narrow tiles
@@ -631,6 +638,11 @@ using Cfg192_S4 = Config<192, 192, 4, 1, 3>;    // n192 wgmma, whole-tile smem_d
 using Cfg128_S6 = Config<128, 128, 6, 1, 1>;    // n128 wgmma, 1-box ring
 using Cfg256_S4_C2 = Config<256, 256, 4, 2, 1>;
 using Cfg192_S5_C2 = Config<192, 192, 5, 2, 1>;
+
+// The library's bf16_wgmma_128x256 (the prototype's BN256_S3_D4): on the H200 as fast as or faster than
+// the CUTLASS BF16 configurations in every case of the prototype's benchmark but decode (8 rows per
+// expert, where "auto" keeps CUTLASS's 64-row pingpong tile).
+using CfgBf16_256x3_D4 = Cfg256_S3;
 
 }  // namespace bf16g
 }  // namespace moe_kernels
