@@ -35,10 +35,12 @@ struct GemmConfig {
 
 #define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
 constexpr GemmConfig kConfigs[] = {
-    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),         MOE_GEMM_CONFIG(fp8_wgmma_2cta_128x192, true),
-    MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
-    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),     MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
+    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),    MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),          MOE_GEMM_CONFIG(fp8_wgmma_2cta_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_ns_128x192, true),       MOE_GEMM_CONFIG(fp8_wgmma_2cta_ns_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_mpair_ns_128x192, true), MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),
+    MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),  MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
+    MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
 };
 // The dgrad's configurations (BF16, the weight read untransposed), chosen by the same rule.
 constexpr GemmConfig kDgradConfigs[] = {
@@ -87,7 +89,8 @@ const GemmConfig& config_named(c10::string_view name) {
     }
   }
   MK_CHECK(false, "grouped_gemm", "config must be 'auto' or one of fp8_cooperative_128x128, ",
-           "fp8_pingpong_64x128, fp8_wgmma_128x192, fp8_wgmma_2cta_128x192, bf16_cooperative_128x128, ",
+           "fp8_pingpong_64x128, fp8_wgmma_128x192, fp8_wgmma_2cta_128x192, fp8_wgmma_ns_128x192, ",
+           "fp8_wgmma_2cta_ns_128x192, fp8_wgmma_mpair_ns_128x192, bf16_cooperative_128x128, ",
            "bf16_cooperative_128x256, bf16_pingpong_64x128, bf16_wgmma_128x256; got '", name, "'");
   return kConfigs[0];
 }
