@@ -300,8 +300,8 @@ def kernel_rows(offsets, rows):
 def test_bad_offsets_are_clamped_and_reported(offsets, fp8, config, gen):
     """Corrupt device offsets: rows are clamped into [0, M] (nothing outside the tensors is
     touched), experts whose clamped rows overlap no other's are still right, and the error is raised
-    by check_device_errors() or, without a sync, by the next call. "auto" runs our own kernels (100
-    rows per expert), the other configurations name theirs."""
+    by check_device_errors() or, without a sync, by the next call. FP8 "auto" runs our own kernel
+    (100 rows per expert), BF16 "auto" CUTLASS's; the other configurations name theirs."""
     moe_kernels.check_device_errors()
     a, b, good_offsets, sa, sb = make_problem([100] * 4, 256, 256, fp8, gen, device="cuda")
     bad = torch.tensor(offsets, dtype=torch.int32, device="cuda")

@@ -100,14 +100,15 @@ const GemmConfig& config_named(c10::string_view name) {
 // expert's last tile and overlaps epilogues with MMAs. Beyond, for FP8, our own kernel with
 // 128x192 tiles: clusters of two CTAs sharing the A tile below 192 rows per expert (256 experts:
 // 5% faster on gate_up), one CTA per tile above (EP8, Qwen3 at 256 rows per expert: 3-10% faster;
-// the cluster's lockstep costs more there than the multicast saves);
+// the cluster's lockstep costs more there than the multicast saves); the fp8_wgmma_*_ns_* and
+// fp8_wgmma_mpair_* variants only when named, until the benchmark has measured them in the library;
 // CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
-// 1024 experts, 32-bit scale indices). BF16: our own kernel's 128x256 tile (bf16_wgmma_128x256; in
-// the prototype's H200 benchmark 2-7% faster than CUTLASS's Cooperative 128x256 at EP8 and 11% on
-// 256 experts' gate_up, equal on their down projection; 4% slower at 8 rows per expert, which the
-// small path keeps on CUTLASS), CUTLASS's Cooperative 128x256 where our kernel does not apply (more
-// than 1024 experts). a, b and out are the pointers the kernel will read (a and b already 16-byte
-// aligned by aligned_rows).
+// 1024 experts, 32-bit scale indices). BF16: CUTLASS's Cooperative 128x256. Our own BF16 kernel
+// (bf16_wgmma_128x256) runs only when named for now: in the prototype's H200 benchmark it was 2-7%
+// faster than that tile at EP8 and 11% on 256 experts' gate_up, but the library's GPU tests have
+// not run on it yet (no device time in the session that added it); "auto" takes it above 64 rows
+// per expert, where wgmma_ok, once they have. a, b and out are the pointers the kernel will read
+// (a and b already 16-byte aligned by aligned_rows).
 const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k, int64_t num_experts,
                                 const void* a, const void* b, const void* out, c10::string_view requested) {
   const bool wgmma_ok = fp8 ? fp8g::fp8_grouped_supports(m_total, n, k, num_experts, out)
@@ -132,10 +133,7 @@ const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k,
     }
     return config_named(m_total < 192 * num_experts ? "fp8_wgmma_2cta_128x192" : "fp8_wgmma_128x192");
   }
-  if (small) {
-    return config_named("bf16_pingpong_64x128");
-  }
-  return config_named(wgmma_ok ? "bf16_wgmma_128x256" : "bf16_cooperative_128x256");
+  return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x256");
 }
 
 // Runs a configuration with a workspace from torch's allocator on the current stream.
