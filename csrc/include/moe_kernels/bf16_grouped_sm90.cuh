@@ -549,41 +549,6 @@ inline bool bf16_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t
          reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
-// Resident work units (CTAs, or clusters of 2), asked once per thread and device; also raises the
-// kernel's shared-memory limit to the most any E needs. `static` (internal linkage) on purpose: see
-// fp8g::resident_units (a cache with external linkage is one STB_GNU_UNIQUE object per process,
-// shared with every other extension that includes this header, such as the prototype's).
-template <class Cfg>
-static int resident_units(int device, int num_sms) {
-  constexpr int kMaxDevices = 64;
-  thread_local int cached[kMaxDevices] = {};
-  if (device >= 0 && device < kMaxDevices && cached[device] > 0)
-    return cached[device];
-  auto kernel = bf16_grouped_kernel<Cfg>;
-  const int smem = (int)Cfg::smem_bytes(kMaxExperts);
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
-    return -1;
-  int units = num_sms / Cfg::CLUSTER;
-  if constexpr (Cfg::CLUSTER > 1) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(units * Cfg::CLUSTER);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = Cfg::CLUSTER;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaOccupancyMaxActiveClusters(&units, kernel, &cfg) != cudaSuccess || units < 1)
-      return -1;
-  }
-  if (device >= 0 && device < kMaxDevices)
-    cached[device] = units;
-  return units;
-}
-
 // out[rows of e] = a[rows of e] @ b[e]^T for the problem of bf16_grouped_supports (else
 // cudaErrorInvalidValue). Graph-capturable: the launch depends only on host-known sizes (the offsets
 // are read on the device). error_flag: the sticky device-error flag, set when the offsets are not
@@ -603,7 +568,9 @@ cudaError_t bf16_grouped_run(const void* a, const void* b, const int32_t* offset
       !fp8g::make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
     return cudaErrorInvalidValue;
   constexpr int C = Cfg::CLUSTER;
-  const int resident = resident_units<Cfg>(device, num_sms);
+  const int resident =
+      fp8g::resident_units<Cfg>(reinterpret_cast<const void*>(bf16_grouped_kernel<Cfg>), C, kThreads,
+                                (int)Cfg::smem_bytes(kMaxExperts), device, num_sms);
   if (resident < 1)
     return cudaErrorInvalidConfiguration;
   const int64_t n_units = ((n + Cfg::BN - 1) / Cfg::BN + C - 1) / C;

@@ -798,32 +798,31 @@ inline bool fp8_grouped_supports(int64_t m_total, int64_t n, int64_t k, int64_t 
          (m_total / BM + num_experts) * (n / 128) < (1ll << 31) && reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
-// What a launch of Cfg needs to know about the device, asked once per thread and device: the
-// kernel's shared-memory limit is raised to the most any E needs, and the number of clusters that
+// What a launch of a kernel needs to know about the device, asked once per thread and device (Tag:
+// one cache per kernel, its configuration type): the kernel's shared-memory limit is raised to
+// `smem` (the most any E needs), and the number of work units (CTAs, or clusters of `cluster`) that
 // can be resident at once (clusters of 2 may not fill every SM: a GPC with an odd number of SMs).
 // `static` (internal linkage) on purpose: the cache of a function with external linkage is one
 // STB_GNU_UNIQUE object per process, shared with every other extension that includes this header
 // (the prototypes, say), whose own copy of the kernel had its shared-memory limit raised instead of
 // ours: our launch then failed with cudaErrorInvalidValue (measured, seventh session's variants).
-template <class Cfg>
-static int resident_units(int device, int num_sms) {
+template <class Tag>
+static int resident_units(const void* kernel, int cluster, int threads, int smem, int device, int num_sms) {
   constexpr int kMaxDevices = 64;
   thread_local int cached[kMaxDevices] = {};
   if (device >= 0 && device < kMaxDevices && cached[device] > 0)
     return cached[device];
-  auto kernel = fp8_grouped_kernel_v2<Cfg>;
-  const int smem = (int)Cfg::smem_bytes(kMaxExperts);
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
     return -1;
-  int units = num_sms / Cfg::CLUSTER;
-  if constexpr (Cfg::CLUSTER > 1) {
+  int units = num_sms / cluster;
+  if (cluster > 1) {
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(units * Cfg::CLUSTER);
-    cfg.blockDim = dim3(kThreads);
+    cfg.gridDim = dim3(units * cluster);
+    cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = smem;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = Cfg::CLUSTER;
+    attr[0].val.clusterDim.x = cluster;
     attr[0].val.clusterDim.y = 1;
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
@@ -857,7 +856,8 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
       !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
     return cudaErrorInvalidValue;
   constexpr int C = Cfg::CLUSTER;
-  const int resident = resident_units<Cfg>(device, num_sms);
+  const int resident = resident_units<Cfg>(reinterpret_cast<const void*>(fp8_grouped_kernel_v2<Cfg>), C,
+                                           kThreads, (int)Cfg::smem_bytes(kMaxExperts), device, num_sms);
   if (resident < 1)
     return cudaErrorInvalidConfiguration;
   // Persistent grid of work units (CM m-tiles x CN n-tiles, one tile per CTA of a cluster): as many
