@@ -37,10 +37,8 @@ struct GemmConfig {
 constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),    MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
     MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),          MOE_GEMM_CONFIG(fp8_wgmma_2cta_128x192, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_ns_128x192, true),       MOE_GEMM_CONFIG(fp8_wgmma_2cta_ns_128x192, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_mpair_ns_128x192, true), MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),
-    MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),  MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
-    MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
+    MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),  MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
+    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),      MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
 };
 // The dgrad's configurations (BF16, the weight read untransposed), chosen by the same rule.
 constexpr GemmConfig kDgradConfigs[] = {
@@ -89,8 +87,7 @@ const GemmConfig& config_named(c10::string_view name) {
     }
   }
   MK_CHECK(false, "grouped_gemm", "config must be 'auto' or one of fp8_cooperative_128x128, ",
-           "fp8_pingpong_64x128, fp8_wgmma_128x192, fp8_wgmma_2cta_128x192, fp8_wgmma_ns_128x192, ",
-           "fp8_wgmma_2cta_ns_128x192, fp8_wgmma_mpair_ns_128x192, bf16_cooperative_128x128, ",
+           "fp8_pingpong_64x128, fp8_wgmma_128x192, fp8_wgmma_2cta_128x192, bf16_cooperative_128x128, ",
            "bf16_cooperative_128x256, bf16_pingpong_64x128, bf16_wgmma_128x256; got '", name, "'");
   return kConfigs[0];
 }
@@ -100,15 +97,16 @@ const GemmConfig& config_named(c10::string_view name) {
 // expert's last tile and overlaps epilogues with MMAs. Beyond, for FP8, our own kernel with
 // 128x192 tiles: clusters of two CTAs sharing the A tile below 192 rows per expert (256 experts:
 // 5% faster on gate_up), one CTA per tile above (EP8, Qwen3 at 256 rows per expert: 3-10% faster;
-// the cluster's lockstep costs more there than the multicast saves); the fp8_wgmma_*_ns_* and
-// fp8_wgmma_mpair_* variants only when named, until the benchmark has measured them in the library;
+// the cluster's lockstep costs more there than the multicast saves). The seventh session's split
+// tails and m-pair clusters (fp8_wgmma_*ns*, fp8_wgmma_mpair_*; still in the prototype) were 1-26%
+// slower than these on every realistic row of the library's benchmark (H100, 2026-12-07; faster
+// only on 256 balanced experts, where no tile takes the split path) and were removed.
 // CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
-// 1024 experts, 32-bit scale indices). BF16: CUTLASS's Cooperative 128x256. Our own BF16 kernel
-// (bf16_wgmma_128x256) runs only when named for now: in the prototype's H200 benchmark it was 2-7%
-// faster than that tile at EP8 and 11% on 256 experts' gate_up, but the library's GPU tests have
-// not run on it yet (no device time in the session that added it); "auto" takes it above 64 rows
-// per expert, where wgmma_ok, once they have. a, b and out are the pointers the kernel will read
-// (a and b already 16-byte aligned by aligned_rows).
+// 1024 experts, 32-bit scale indices). BF16: our own kernel (bf16_wgmma_128x256, a 128x256 tile,
+// 3 stages, 4-deep epilogue ring) above 64 rows per expert where it applies (in its prototype's
+// H200 benchmark 2-7% faster than CUTLASS's Cooperative 128x256 at EP8, 11% on 256 experts'
+// gate_up), CUTLASS's Cooperative 128x256 where it does not. a, b and out are the pointers the
+// kernel will read (a and b already 16-byte aligned by aligned_rows).
 const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k, int64_t num_experts,
                                 const void* a, const void* b, const void* out, c10::string_view requested) {
   const bool wgmma_ok = fp8 ? fp8g::fp8_grouped_supports(m_total, n, k, num_experts, out)
@@ -133,7 +131,10 @@ const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k,
     }
     return config_named(m_total < 192 * num_experts ? "fp8_wgmma_2cta_128x192" : "fp8_wgmma_128x192");
   }
-  return config_named(small ? "bf16_pingpong_64x128" : "bf16_cooperative_128x256");
+  if (small) {
+    return config_named("bf16_pingpong_64x128");
+  }
+  return config_named(wgmma_ok ? "bf16_wgmma_128x256" : "bf16_cooperative_128x256");
 }
 
 // Runs a configuration with a workspace from torch's allocator on the current stream.

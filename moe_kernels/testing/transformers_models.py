@@ -129,7 +129,8 @@ def randomise_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
             continue
         is_bias = t.dim() == 1 and ("bias" in name)
         if t.dim() >= 2 or is_bias:
-            t.copy_(torch.randn(t.shape, generator=gen, device=t.device) * (0.1 if is_bias else std))
+            # One fp32 temporary, scaled in place: a real DeepSeek-V3 block's experts are 28 GB of it.
+            t.copy_(torch.randn(t.shape, generator=gen, device=t.device).mul_(0.1 if is_bias else std))
     return model
 
 
@@ -172,6 +173,8 @@ def real_block(family: str, device="cuda", seed: int = 0) -> torch.nn.Module:
     else:
         raise ValueError(f"real_block: family must be 'deepseek_v3' or 'qwen3_moe', got {family!r}")
     config._experts_implementation = "grouped_mm"
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # earlier tests' cached blocks: on an 80 GB H100 they left no 28 GB piece
     with torch.device(device):
         block = block_class(config).to(torch.bfloat16)
     return randomise_(block, seed=seed, std=0.02).eval()
