@@ -173,10 +173,16 @@ def real_block(family: str, device="cuda", seed: int = 0) -> torch.nn.Module:
     else:
         raise ValueError(f"real_block: family must be 'deepseek_v3' or 'qwen3_moe', got {family!r}")
     config._experts_implementation = "grouped_mm"
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()  # earlier tests' cached blocks: on an 80 GB H100 they left no 28 GB piece
-    with torch.device(device):
-        block = block_class(config).to(torch.bfloat16)
+    # Built in bf16: fp32 parameters (45 GB for DeepSeek-V3's experts) converted afterwards left
+    # 35 GB of torch's cache in segments it could not release, and randomise_'s 28 GB temporary
+    # found no room on an 80 GB H100.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            block = block_class(config).to(torch.bfloat16)
+    finally:
+        torch.set_default_dtype(default_dtype)
     return randomise_(block, seed=seed, std=0.02).eval()
 
 
