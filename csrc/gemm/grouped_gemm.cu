@@ -102,11 +102,11 @@ const GemmConfig& config_named(c10::string_view name) {
 // slower than these on every realistic row of the library's benchmark (H100, 2026-12-07; faster
 // only on 256 balanced experts, where no tile takes the split path) and were removed.
 // CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
-// 1024 experts, 32-bit scale indices). BF16: our own kernel (bf16_wgmma_128x256, a 128x256 tile,
-// 3 stages, 4-deep epilogue ring) above 64 rows per expert where it applies (in its prototype's
-// H200 benchmark 2-7% faster than CUTLASS's Cooperative 128x256 at EP8, 11% on 256 experts'
-// gate_up), CUTLASS's Cooperative 128x256 where it does not. a, b and out are the pointers the
-// kernel will read (a and b already 16-byte aligned by aligned_rows).
+// 1024 experts, 32-bit scale indices). BF16: our own kernel (bf16_wgmma_128x256: a 128x256 tile,
+// 3 stages, the whole tile staged for the TMA store) above 64 rows per expert where it applies
+// (faster than CUTLASS's Cooperative 128x256 on every row of the benchmark: 1-29% on an H100,
+// 2-11% in its prototype's H200 run), that CUTLASS tile where it does not. a, b and out are the
+// pointers the kernel will read (a and b already 16-byte aligned by aligned_rows).
 const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k, int64_t num_experts,
                                 const void* a, const void* b, const void* out, c10::string_view requested) {
   const bool wgmma_ok = fp8 ? fp8g::fp8_grouped_supports(m_total, n, k, num_experts, out)
