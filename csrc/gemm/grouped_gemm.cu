@@ -86,9 +86,11 @@ const GemmConfig& config_named(c10::string_view name) {
       return c;
     }
   }
-  MK_CHECK(false, "grouped_gemm", "config must be 'auto' or one of fp8_cooperative_128x128, ",
-           "fp8_pingpong_64x128, fp8_wgmma_128x192, fp8_wgmma_2cta_128x192, bf16_cooperative_128x128, ",
-           "bf16_cooperative_128x256, bf16_pingpong_64x128, bf16_wgmma_128x256; got '", name, "'");
+  std::string names;  // from the table itself, so the message never lists a removed configuration
+  for (const GemmConfig& c : kConfigs) {
+    names += names.empty() ? c.name : std::string(", ") + c.name;
+  }
+  MK_CHECK(false, "grouped_gemm", "config must be 'auto' or one of ", names, "; got '", name, "'");
   return kConfigs[0];
 }
 
