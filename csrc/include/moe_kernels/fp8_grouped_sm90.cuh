@@ -286,8 +286,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //   * PDL: launched with programmatic stream serialisation; griddepcontrol.wait before any global
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
-template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          bool STAGGER_ = false>
+template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
@@ -303,14 +302,6 @@ struct ConfigV2 {
   // and one n-tile instead; each loads half of the B (weight) tile and multicasts it to both.
   static constexpr bool SHARE_B = SHARE_B_;
   static_assert(!SHARE_B || CLUSTER == 2, "SHARE_B needs a cluster of 2");
-  // STAGGER (configs *_ST): the math warpgroups take turns on the tensor cores, k-block by k-block.
-  // Unforced, both issue a k-block's wgmmas at once, both wait for them, and both promote at once
-  // while the tensor cores idle (the balanced EP8 profile: tensor pipe 72.5%, issue slots 38%).
-  // With turns, a warpgroup issues its k-block in two commit groups and hands the turn over when
-  // the first group is done, so the other's wgmmas queue behind its second group and each one's
-  // promotion runs under the other's wgmmas. Named barriers 3 and 4 carry the turns.
-  static constexpr bool STAGGER = STAGGER_;
-  static_assert(!STAGGER || (BN != 256 && !SPLIT_NARROW), "turns are written for one slab per warpgroup");
   static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
   static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
@@ -356,24 +347,6 @@ __device__ __forceinline__ void wg_bar_sync(int wg) {
   else
     asm volatile("bar.sync 2, 128;" ::: "memory");
 }
-// STAGGER's turns: warpgroup wg waits for its turn (named barrier 3 + wg, completed by the other
-// warpgroup's bar.arrive) and hands it on (arrives on 3 + (1 - wg)). 256 threads per barrier phase.
-__device__ __forceinline__ void turn_wait(int wg) {
-  if (wg == 0)
-    asm volatile("bar.sync 3, 256;" ::: "memory");
-  else
-    asm volatile("bar.sync 4, 256;" ::: "memory");
-}
-__device__ __forceinline__ void turn_pass(int wg) {
-  if (wg == 0)
-    asm volatile("bar.arrive 4, 256;" ::: "memory");
-  else
-    asm volatile("bar.arrive 3, 256;" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_wait1() {
-  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-}
-
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int c0, int c1) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
                    reinterpret_cast<uint64_t>(map)),
@@ -611,7 +584,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   float acc[SLABS][WN / 2];
   float tmp[WN / 2];
-  bool first_turn = true;  // STAGGER: warpgroup 0's first k-block needs no turn
   int stage = 0, cursor = 0;
   uint32_t phase = 0;
 
@@ -639,20 +611,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < WN / 2; ++i)
         acc[s][i] = 0.f;
 
-    // STAGGER: warpgroup 1 does not hand the turn back after its last k-block of the kernel (warpgroup
-    // 0 waits for no turn before its first), so every barrier phase completes.
-    const bool last_tile = t + tile_stride() >= ld_shared_s32(total_addr);
     for (int kb = 0; kb < kb_count; ++kb) {
       const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
       const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
       mbar_wait(bar_full + 8 * stage, phase);
-      bool pass_turn = false;
-      if constexpr (Cfg::STAGGER) {
-        if (wg == 1 || !first_turn)
-          turn_wait(wg);
-        first_turn = false;
-        pass_turn = wg == 0 || !last_tile || kb + 1 < kb_count;
-      }
       if (active) {
         // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
         // (its value used) before the stage is released below.
@@ -675,19 +637,9 @@ __global__ void __launch_bounds__(kThreads, 1)
               wgmma_fence();
               wgmma_k32<WN, 0>(tmp, da, db);
               wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
-              if constexpr (Cfg::STAGGER) {  // hand the turn over when the first half is done
-                wgmma_commit();
-                wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
-                wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
-                wgmma_commit();
-                wgmma_wait1();
-                if (pass_turn)
-                  turn_pass(wg);
-              } else {
-                wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
-                wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
-                wgmma_commit();
-              }
+              wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
+              wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
+              wgmma_commit();
               wgmma_wait0();
               fence_regs(tmp);
               if (s == s_hi - 1)
@@ -708,8 +660,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       } else {
-        if (pass_turn)
-          turn_pass(wg);
         release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
       }
       if (++stage == STAGES)
@@ -947,8 +897,6 @@ using CfgV2_192x4_NS = ConfigV2<192, 4, 1, true>;
 using CfgV3_192x4_NS = ConfigV2<192, 4, 2, true>;
 using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
 using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
-using CfgV2_192x4_ST = ConfigV2<192, 4, 1, false, false, true>;
-using CfgV3_192x4_ST = ConfigV2<192, 4, 2, false, false, true>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
