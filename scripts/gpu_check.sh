@@ -11,6 +11,8 @@
 # the compute-sanitizer pass (scripts/sanitize.sh, a few minutes); BENCH=0 skips the benchmarks.
 # PROTOTYPES="fp8_grouped_gemm bf16_grouped_gemm" (default: none) also runs those prototypes'
 # run_gpu.py (checks and benchmark; their own extensions are built while the library builds).
+# GIT_COMMIT=<the commit sent> stamps the benchmark JSON (the GPU machine's .git can be older than
+# the tree it received).
 # Object files stay in .gpu_build/ so a second call on the same machine only recompiles what changed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -172,7 +172,9 @@ def report(
 
 
 def git_commit() -> str:
-    """HEAD of the checkout (with -dirty), or $GIT_COMMIT where there is no .git (the GPU machine)."""
+    """$GIT_COMMIT when set, else HEAD of the checkout (with -dirty). Set it on the GPU machine: the
+    .git there can be older than the tree that was sent (a session's calls all reported its first
+    commit)."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
