@@ -10,7 +10,7 @@ namespace {
 
 using namespace moe_kernels::fp8g;
 
-constexpr int kNumConfigs = 10;
+constexpr int kNumConfigs = 12;
 const char* config_name(int c) {
   switch (c) {
     case 0: return "V2_BN128_S5";
@@ -23,6 +23,8 @@ const char* config_name(int c) {
     case 7: return "V3_BN192_S4_C2_NS";
     case 8: return "V4_BN192_S4_M2";
     case 9: return "V4_BN192_S4_M2_NS";
+    case 10: return "V5_BN128_S5_C2x2";
+    case 11: return "V5_BN192_S4_C2x2";
     default: return "?";
   }
 }
@@ -45,6 +47,8 @@ cudaError_t run_config(int config, const void* a, const float* a_scales, const v
     case 7: return FP8G_CALL(CfgV3_192x4_NS);
     case 8: return FP8G_CALL(CfgV4_192x4);
     case 9: return FP8G_CALL(CfgV4_192x4_NS);
+    case 10: return FP8G_CALL(CfgV5_128x5);
+    case 11: return FP8G_CALL(CfgV5_192x4);
     default: return cudaErrorInvalidValue;
   }
 #undef FP8G_CALL

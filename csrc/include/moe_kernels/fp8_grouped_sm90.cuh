@@ -241,13 +241,13 @@ struct Tile {
 // expert's n-tiles. With 1 m-tile per expert (decode) a wave streams consecutive n-tiles of B.
 // `cursor` only moves forward: a CTA's tile numbers increase, so the expert search is amortised.
 // With clusters a "tile" t is a unit of CM x CN tiles (CM neighbouring m-tiles of one expert, or CN
-// neighbouring n-tiles): cluster rank r takes m-tile CM * m_unit + r or n-tile CN * n_unit + r.
+// neighbouring n-tiles, or CM x CN = 2 x 2): cluster rank r = rm + CM * rn takes m-tile
+// CM * m_unit + rm and n-tile CN * n_unit + rn.
 // Past the expert's m-tiles or past N it is a ghost, which only loads its share of the multicast
 // tile. Bands then hold kBand / CM m-units.
 template <int BN, int CN, int CM = 1>
 __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n,
                                             int rank) {
-  static_assert(CM == 1 || CN == 1, "a cluster along M or along N");
   constexpr int kBandUnits = kBand / CM;
   const int n_tiles = ((n + BN - 1) / BN + CN - 1) / CN;  // n-units of CN tiles
   while (t >= s_tiles[cursor + 1])
@@ -260,13 +260,14 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
   const int band = local / (kBandUnits * n_tiles);
   const int in_band = local - band * kBandUnits * n_tiles;
   const int band_m = min(kBandUnits, m_units - band * kBandUnits);
-  const int m = (band * kBandUnits + in_band % band_m) * CM + (CM > 1 ? rank : 0);
+  // Cluster rank r = rm + CM * rn: m-tile rm and n-tile rn of the unit.
+  const int m = (band * kBandUnits + in_band % band_m) * CM + (CM > 1 ? rank % CM : 0);
   const int n_tile = in_band / band_m;
   Tile tile;
   tile.expert = e;
   tile.row0 = begin + m * BM;
   tile.rows = min(BM, end - tile.row0);  // <= 0 for an m-ghost
-  tile.n0 = (n_tile * CN + (CN > 1 ? rank : 0)) * BN;
+  tile.n0 = (n_tile * CN + (CN > 1 ? rank / CM : 0)) * BN;
   tile.ghost = tile.n0 >= n || (CM > 1 && m >= m_tiles);
   return tile;
 }
@@ -292,7 +293,13 @@ struct ConfigV2 {
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
   // the A tile and multicasts it to both, so A's L2 -> SM traffic halves.
   static constexpr int CLUSTER = CLUSTER_;
-  static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
+  // CLUSTER = 4 (configs V5_*): a 2 x 2 cluster, two m-tiles of one expert x two n-tiles. A CTA
+  // loads half of its A tile (multicast to the CTA on the same m-tile) and half of its B tile
+  // (multicast to the CTA on the same n-tile), so both operands' L2 -> SM traffic halves, as in
+  // torch's (CUTLASS's) 256x128 tile with a 2x2 cluster. A stage is refilled when all four CTAs
+  // have released it.
+  static_assert(CLUSTER == 1 || CLUSTER == 2 || CLUSTER == 4, "clusters of 1, 2 or 2 x 2 CTAs");
+  static constexpr bool GRID2X2 = CLUSTER == 4;
   // SPLIT_NARROW (configs *_NS, BN = 192): a tile with <= 64 valid rows (an expert's tail m-tile,
   // decode) gives each warpgroup half of the columns on rows 0-63 (one m64n96 wgmma per k-step)
   // instead of leaving the second warpgroup idle, as the BN = 256 narrow tiles do with their slabs.
@@ -302,8 +309,9 @@ struct ConfigV2 {
   // and one n-tile instead; each loads half of the B (weight) tile and multicasts it to both.
   static constexpr bool SHARE_B = SHARE_B_;
   static_assert(!SHARE_B || CLUSTER == 2, "SHARE_B needs a cluster of 2");
-  static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
-  static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
+  static_assert(!GRID2X2 || !SPLIT_NARROW, "split narrow tiles are not written for the 2 x 2 cluster");
+  static constexpr int CM = GRID2X2 ? 2 : SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
+  static constexpr int CN = GRID2X2 ? 2 : SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
   static constexpr int SLABS = BN / WN;
   static_assert(BN == 128 || BN == 192 || BN == 256, "BN must be 128, 192 or 256");
@@ -520,7 +528,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t full = bar_full + 8 * stage;
           if (lane == 0) {
             const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-            if constexpr (Cfg::SHARE_B) {
+            if constexpr (Cfg::GRID2X2) {
+              // Rank r = rm + 2 rn loads rows [64 rn, +64) of its A tile into both CTAs of m-tile rm
+              // (ranks rm, rm + 2) and rows [96 rm, +96) of its B tile into both CTAs of n-tile rn
+              // (ranks 2 rn, 2 rn + 1). Ghosts load their shares too (a peer may need them; boxes
+              // past the tensors are zero-filled), so every CTA always receives both whole tiles.
+              const int rm = rank % 2, rn = rank / 2;
+              constexpr int a_share = BM / 2, b_share = BN / 2;
+              mbar_expect_tx(full, Cfg::A_BYTES + Cfg::B_BYTES);
+              tma_load_2d_multicast(sa + rn * a_share * BK, &tmap_a, full, kb * BK, tile.row0 + rn * a_share,
+                                    (uint16_t)(0b0101 << rm));
+              tma_load_2d_multicast(sa + Cfg::A_BYTES + rm * b_share * BK, &tmap_b, full, kb * BK,
+                                    b_row + rm * b_share, (uint16_t)(0b0011 << (2 * rn)));
+            } else if constexpr (Cfg::SHARE_B) {
               // Every CTA of the cluster receives the whole B tile (its own half and the peer's),
               // and its own A tile unless it is a ghost.
               constexpr int share = BN / CLUSTER;  // rows of B this CTA loads for the cluster
@@ -897,6 +917,8 @@ using CfgV2_192x4_NS = ConfigV2<192, 4, 1, true>;
 using CfgV3_192x4_NS = ConfigV2<192, 4, 2, true>;
 using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
 using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
+using CfgV5_128x5 = ConfigV2<128, 5, 4>;
+using CfgV5_192x4 = ConfigV2<192, 4, 4>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
