@@ -229,8 +229,8 @@ __device__ __forceinline__ int read_tid_x() {
 // ------------------------------------------------------------------------------------------------
 struct Tile {
   int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128, <= 0 for an m-ghost); n0: first column
-  bool ghost;  // n0 >= N or past the expert's m-tiles: this CTA of a cluster only loads its share of the
-               // multicast tile (A, or B with SHARE_B)
+  bool ghost;  // n0 >= N or past the expert's m-tiles: this CTA of a cluster computes nothing and only
+               // loads its share of the multicast tile(s) for its peers
 };
 
 // Tiles are numbered expert by expert (s_tiles = exclusive prefix of each expert's tile count).
@@ -312,7 +312,7 @@ struct ConfigV2 {
   static_assert(!GRID2X2 || !SPLIT_NARROW, "split narrow tiles are not written for the 2 x 2 cluster");
   static constexpr int CM = GRID2X2 ? 2 : SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
   static constexpr int CN = GRID2X2 ? 2 : SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
-  static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
+  static constexpr int WN = BN == 192 ? 192 : 128;                // N of one wgmma instruction ("slab")
   static constexpr int SLABS = BN / WN;
   static_assert(BN == 128 || BN == 192 || BN == 256, "BN must be 128, 192 or 256");
   static constexpr int A_BYTES = BM * BK;
@@ -445,8 +445,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_full + 8 * s, 1 + 32);  // producer lane 0's arrive_expect_tx + 32 cp.async arrivals
-      // One arrival per math warp of every CTA of the cluster: a stage is refilled (A, or B with
-      // SHARE_B, multicast into both CTAs) only when both have consumed it.
+      // One arrival per math warp of every CTA of the cluster: a stage is refilled (its multicast
+      // shares land in the peers too) only when every CTA of the cluster has consumed it.
       mbar_init(bar_empty + 8 * s, CLUSTER * kMathThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -530,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
             if constexpr (Cfg::GRID2X2) {
               // Rank r = rm + 2 rn loads rows [64 rn, +64) of its A tile into both CTAs of m-tile rm
-              // (ranks rm, rm + 2) and rows [96 rm, +96) of its B tile into both CTAs of n-tile rn
+              // (ranks rm, rm + 2) and rows [BN/2 rm, +BN/2) of its B tile into both CTAs of n-tile rn
               // (ranks 2 rn, 2 rn + 1). Ghosts load their shares too (a peer may need them; boxes
               // past the tensors are zero-filled), so every CTA always receives both whole tiles.
               const int rm = rank % 2, rn = rank / 2;
@@ -576,8 +576,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if constexpr (CLUSTER > 1) {
-        // Drain: wait until every stage's last use was released by the math warps of both CTAs.
-        // The peer's arrivals land in this CTA's shared memory, which must outlive them.
+        // Drain: wait until every stage's last use was released by the math warps of every CTA of
+        // the cluster. The peers' arrivals land in this CTA's shared memory, which must outlive them.
         for (int i = 0; i < STAGES; ++i) {
           mbar_wait(bar_empty + 8 * stage, phase ^ 1);
           if (++stage == STAGES)
@@ -870,7 +870,8 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
   if (m_total == 0)
     return cudaSuccess;
   CUtensorMap map_a, map_b, map_d;
-  // Box rows: the share of the multicast operand a CTA loads (A's rows unless SHARE_B, else B's).
+  // Box rows: the share of each operand a CTA loads (BM / CN rows of A, BN / CM rows of B; the whole
+  // tile where the operand is not multicast).
   if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM / Cfg::CN) ||
       !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN / Cfg::CM) ||
       !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
@@ -921,7 +922,9 @@ using CfgV5_128x5 = ConfigV2<128, 5, 4>;
 using CfgV5_192x4 = ConfigV2<192, 4, 4>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
+                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV5_128x5::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV5_192x4::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
 
 }  // namespace fp8g
