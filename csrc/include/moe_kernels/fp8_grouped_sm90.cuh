@@ -533,8 +533,8 @@ __global__ void __launch_bounds__(kThreads, 1)
               // (ranks rm, rm + 2) and rows [BN/2 rm, +BN/2) of its B tile into both CTAs of n-tile rn
               // (ranks 2 rn, 2 rn + 1). Ghosts load their shares too (a peer may need them; boxes
               // past the tensors are zero-filled), so every CTA always receives both whole tiles.
-              const int rm = rank % 2, rn = rank / 2;
-              constexpr int a_share = BM / 2, b_share = BN / 2;
+              const int rm = rank % CM, rn = rank / CM;            // as decode_tile
+              constexpr int a_share = BM / CN, b_share = BN / CM;  // the tensor maps' box rows
               mbar_expect_tx(full, Cfg::A_BYTES + Cfg::B_BYTES);
               tma_load_2d_multicast(sa + rn * a_share * BK, &tmap_a, full, kb * BK, tile.row0 + rn * a_share,
                                     (uint16_t)(0b0101 << rm));
