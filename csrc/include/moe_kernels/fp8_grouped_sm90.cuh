@@ -146,6 +146,10 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait0() {
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
+// All but the most recent commit group are done.
+__device__ __forceinline__ void wgmma_wait1() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+}
 
 // Pins accumulator registers at this point of the program order: without it the compiler may read
 // wgmma results before wgmma.wait (they look like ordinary asm outputs) or move FFMAs across it.
@@ -192,7 +196,7 @@ __device__ __forceinline__ void wgmma_m64n192k32(float (&d)[96], uint64_t da, ui
         FP8G_D8(64), FP8G_D8(72), FP8G_D8(80), FP8G_D8(88)
       : "l"(da), "l"(db), "n"(ACCUM));
 }
-// d[48] (+)= A(64x32) * B(96x32)^T: half of a BN = 192 tile, for the split narrow tiles.
+// d[48] (+)= A(64x32) * B(96x32)^T: half of a BN = 192 tile, for the split narrow tiles and HALVES.
 template <int ACCUM>
 __device__ __forceinline__ void wgmma_m64n96k32(float (&d)[48], uint64_t da, uint64_t db) {
   asm volatile(
@@ -229,8 +233,8 @@ __device__ __forceinline__ int read_tid_x() {
 // ------------------------------------------------------------------------------------------------
 struct Tile {
   int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128, <= 0 for an m-ghost); n0: first column
-  bool ghost;  // n0 >= N or past the expert's m-tiles: this CTA of a cluster computes nothing and only
-               // loads its share of the multicast tile(s) for its peers
+  bool ghost;  // n0 >= N or past the expert's m-tiles: this CTA of a cluster only loads its share of the
+               // multicast tile (A, or B with SHARE_B)
 };
 
 // Tiles are numbered expert by expert (s_tiles = exclusive prefix of each expert's tile count).
@@ -241,13 +245,13 @@ struct Tile {
 // expert's n-tiles. With 1 m-tile per expert (decode) a wave streams consecutive n-tiles of B.
 // `cursor` only moves forward: a CTA's tile numbers increase, so the expert search is amortised.
 // With clusters a "tile" t is a unit of CM x CN tiles (CM neighbouring m-tiles of one expert, or CN
-// neighbouring n-tiles, or CM x CN = 2 x 2): cluster rank r = rm + CM * rn takes m-tile
-// CM * m_unit + rm and n-tile CN * n_unit + rn.
+// neighbouring n-tiles): cluster rank r takes m-tile CM * m_unit + r or n-tile CN * n_unit + r.
 // Past the expert's m-tiles or past N it is a ghost, which only loads its share of the multicast
 // tile. Bands then hold kBand / CM m-units.
 template <int BN, int CN, int CM = 1>
 __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n,
                                             int rank) {
+  static_assert(CM == 1 || CN == 1, "a cluster along M or along N");
   constexpr int kBandUnits = kBand / CM;
   const int n_tiles = ((n + BN - 1) / BN + CN - 1) / CN;  // n-units of CN tiles
   while (t >= s_tiles[cursor + 1])
@@ -260,14 +264,13 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
   const int band = local / (kBandUnits * n_tiles);
   const int in_band = local - band * kBandUnits * n_tiles;
   const int band_m = min(kBandUnits, m_units - band * kBandUnits);
-  // Cluster rank r = rm + CM * rn: m-tile rm and n-tile rn of the unit.
-  const int m = (band * kBandUnits + in_band % band_m) * CM + (CM > 1 ? rank % CM : 0);
+  const int m = (band * kBandUnits + in_band % band_m) * CM + (CM > 1 ? rank : 0);
   const int n_tile = in_band / band_m;
   Tile tile;
   tile.expert = e;
   tile.row0 = begin + m * BM;
   tile.rows = min(BM, end - tile.row0);  // <= 0 for an m-ghost
-  tile.n0 = (n_tile * CN + (CN > 1 ? rank / CM : 0)) * BN;
+  tile.n0 = (n_tile * CN + (CN > 1 ? rank : 0)) * BN;
   tile.ghost = tile.n0 >= n || (CM > 1 && m >= m_tiles);
   return tile;
 }
@@ -287,19 +290,14 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //   * PDL: launched with programmatic stream serialisation; griddepcontrol.wait before any global
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
-template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false>
+template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
+          bool HALVES_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
   // the A tile and multicasts it to both, so A's L2 -> SM traffic halves.
   static constexpr int CLUSTER = CLUSTER_;
-  // CLUSTER = 4 (configs V5_*): a 2 x 2 cluster, two m-tiles of one expert x two n-tiles. A CTA
-  // loads half of its A tile (multicast to the CTA on the same m-tile) and half of its B tile
-  // (multicast to the CTA on the same n-tile), so both operands' L2 -> SM traffic halves, as in
-  // torch's (CUTLASS's) 256x128 tile with a 2x2 cluster. A stage is refilled when all four CTAs
-  // have released it.
-  static_assert(CLUSTER == 1 || CLUSTER == 2 || CLUSTER == 4, "clusters of 1, 2 or 2 x 2 CTAs");
-  static constexpr bool GRID2X2 = CLUSTER == 4;
+  static_assert(CLUSTER == 1 || CLUSTER == 2, "clusters of 1 or 2 CTAs");
   // SPLIT_NARROW (configs *_NS, BN = 192): a tile with <= 64 valid rows (an expert's tail m-tile,
   // decode) gives each warpgroup half of the columns on rows 0-63 (one m64n96 wgmma per k-step)
   // instead of leaving the second warpgroup idle, as the BN = 256 narrow tiles do with their slabs.
@@ -309,10 +307,17 @@ struct ConfigV2 {
   // and one n-tile instead; each loads half of the B (weight) tile and multicasts it to both.
   static constexpr bool SHARE_B = SHARE_B_;
   static_assert(!SHARE_B || CLUSTER == 2, "SHARE_B needs a cluster of 2");
-  static_assert(!GRID2X2 || !SPLIT_NARROW, "split narrow tiles are not written for the 2 x 2 cluster");
-  static constexpr int CM = GRID2X2 ? 2 : SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
-  static constexpr int CN = GRID2X2 ? 2 : SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
-  static constexpr int WN = BN == 192 ? 192 : 128;                // N of one wgmma instruction ("slab")
+  // HALVES (configs *_H, BN = 192): a k-block's wgmmas go out as two commit groups, columns 0-95 and
+  // 96-191 (m64n96, each into its own 48-register temporary: the same 96 registers as one n192
+  // temporary). The warpgroup promotes the first half while the tensor cores still work on the
+  // second, instead of waiting for the whole k-block and then promoting with nothing in flight; a
+  // tile whose columns 96-191 are all past N (N's tail tile) skips the second half.
+  static constexpr bool HALVES = HALVES_;
+  static_assert(!HALVES || (BN == 192 && !SPLIT_NARROW),
+                "halves are written for BN = 192 without split tiles");
+  static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
+  static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
+  static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
   static constexpr int SLABS = BN / WN;
   static_assert(BN == 128 || BN == 192 || BN == 256, "BN must be 128, 192 or 256");
   static constexpr int A_BYTES = BM * BK;
@@ -383,10 +388,36 @@ __device__ __forceinline__ void wgmma_k32(float (&d)[WN / 2], uint64_t da, uint6
     wgmma_m64n192k32<ACCUM>(d, da, db);
 }
 
+// final[OFF + .] += half * scale for one 64 x 96 half of a BN = 192 tile's columns: `upper` is the half
+// at tile columns 96-191. b-scale block by tile column, as in the kernel: the lower half has columns
+// 0-95 (block 0, then the middle chunk from 64), the upper half 96-191 (the middle chunk to 127, then
+// block 1). f**: the k-block's row x b-scale factors as the kernel names them.
+template <int OFF>
+__device__ __forceinline__ void promote_half(float (&acc)[96], const float (&half)[48], bool upper, float f00,
+                                             float f10, float f01, float f11, float fm0, float fm1) {
+  const float q0[3] = {upper ? fm0 : f00, upper ? f01 : f00, upper ? f01 : fm0};
+  const float q1[3] = {upper ? fm1 : f10, upper ? f11 : f10, upper ? f11 : fm1};
+#pragma unroll
+  for (int i = 0; i < 12; ++i) {  // 8-column chunk i of the half
+    const float g0 = q0[i / 4], g1 = q1[i / 4];
+    acc[OFF + 4 * i + 0] = fmaf(half[4 * i + 0], g0, acc[OFF + 4 * i + 0]);
+    acc[OFF + 4 * i + 1] = fmaf(half[4 * i + 1], g0, acc[OFF + 4 * i + 1]);
+    acc[OFF + 4 * i + 2] = fmaf(half[4 * i + 2], g1, acc[OFF + 4 * i + 2]);
+    acc[OFF + 4 * i + 3] = fmaf(half[4 * i + 3], g1, acc[OFF + 4 * i + 3]);
+  }
+}
+
+// The four k-steps of one k-block into a 64 x 96 temporary (db: its 96 B rows, 1024-aligned).
+__device__ __forceinline__ void wgmma_kblock_n96(float (&half)[48], uint64_t da, uint64_t db) {
+  wgmma_m64n96k32<0>(half, da, db);
+  wgmma_m64n96k32<1>(half, da + 2, db + 2);
+  wgmma_m64n96k32<1>(half, da + 4, db + 4);
+  wgmma_m64n96k32<1>(half, da + 6, db + 6);
+}
+
 // One k-block of a split narrow tile (SPLIT_NARROW, BN = 192): this warpgroup's 64 x 96 half of the
-// tile's columns (db: its 96 B rows, 1024-aligned), promoted into acc[0..47]. `upper`: the half at
-// tile columns 96-191. f**: the k-block's row x b-scale factors as the kernel names them. `half` is
-// its own array: a view of the kernel's tmp registers made ptxas serialise every wgmma (C7511).
+// tile's columns, promoted into acc[0..47]. `half` is its own array: a view of the kernel's tmp
+// registers made ptxas serialise every wgmma (C7511).
 template <int CLUSTER>
 __device__ __forceinline__ void split_half_kblock(float (&acc)[96], uint64_t da, uint64_t db, bool upper,
                                                   float f00, float f10, float f01, float f11, float fm0,
@@ -394,25 +425,45 @@ __device__ __forceinline__ void split_half_kblock(float (&acc)[96], uint64_t da,
   float half[48];
   fence_regs(half);
   wgmma_fence();
-  wgmma_m64n96k32<0>(half, da, db);
-  wgmma_m64n96k32<1>(half, da + 2, db + 2);
-  wgmma_m64n96k32<1>(half, da + 4, db + 4);
-  wgmma_m64n96k32<1>(half, da + 6, db + 6);
+  wgmma_kblock_n96(half, da, db);
   wgmma_commit();
   wgmma_wait0();
   fence_regs(half);
   release_stage<CLUSTER>(bar_empty, lane);
-  // b-scale block by tile column, as in the kernel: the lower half has columns 0-95 (block 0, then
-  // the middle chunk from 64), the upper half columns 96-191 (the middle chunk to 127, then block 1).
-  const float q0[3] = {upper ? fm0 : f00, upper ? f01 : f00, upper ? f01 : fm0};
-  const float q1[3] = {upper ? fm1 : f10, upper ? f11 : f10, upper ? f11 : fm1};
-#pragma unroll
-  for (int i = 0; i < 12; ++i) {  // 8-column chunk i of the half
-    const float g0 = q0[i / 4], g1 = q1[i / 4];
-    acc[4 * i + 0] = fmaf(half[4 * i + 0], g0, acc[4 * i + 0]);
-    acc[4 * i + 1] = fmaf(half[4 * i + 1], g0, acc[4 * i + 1]);
-    acc[4 * i + 2] = fmaf(half[4 * i + 2], g1, acc[4 * i + 2]);
-    acc[4 * i + 3] = fmaf(half[4 * i + 3], g1, acc[4 * i + 3]);
+  promote_half<0>(acc, half, upper, f00, f10, f01, f11, fm0, fm1);
+}
+
+// One k-block of a HALVES tile (BN = 192): columns 0-95 and 96-191 as two commit groups; the first
+// half is promoted while the second half's wgmmas run. db_lo / db_hi: B rows 0-95 / 96-191 of the
+// stage. `upper_needed` = false (N's tail tile, columns 96-191 past N) issues the first half only.
+template <int CLUSTER>
+__device__ __forceinline__ void halves_kblock(float (&acc)[96], uint64_t da, uint64_t db_lo, uint64_t db_hi,
+                                              bool upper_needed, float f00, float f10, float f01, float f11,
+                                              float fm0, float fm1, uint32_t bar_empty, int lane) {
+  float lo[48], hi[48];
+  fence_regs(lo);
+  if (upper_needed) {  // each path issues, waits and promotes on its own: no wgmma wait under a branch
+    fence_regs(hi);
+    wgmma_fence();
+    wgmma_kblock_n96(lo, da, db_lo);
+    wgmma_commit();
+    wgmma_kblock_n96(hi, da, db_hi);
+    wgmma_commit();
+    wgmma_wait1();
+    fence_regs(lo);
+    promote_half<0>(acc, lo, false, f00, f10, f01, f11, fm0, fm1);
+    wgmma_wait0();
+    fence_regs(hi);
+    release_stage<CLUSTER>(bar_empty, lane);
+    promote_half<48>(acc, hi, true, f00, f10, f01, f11, fm0, fm1);
+  } else {
+    wgmma_fence();
+    wgmma_kblock_n96(lo, da, db_lo);
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(lo);
+    release_stage<CLUSTER>(bar_empty, lane);
+    promote_half<0>(acc, lo, false, f00, f10, f01, f11, fm0, fm1);
   }
 }
 
@@ -445,8 +496,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(bar_full + 8 * s, 1 + 32);  // producer lane 0's arrive_expect_tx + 32 cp.async arrivals
-      // One arrival per math warp of every CTA of the cluster: a stage is refilled (its multicast
-      // shares land in the peers too) only when every CTA of the cluster has consumed it.
+      // One arrival per math warp of every CTA of the cluster: a stage is refilled (A, or B with
+      // SHARE_B, multicast into both CTAs) only when both have consumed it.
       mbar_init(bar_empty + 8 * s, CLUSTER * kMathThreads / 32);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -528,19 +579,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t full = bar_full + 8 * stage;
           if (lane == 0) {
             const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-            if constexpr (Cfg::GRID2X2) {
-              // Rank r = rm + 2 rn loads rows [64 rn, +64) of its A tile into both CTAs of m-tile rm
-              // (ranks rm, rm + 2) and rows [BN/2 rm, +BN/2) of its B tile into both CTAs of n-tile rn
-              // (ranks 2 rn, 2 rn + 1). Ghosts load their shares too (a peer may need them; boxes
-              // past the tensors are zero-filled), so every CTA always receives both whole tiles.
-              const int rm = rank % CM, rn = rank / CM;            // as decode_tile
-              constexpr int a_share = BM / CN, b_share = BN / CM;  // the tensor maps' box rows
-              mbar_expect_tx(full, Cfg::A_BYTES + Cfg::B_BYTES);
-              tma_load_2d_multicast(sa + rn * a_share * BK, &tmap_a, full, kb * BK, tile.row0 + rn * a_share,
-                                    (uint16_t)(0b0101 << rm));
-              tma_load_2d_multicast(sa + Cfg::A_BYTES + rm * b_share * BK, &tmap_b, full, kb * BK,
-                                    b_row + rm * b_share, (uint16_t)(0b0011 << (2 * rn)));
-            } else if constexpr (Cfg::SHARE_B) {
+            if constexpr (Cfg::SHARE_B) {
               // Every CTA of the cluster receives the whole B tile (its own half and the peer's),
               // and its own A tile unless it is a ghost.
               constexpr int share = BN / CLUSTER;  // rows of B this CTA loads for the cluster
@@ -576,8 +615,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if constexpr (CLUSTER > 1) {
-        // Drain: wait until every stage's last use was released by the math warps of every CTA of
-        // the cluster. The peers' arrivals land in this CTA's shared memory, which must outlive them.
+        // Drain: wait until every stage's last use was released by the math warps of both CTAs.
+        // The peer's arrivals land in this CTA's shared memory, which must outlive them.
         for (int i = 0; i < STAGES; ++i) {
           mbar_wait(bar_empty + 8 * stage, phase ^ 1);
           if (++stage == STAGES)
@@ -648,6 +687,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (Cfg::SPLIT_NARROW)
             split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
                                        f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
+        } else if constexpr (Cfg::HALVES) {
+          halves_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES),
+                                 sw128_desc(sa + Cfg::A_BYTES + 96 * BK), n0 + 96 < n, f00, f10, f01, f11,
+                                 fm0, fm1, bar_empty + 8 * stage, lane);
         } else {
 #pragma unroll
           for (int s = 0; s < SLABS; ++s) {
@@ -870,8 +913,7 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
   if (m_total == 0)
     return cudaSuccess;
   CUtensorMap map_a, map_b, map_d;
-  // Box rows: the share of each operand a CTA loads (BM / CN rows of A, BN / CM rows of B; the whole
-  // tile where the operand is not multicast).
+  // Box rows: the share of the multicast operand a CTA loads (A's rows unless SHARE_B, else B's).
   if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM / Cfg::CN) ||
       !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN / Cfg::CM) ||
       !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
@@ -918,13 +960,11 @@ using CfgV2_192x4_NS = ConfigV2<192, 4, 1, true>;
 using CfgV3_192x4_NS = ConfigV2<192, 4, 2, true>;
 using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
 using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
-using CfgV5_128x5 = ConfigV2<128, 5, 4>;
-using CfgV5_192x4 = ConfigV2<192, 4, 4>;
+using CfgV2_192x4_H = ConfigV2<192, 4, 1, false, false, true>;
+using CfgV3_192x4_H = ConfigV2<192, 4, 2, false, false, true>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV5_128x5::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV5_192x4::smem_bytes(kMaxExperts) <= 232448,
+                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
 
 }  // namespace fp8g
