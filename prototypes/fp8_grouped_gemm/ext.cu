@@ -13,32 +13,19 @@ using namespace moe_kernels::fp8g;
 constexpr int kNumConfigs = 12;
 const char* config_name(int c) {
   switch (c) {
-    case 0:
-      return "V2_BN128_S5";
-    case 1:
-      return "V2_BN192_S4";
-    case 2:
-      return "V2_BN256_S3";
-    case 3:
-      return "V3_BN128_S5_C2";
-    case 4:
-      return "V3_BN192_S4_C2";
-    case 5:
-      return "V3_BN256_S3_C2";
-    case 6:
-      return "V2_BN192_S4_NS";
-    case 7:
-      return "V3_BN192_S4_C2_NS";
-    case 8:
-      return "V4_BN192_S4_M2";
-    case 9:
-      return "V4_BN192_S4_M2_NS";
-    case 10:
-      return "V2_BN192_S4_H";
-    case 11:
-      return "V3_BN192_S4_C2_H";
-    default:
-      return "?";
+    case 0: return "V2_BN128_S5";
+    case 1: return "V2_BN192_S4";
+    case 2: return "V2_BN256_S3";
+    case 3: return "V3_BN128_S5_C2";
+    case 4: return "V3_BN192_S4_C2";
+    case 5: return "V3_BN256_S3_C2";
+    case 6: return "V2_BN192_S4_NS";
+    case 7: return "V3_BN192_S4_C2_NS";
+    case 8: return "V4_BN192_S4_M2";
+    case 9: return "V4_BN192_S4_M2_NS";
+    case 10: return "V2_BN192_S4_H";
+    case 11: return "V3_BN192_S4_C2_H";
+    default: return "?";
   }
 }
 
@@ -46,36 +33,23 @@ const char* config_name(int c) {
 cudaError_t run_config(int config, const void* a, const float* a_scales, const void* b, const float* b_scales,
                        const int32_t* offsets, void* out, int64_t m_total, int n, int k, int num_experts,
                        int device, int num_sms, cudaStream_t stream) {
-#define FP8G_CALL(C)                                                                                      \
-  fp8_grouped_run<C>(a, a_scales, b, b_scales, offsets, out, nullptr, m_total, n, k, num_experts, device, \
-                     num_sms, /*pdl=*/true, stream)
+#define FP8G_CALL(C) \
+  fp8_grouped_run<C>(a, a_scales, b, b_scales, offsets, out, nullptr, m_total, n, k, num_experts, device, num_sms, \
+                     /*pdl=*/true, stream)
   switch (config) {
-    case 0:
-      return FP8G_CALL(CfgV2_128x5);
-    case 1:
-      return FP8G_CALL(CfgV2_192x4);
-    case 2:
-      return FP8G_CALL(CfgV2_256x3);
-    case 3:
-      return FP8G_CALL(CfgV3_128x5);
-    case 4:
-      return FP8G_CALL(CfgV3_192x4);
-    case 5:
-      return FP8G_CALL(CfgV3_256x3);
-    case 6:
-      return FP8G_CALL(CfgV2_192x4_NS);
-    case 7:
-      return FP8G_CALL(CfgV3_192x4_NS);
-    case 8:
-      return FP8G_CALL(CfgV4_192x4);
-    case 9:
-      return FP8G_CALL(CfgV4_192x4_NS);
-    case 10:
-      return FP8G_CALL(CfgV2_192x4_H);
-    case 11:
-      return FP8G_CALL(CfgV3_192x4_H);
-    default:
-      return cudaErrorInvalidValue;
+    case 0: return FP8G_CALL(CfgV2_128x5);
+    case 1: return FP8G_CALL(CfgV2_192x4);
+    case 2: return FP8G_CALL(CfgV2_256x3);
+    case 3: return FP8G_CALL(CfgV3_128x5);
+    case 4: return FP8G_CALL(CfgV3_192x4);
+    case 5: return FP8G_CALL(CfgV3_256x3);
+    case 6: return FP8G_CALL(CfgV2_192x4_NS);
+    case 7: return FP8G_CALL(CfgV3_192x4_NS);
+    case 8: return FP8G_CALL(CfgV4_192x4);
+    case 9: return FP8G_CALL(CfgV4_192x4_NS);
+    case 10: return FP8G_CALL(CfgV2_192x4_H);
+    case 11: return FP8G_CALL(CfgV3_192x4_H);
+    default: return cudaErrorInvalidValue;
   }
 #undef FP8G_CALL
 }
@@ -107,14 +81,13 @@ void run(const torch::Tensor& a, const torch::Tensor& a_scales, const torch::Ten
               "b_scales must be [E, N/128, K/128]");
   TORCH_CHECK(out.size(0) == m && out.size(1) == n, "out must be [M, N]");
   TORCH_CHECK(config >= 0 && config < kNumConfigs, "config out of range");
-  if (m == 0)
-    return;
+  if (m == 0) return;
   const c10::cuda::CUDAGuard guard(a.device());
   static int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const cudaError_t err =
-      run_config((int)config, a.data_ptr(), a_scales.data_ptr<float>(), b.data_ptr(),
-                 b_scales.data_ptr<float>(), offsets.data_ptr<int32_t>(), out.data_ptr(), m, (int)n, (int)k,
-                 (int)e, a.get_device(), num_sms, at::cuda::getCurrentCUDAStream());
+      run_config((int)config, a.data_ptr(), a_scales.data_ptr<float>(), b.data_ptr(), b_scales.data_ptr<float>(),
+                 offsets.data_ptr<int32_t>(), out.data_ptr(), m, (int)n, (int)k, (int)e, a.get_device(), num_sms,
+                 at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fp8_grouped_run failed: ", cudaGetErrorString(err));
 }
 
