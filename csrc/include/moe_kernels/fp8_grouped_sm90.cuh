@@ -291,7 +291,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
 template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          bool HALVES_ = false>
+          int HALVES_ = 0>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
@@ -312,7 +312,9 @@ struct ConfigV2 {
   // temporary). The warpgroup promotes the first half while the tensor cores still work on the
   // second, instead of waiting for the whole k-block and then promoting with nothing in flight; a
   // tile whose columns 96-191 are all past N (N's tail tile) skips the second half.
-  static constexpr bool HALVES = HALVES_;
+  // HALVES = 2 (configs *_HP) also pipelines across k-blocks: the next k-block's first half is
+  // issued before this k-block's second half is promoted, so one half is always in flight.
+  static constexpr int HALVES = HALVES_;
   static_assert(!HALVES || (BN == 192 && !SPLIT_NARROW),
                 "halves are written for BN = 192 without split tiles");
   static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
@@ -465,6 +467,74 @@ __device__ __forceinline__ void halves_kblock(float (&acc)[96], uint64_t da, uin
     release_stage<CLUSTER>(bar_empty, lane);
     promote_half<0>(acc, lo, false, f00, f10, f01, f11, fm0, fm1);
   }
+}
+
+// The row x b-scale factors of one k-block (the kernel's f00 ... fm1), read from the stage's scales.
+struct KScales {
+  float f00, f10, f01, f11, fm0, fm1;
+};
+__device__ __forceinline__ KScales load_kscales(uint32_t sc, int a_off, int rw, bool mid_second) {
+  const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4), sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
+  const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
+  const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
+  return {f00, f10, f01, f11, mid_second ? f01 : f00, mid_second ? f11 : f10};
+}
+
+// The k-loop of one tile with HALVES = 2 (both halves needed, kb_count >= 1), software-pipelined:
+//   issue lo(0), hi(0); for each kb: wait lo(kb), promote it; issue lo(kb + 1); wait hi(kb), release
+//   the stage, promote hi(kb); issue hi(kb + 1)
+// so the warpgroup always has one half on the tensor cores while it promotes the other. The last
+// k-block is peeled: no wgmma wait sits under a branch (ptxas would serialise every wgmma, C7520).
+// `stage` / `phase` advance by kb_count, as the plain loop's do.
+template <class Cfg>
+__device__ __forceinline__ void halves_pipelined_tile(float (&acc)[96], uint32_t base, uint32_t smem_sc,
+                                                      uint32_t bar_full, uint32_t bar_empty, int kb_count,
+                                                      int a_off, int rw, bool mid_second, int lane,
+                                                      int& stage, uint32_t& phase) {
+  float lo[48], hi[48];
+  const auto desc_a = [&](int st) { return sw128_desc(base + st * Cfg::STAGE_BYTES + a_off * BK); };
+  const auto desc_b = [&](int st, int row) {
+    return sw128_desc(base + st * Cfg::STAGE_BYTES + Cfg::A_BYTES + row * BK);
+  };
+  mbar_wait(bar_full + 8 * stage, phase);
+  KScales f = load_kscales(smem_sc + stage * Cfg::SC_BYTES, a_off, rw, mid_second);
+  fence_regs(lo);
+  fence_regs(hi);
+  wgmma_fence();
+  wgmma_kblock_n96(lo, desc_a(stage), desc_b(stage, 0));
+  wgmma_commit();
+  wgmma_kblock_n96(hi, desc_a(stage), desc_b(stage, 96));
+  wgmma_commit();
+  for (int kb = 0; kb + 1 < kb_count; ++kb) {
+    const int cur = stage;
+    const KScales fc = f;
+    wgmma_wait1();  // lo(kb) done; hi(kb) may still run
+    fence_regs(lo);
+    promote_half<0>(acc, lo, false, fc.f00, fc.f10, fc.f01, fc.f11, fc.fm0, fc.fm1);
+    if (++stage == Cfg::STAGES)
+      stage = 0, phase ^= 1;
+    mbar_wait(bar_full + 8 * stage, phase);
+    f = load_kscales(smem_sc + stage * Cfg::SC_BYTES, a_off, rw, mid_second);
+    wgmma_fence();
+    wgmma_kblock_n96(lo, desc_a(stage), desc_b(stage, 0));
+    wgmma_commit();
+    wgmma_wait1();  // hi(kb) done; lo(kb + 1) may still run
+    fence_regs(hi);
+    release_stage<Cfg::CLUSTER>(bar_empty + 8 * cur, lane);
+    promote_half<48>(acc, hi, true, fc.f00, fc.f10, fc.f01, fc.f11, fc.fm0, fc.fm1);
+    wgmma_fence();
+    wgmma_kblock_n96(hi, desc_a(stage), desc_b(stage, 96));
+    wgmma_commit();
+  }
+  wgmma_wait1();
+  fence_regs(lo);
+  promote_half<0>(acc, lo, false, f.f00, f.f10, f.f01, f.f11, f.fm0, f.fm1);
+  wgmma_wait0();
+  fence_regs(hi);
+  release_stage<Cfg::CLUSTER>(bar_empty + 8 * stage, lane);
+  promote_half<48>(acc, hi, true, f.f00, f.f10, f.f01, f.f11, f.fm0, f.fm1);
+  if (++stage == Cfg::STAGES)
+    stage = 0, phase ^= 1;
 }
 
 template <class Cfg>
@@ -670,63 +740,69 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < WN / 2; ++i)
         acc[s][i] = 0.f;
 
-    for (int kb = 0; kb < kb_count; ++kb) {
-      const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-      const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
-      mbar_wait(bar_full + 8 * stage, phase);
-      if (active) {
-        // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
-        // (its value used) before the stage is released below.
-        const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
-                    sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
-        const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
-        const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
-        const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
-        const uint64_t da = sw128_desc(sa + a_off * BK);
-        if (split) {
-          if constexpr (Cfg::SPLIT_NARROW)
-            split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
-                                       f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
-        } else if constexpr (Cfg::HALVES) {
-          halves_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES),
-                                 sw128_desc(sa + Cfg::A_BYTES + 96 * BK), n0 + 96 < n, f00, f10, f01, f11,
-                                 fm0, fm1, bar_empty + 8 * stage, lane);
-        } else {
+    if (Cfg::HALVES == 2 && active && n0 + 96 < n) {
+      if constexpr (Cfg::HALVES == 2)
+        halves_pipelined_tile<Cfg>(acc[0], base, smem_sc, bar_full, bar_empty, kb_count, a_off, rw,
+                                   mid_second, lane, stage, phase);
+    } else {
+      for (int kb = 0; kb < kb_count; ++kb) {
+        const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+        const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
+        mbar_wait(bar_full + 8 * stage, phase);
+        if (active) {
+          // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
+          // (its value used) before the stage is released below.
+          const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
+                      sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
+          const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
+          const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
+          const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
+          const uint64_t da = sw128_desc(sa + a_off * BK);
+          if (split) {
+            if constexpr (Cfg::SPLIT_NARROW)
+              split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
+                                         f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
+          } else if constexpr (Cfg::HALVES != 0) {
+            halves_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES),
+                                   sw128_desc(sa + Cfg::A_BYTES + 96 * BK), n0 + 96 < n, f00, f10, f01, f11,
+                                   fm0, fm1, bar_empty + 8 * stage, lane);
+          } else {
 #pragma unroll
-          for (int s = 0; s < SLABS; ++s) {
-            if (s >= s_lo && s < s_hi) {
-              const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
-              fence_regs(tmp);
-              wgmma_fence();
-              wgmma_k32<WN, 0>(tmp, da, db);
-              wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
-              wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
-              wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
-              wgmma_commit();
-              wgmma_wait0();
-              fence_regs(tmp);
-              if (s == s_hi - 1)
-                release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+            for (int s = 0; s < SLABS; ++s) {
+              if (s >= s_lo && s < s_hi) {
+                const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
+                fence_regs(tmp);
+                wgmma_fence();
+                wgmma_k32<WN, 0>(tmp, da, db);
+                wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
+                wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
+                wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
+                wgmma_commit();
+                wgmma_wait0();
+                fence_regs(tmp);
+                if (s == s_hi - 1)
+                  release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
 #pragma unroll
-              for (int i = 0; i < WN / 8; ++i) {
-                // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
-                // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
-                const int c = s * WN + 8 * i;
-                const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
-                const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
-                acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
-                acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
-                acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
-                acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
+                for (int i = 0; i < WN / 8; ++i) {
+                  // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
+                  // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
+                  const int c = s * WN + 8 * i;
+                  const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
+                  const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
+                  acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
+                  acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
+                  acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
+                  acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
+                }
               }
             }
           }
+        } else {
+          release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
         }
-      } else {
-        release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+        if (++stage == STAGES)
+          stage = 0, phase ^= 1;
       }
-      if (++stage == STAGES)
-        stage = 0, phase ^= 1;
     }
 
     // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [col0, +ncols), through
@@ -960,8 +1036,10 @@ using CfgV2_192x4_NS = ConfigV2<192, 4, 1, true>;
 using CfgV3_192x4_NS = ConfigV2<192, 4, 2, true>;
 using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
 using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
-using CfgV2_192x4_H = ConfigV2<192, 4, 1, false, false, true>;
-using CfgV3_192x4_H = ConfigV2<192, 4, 2, false, false, true>;
+using CfgV2_192x4_H = ConfigV2<192, 4, 1, false, false, 1>;
+using CfgV3_192x4_H = ConfigV2<192, 4, 2, false, false, 1>;
+using CfgV2_192x4_HP = ConfigV2<192, 4, 1, false, false, 2>;
+using CfgV3_192x4_HP = ConfigV2<192, 4, 2, false, false, 2>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
