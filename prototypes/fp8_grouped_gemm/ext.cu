@@ -10,7 +10,7 @@ namespace {
 
 using namespace moe_kernels::fp8g;
 
-constexpr int kNumConfigs = 14;
+constexpr int kNumConfigs = 10;
 const char* config_name(int c) {
   switch (c) {
     case 0: return "V2_BN128_S5";
@@ -23,10 +23,6 @@ const char* config_name(int c) {
     case 7: return "V3_BN192_S4_C2_NS";
     case 8: return "V4_BN192_S4_M2";
     case 9: return "V4_BN192_S4_M2_NS";
-    case 10: return "V2_BN192_S4_H";
-    case 11: return "V3_BN192_S4_C2_H";
-    case 12: return "V2_BN192_S4_HP";
-    case 13: return "V3_BN192_S4_C2_HP";
     default: return "?";
   }
 }
@@ -49,10 +45,6 @@ cudaError_t run_config(int config, const void* a, const float* a_scales, const v
     case 7: return FP8G_CALL(CfgV3_192x4_NS);
     case 8: return FP8G_CALL(CfgV4_192x4);
     case 9: return FP8G_CALL(CfgV4_192x4_NS);
-    case 10: return FP8G_CALL(CfgV2_192x4_H);
-    case 11: return FP8G_CALL(CfgV3_192x4_H);
-    case 12: return FP8G_CALL(CfgV2_192x4_HP);
-    case 13: return FP8G_CALL(CfgV3_192x4_HP);
     default: return cudaErrorInvalidValue;
   }
 #undef FP8G_CALL

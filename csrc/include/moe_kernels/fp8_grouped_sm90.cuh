@@ -146,10 +146,6 @@ __device__ __forceinline__ void wgmma_commit() {
 __device__ __forceinline__ void wgmma_wait0() {
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
-// All but the most recent commit group are done.
-__device__ __forceinline__ void wgmma_wait1() {
-  asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-}
 
 // Pins accumulator registers at this point of the program order: without it the compiler may read
 // wgmma results before wgmma.wait (they look like ordinary asm outputs) or move FFMAs across it.
@@ -196,7 +192,7 @@ __device__ __forceinline__ void wgmma_m64n192k32(float (&d)[96], uint64_t da, ui
         FP8G_D8(64), FP8G_D8(72), FP8G_D8(80), FP8G_D8(88)
       : "l"(da), "l"(db), "n"(ACCUM));
 }
-// d[48] (+)= A(64x32) * B(96x32)^T: half of a BN = 192 tile, for the split narrow tiles and HALVES.
+// d[48] (+)= A(64x32) * B(96x32)^T: half of a BN = 192 tile, for the split narrow tiles.
 template <int ACCUM>
 __device__ __forceinline__ void wgmma_m64n96k32(float (&d)[48], uint64_t da, uint64_t db) {
   asm volatile(
@@ -290,8 +286,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //   * PDL: launched with programmatic stream serialisation; griddepcontrol.wait before any global
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
-template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          int HALVES_ = 0>
+template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
@@ -307,16 +302,6 @@ struct ConfigV2 {
   // and one n-tile instead; each loads half of the B (weight) tile and multicasts it to both.
   static constexpr bool SHARE_B = SHARE_B_;
   static_assert(!SHARE_B || CLUSTER == 2, "SHARE_B needs a cluster of 2");
-  // HALVES (configs *_H, BN = 192): a k-block's wgmmas go out as two commit groups, columns 0-95 and
-  // 96-191 (m64n96, each into its own 48-register temporary: the same 96 registers as one n192
-  // temporary). The warpgroup promotes the first half while the tensor cores still work on the
-  // second, instead of waiting for the whole k-block and then promoting with nothing in flight; a
-  // tile whose columns 96-191 are all past N (N's tail tile) skips the second half.
-  // HALVES = 2 (configs *_HP) also pipelines across k-blocks: the next k-block's first half is
-  // issued before this k-block's second half is promoted, so one half is always in flight.
-  static constexpr int HALVES = HALVES_;
-  static_assert(!HALVES || (BN == 192 && !SPLIT_NARROW),
-                "halves are written for BN = 192 without split tiles");
   static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
   static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
@@ -390,36 +375,10 @@ __device__ __forceinline__ void wgmma_k32(float (&d)[WN / 2], uint64_t da, uint6
     wgmma_m64n192k32<ACCUM>(d, da, db);
 }
 
-// final[OFF + .] += half * scale for one 64 x 96 half of a BN = 192 tile's columns: `upper` is the half
-// at tile columns 96-191. b-scale block by tile column, as in the kernel: the lower half has columns
-// 0-95 (block 0, then the middle chunk from 64), the upper half 96-191 (the middle chunk to 127, then
-// block 1). f**: the k-block's row x b-scale factors as the kernel names them.
-template <int OFF>
-__device__ __forceinline__ void promote_half(float (&acc)[96], const float (&half)[48], bool upper, float f00,
-                                             float f10, float f01, float f11, float fm0, float fm1) {
-  const float q0[3] = {upper ? fm0 : f00, upper ? f01 : f00, upper ? f01 : fm0};
-  const float q1[3] = {upper ? fm1 : f10, upper ? f11 : f10, upper ? f11 : fm1};
-#pragma unroll
-  for (int i = 0; i < 12; ++i) {  // 8-column chunk i of the half
-    const float g0 = q0[i / 4], g1 = q1[i / 4];
-    acc[OFF + 4 * i + 0] = fmaf(half[4 * i + 0], g0, acc[OFF + 4 * i + 0]);
-    acc[OFF + 4 * i + 1] = fmaf(half[4 * i + 1], g0, acc[OFF + 4 * i + 1]);
-    acc[OFF + 4 * i + 2] = fmaf(half[4 * i + 2], g1, acc[OFF + 4 * i + 2]);
-    acc[OFF + 4 * i + 3] = fmaf(half[4 * i + 3], g1, acc[OFF + 4 * i + 3]);
-  }
-}
-
-// The four k-steps of one k-block into a 64 x 96 temporary (db: its 96 B rows, 1024-aligned).
-__device__ __forceinline__ void wgmma_kblock_n96(float (&half)[48], uint64_t da, uint64_t db) {
-  wgmma_m64n96k32<0>(half, da, db);
-  wgmma_m64n96k32<1>(half, da + 2, db + 2);
-  wgmma_m64n96k32<1>(half, da + 4, db + 4);
-  wgmma_m64n96k32<1>(half, da + 6, db + 6);
-}
-
 // One k-block of a split narrow tile (SPLIT_NARROW, BN = 192): this warpgroup's 64 x 96 half of the
-// tile's columns, promoted into acc[0..47]. `half` is its own array: a view of the kernel's tmp
-// registers made ptxas serialise every wgmma (C7511).
+// tile's columns (db: its 96 B rows, 1024-aligned), promoted into acc[0..47]. `upper`: the half at
+// tile columns 96-191. f**: the k-block's row x b-scale factors as the kernel names them. `half` is
+// its own array: a view of the kernel's tmp registers made ptxas serialise every wgmma (C7511).
 template <int CLUSTER>
 __device__ __forceinline__ void split_half_kblock(float (&acc)[96], uint64_t da, uint64_t db, bool upper,
                                                   float f00, float f10, float f01, float f11, float fm0,
@@ -427,114 +386,26 @@ __device__ __forceinline__ void split_half_kblock(float (&acc)[96], uint64_t da,
   float half[48];
   fence_regs(half);
   wgmma_fence();
-  wgmma_kblock_n96(half, da, db);
+  wgmma_m64n96k32<0>(half, da, db);
+  wgmma_m64n96k32<1>(half, da + 2, db + 2);
+  wgmma_m64n96k32<1>(half, da + 4, db + 4);
+  wgmma_m64n96k32<1>(half, da + 6, db + 6);
   wgmma_commit();
   wgmma_wait0();
   fence_regs(half);
   release_stage<CLUSTER>(bar_empty, lane);
-  promote_half<0>(acc, half, upper, f00, f10, f01, f11, fm0, fm1);
-}
-
-// One k-block of a HALVES tile (BN = 192): columns 0-95 and 96-191 as two commit groups; the first
-// half is promoted while the second half's wgmmas run. db_lo / db_hi: B rows 0-95 / 96-191 of the
-// stage. `upper_needed` = false (N's tail tile, columns 96-191 past N) issues the first half only.
-template <int CLUSTER>
-__device__ __forceinline__ void halves_kblock(float (&acc)[96], uint64_t da, uint64_t db_lo, uint64_t db_hi,
-                                              bool upper_needed, float f00, float f10, float f01, float f11,
-                                              float fm0, float fm1, uint32_t bar_empty, int lane) {
-  float lo[48], hi[48];
-  fence_regs(lo);
-  if (upper_needed) {  // each path issues, waits and promotes on its own: no wgmma wait under a branch
-    fence_regs(hi);
-    wgmma_fence();
-    wgmma_kblock_n96(lo, da, db_lo);
-    wgmma_commit();
-    wgmma_kblock_n96(hi, da, db_hi);
-    wgmma_commit();
-    wgmma_wait1();
-    fence_regs(lo);
-    promote_half<0>(acc, lo, false, f00, f10, f01, f11, fm0, fm1);
-    wgmma_wait0();
-    fence_regs(hi);
-    release_stage<CLUSTER>(bar_empty, lane);
-    promote_half<48>(acc, hi, true, f00, f10, f01, f11, fm0, fm1);
-  } else {
-    wgmma_fence();
-    wgmma_kblock_n96(lo, da, db_lo);
-    wgmma_commit();
-    wgmma_wait0();
-    fence_regs(lo);
-    release_stage<CLUSTER>(bar_empty, lane);
-    promote_half<0>(acc, lo, false, f00, f10, f01, f11, fm0, fm1);
+  // b-scale block by tile column, as in the kernel: the lower half has columns 0-95 (block 0, then
+  // the middle chunk from 64), the upper half columns 96-191 (the middle chunk to 127, then block 1).
+  const float q0[3] = {upper ? fm0 : f00, upper ? f01 : f00, upper ? f01 : fm0};
+  const float q1[3] = {upper ? fm1 : f10, upper ? f11 : f10, upper ? f11 : fm1};
+#pragma unroll
+  for (int i = 0; i < 12; ++i) {  // 8-column chunk i of the half
+    const float g0 = q0[i / 4], g1 = q1[i / 4];
+    acc[4 * i + 0] = fmaf(half[4 * i + 0], g0, acc[4 * i + 0]);
+    acc[4 * i + 1] = fmaf(half[4 * i + 1], g0, acc[4 * i + 1]);
+    acc[4 * i + 2] = fmaf(half[4 * i + 2], g1, acc[4 * i + 2]);
+    acc[4 * i + 3] = fmaf(half[4 * i + 3], g1, acc[4 * i + 3]);
   }
-}
-
-// The row x b-scale factors of one k-block (the kernel's f00 ... fm1), read from the stage's scales.
-struct KScales {
-  float f00, f10, f01, f11, fm0, fm1;
-};
-__device__ __forceinline__ KScales load_kscales(uint32_t sc, int a_off, int rw, bool mid_second) {
-  const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4), sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
-  const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
-  const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
-  return {f00, f10, f01, f11, mid_second ? f01 : f00, mid_second ? f11 : f10};
-}
-
-// The k-loop of one tile with HALVES = 2 (both halves needed, kb_count >= 1), software-pipelined:
-//   issue lo(0), hi(0); for each kb: wait lo(kb), promote it; issue lo(kb + 1); wait hi(kb), release
-//   the stage, promote hi(kb); issue hi(kb + 1)
-// so the warpgroup always has one half on the tensor cores while it promotes the other. The last
-// k-block is peeled: no wgmma wait sits under a branch (ptxas would serialise every wgmma, C7520).
-// `stage` / `phase` advance by kb_count, as the plain loop's do.
-template <class Cfg>
-__device__ __forceinline__ void halves_pipelined_tile(float (&acc)[96], uint32_t base, uint32_t smem_sc,
-                                                      uint32_t bar_full, uint32_t bar_empty, int kb_count,
-                                                      int a_off, int rw, bool mid_second, int lane,
-                                                      int& stage, uint32_t& phase) {
-  float lo[48], hi[48];
-  const auto desc_a = [&](int st) { return sw128_desc(base + st * Cfg::STAGE_BYTES + a_off * BK); };
-  const auto desc_b = [&](int st, int row) {
-    return sw128_desc(base + st * Cfg::STAGE_BYTES + Cfg::A_BYTES + row * BK);
-  };
-  mbar_wait(bar_full + 8 * stage, phase);
-  KScales f = load_kscales(smem_sc + stage * Cfg::SC_BYTES, a_off, rw, mid_second);
-  fence_regs(lo);
-  fence_regs(hi);
-  wgmma_fence();
-  wgmma_kblock_n96(lo, desc_a(stage), desc_b(stage, 0));
-  wgmma_commit();
-  wgmma_kblock_n96(hi, desc_a(stage), desc_b(stage, 96));
-  wgmma_commit();
-  for (int kb = 0; kb + 1 < kb_count; ++kb) {
-    const int cur = stage;
-    const KScales fc = f;
-    wgmma_wait1();  // lo(kb) done; hi(kb) may still run
-    fence_regs(lo);
-    promote_half<0>(acc, lo, false, fc.f00, fc.f10, fc.f01, fc.f11, fc.fm0, fc.fm1);
-    if (++stage == Cfg::STAGES)
-      stage = 0, phase ^= 1;
-    mbar_wait(bar_full + 8 * stage, phase);
-    f = load_kscales(smem_sc + stage * Cfg::SC_BYTES, a_off, rw, mid_second);
-    wgmma_fence();
-    wgmma_kblock_n96(lo, desc_a(stage), desc_b(stage, 0));
-    wgmma_commit();
-    wgmma_wait1();  // hi(kb) done; lo(kb + 1) may still run
-    fence_regs(hi);
-    release_stage<Cfg::CLUSTER>(bar_empty + 8 * cur, lane);
-    promote_half<48>(acc, hi, true, fc.f00, fc.f10, fc.f01, fc.f11, fc.fm0, fc.fm1);
-    wgmma_fence();
-    wgmma_kblock_n96(hi, desc_a(stage), desc_b(stage, 96));
-    wgmma_commit();
-  }
-  wgmma_wait1();
-  fence_regs(lo);
-  promote_half<0>(acc, lo, false, f.f00, f.f10, f.f01, f.f11, f.fm0, f.fm1);
-  wgmma_wait0();
-  fence_regs(hi);
-  release_stage<Cfg::CLUSTER>(bar_empty + 8 * stage, lane);
-  promote_half<48>(acc, hi, true, f.f00, f.f10, f.f01, f.f11, f.fm0, f.fm1);
-  if (++stage == Cfg::STAGES)
-    stage = 0, phase ^= 1;
 }
 
 template <class Cfg>
@@ -740,69 +611,59 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < WN / 2; ++i)
         acc[s][i] = 0.f;
 
-    if (Cfg::HALVES == 2 && active && n0 + 96 < n) {
-      if constexpr (Cfg::HALVES == 2)
-        halves_pipelined_tile<Cfg>(acc[0], base, smem_sc, bar_full, bar_empty, kb_count, a_off, rw,
-                                   mid_second, lane, stage, phase);
-    } else {
-      for (int kb = 0; kb < kb_count; ++kb) {
-        const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-        const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
-        mbar_wait(bar_full + 8 * stage, phase);
-        if (active) {
-          // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
-          // (its value used) before the stage is released below.
-          const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
-                      sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
-          const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
-          const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
-          const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
-          const uint64_t da = sw128_desc(sa + a_off * BK);
-          if (split) {
-            if constexpr (Cfg::SPLIT_NARROW)
-              split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
-                                         f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
-          } else if constexpr (Cfg::HALVES != 0) {
-            halves_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES),
-                                   sw128_desc(sa + Cfg::A_BYTES + 96 * BK), n0 + 96 < n, f00, f10, f01, f11,
-                                   fm0, fm1, bar_empty + 8 * stage, lane);
-          } else {
+    for (int kb = 0; kb < kb_count; ++kb) {
+      const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+      const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
+      mbar_wait(bar_full + 8 * stage, phase);
+      if (active) {
+        // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
+        // (its value used) before the stage is released below.
+        const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
+                    sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
+        const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
+        const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
+        const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
+        const uint64_t da = sw128_desc(sa + a_off * BK);
+        if (split) {
+          if constexpr (Cfg::SPLIT_NARROW)
+            split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
+                                       f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
+        } else {
 #pragma unroll
-            for (int s = 0; s < SLABS; ++s) {
-              if (s >= s_lo && s < s_hi) {
-                const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
-                fence_regs(tmp);
-                wgmma_fence();
-                wgmma_k32<WN, 0>(tmp, da, db);
-                wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
-                wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
-                wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
-                wgmma_commit();
-                wgmma_wait0();
-                fence_regs(tmp);
-                if (s == s_hi - 1)
-                  release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+          for (int s = 0; s < SLABS; ++s) {
+            if (s >= s_lo && s < s_hi) {
+              const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
+              fence_regs(tmp);
+              wgmma_fence();
+              wgmma_k32<WN, 0>(tmp, da, db);
+              wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
+              wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
+              wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
+              wgmma_commit();
+              wgmma_wait0();
+              fence_regs(tmp);
+              if (s == s_hi - 1)
+                release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
 #pragma unroll
-                for (int i = 0; i < WN / 8; ++i) {
-                  // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
-                  // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
-                  const int c = s * WN + 8 * i;
-                  const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
-                  const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
-                  acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
-                  acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
-                  acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
-                  acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
-                }
+              for (int i = 0; i < WN / 8; ++i) {
+                // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
+                // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
+                const int c = s * WN + 8 * i;
+                const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
+                const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
+                acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
+                acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
+                acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
+                acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
               }
             }
           }
-        } else {
-          release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
         }
-        if (++stage == STAGES)
-          stage = 0, phase ^= 1;
+      } else {
+        release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
       }
+      if (++stage == STAGES)
+        stage = 0, phase ^= 1;
     }
 
     // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [col0, +ncols), through
@@ -1036,10 +897,6 @@ using CfgV2_192x4_NS = ConfigV2<192, 4, 1, true>;
 using CfgV3_192x4_NS = ConfigV2<192, 4, 2, true>;
 using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
 using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
-using CfgV2_192x4_H = ConfigV2<192, 4, 1, false, false, 1>;
-using CfgV3_192x4_H = ConfigV2<192, 4, 2, false, false, 1>;
-using CfgV2_192x4_HP = ConfigV2<192, 4, 1, false, false, 2>;
-using CfgV3_192x4_HP = ConfigV2<192, 4, 2, false, false, 2>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
