@@ -10,7 +10,7 @@ namespace {
 
 using namespace moe_kernels::fp8g;
 
-constexpr int kNumConfigs = 10;
+constexpr int kNumConfigs = 11;
 const char* config_name(int c) {
   switch (c) {
     case 0: return "V2_BN128_S5";
@@ -23,6 +23,7 @@ const char* config_name(int c) {
     case 7: return "V3_BN192_S4_C2_NS";
     case 8: return "V4_BN192_S4_M2";
     case 9: return "V4_BN192_S4_M2_NS";
+    case 10: return "V2_BN192_S4_KC";
     default: return "?";
   }
 }
@@ -45,6 +46,10 @@ cudaError_t run_config(int config, const void* a, const float* a_scales, const v
     case 7: return FP8G_CALL(CfgV3_192x4_NS);
     case 8: return FP8G_CALL(CfgV4_192x4);
     case 9: return FP8G_CALL(CfgV4_192x4_NS);
+    // K as a constant for the model's K (DeepSeek-V3's 7168 and 2048), V2 at run time otherwise.
+    case 10: return k == 7168 ? FP8G_CALL(CfgV2_192x4_K<7168>)
+                    : k == 2048 ? FP8G_CALL(CfgV2_192x4_K<2048>)
+                                : FP8G_CALL(CfgV2_192x4);
     default: return cudaErrorInvalidValue;
   }
 #undef FP8G_CALL

@@ -286,9 +286,15 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //   * PDL: launched with programmatic stream serialisation; griddepcontrol.wait before any global
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
-template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false>
+template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
+          int K_FIXED_ = 0>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
+  // K_FIXED (configs *_KC): K as a compile-time constant (DeepGEMM compiles its shapes into the
+  // kernel), so the k-loops have a constant trip count; 0: K at run time. A K_FIXED configuration
+  // refuses any other K.
+  static constexpr int K_FIXED = K_FIXED_;
+  static_assert(K_FIXED % 128 == 0 && K_FIXED >= 0, "K_FIXED: 0 or a multiple of 128");
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
   // the A tile and multicasts it to both, so A's L2 -> SM traffic halves.
   static constexpr int CLUSTER = CLUSTER_;
@@ -500,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---------------------------------------------------------------- producer warp (all 32 lanes)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (warp == kMathThreads / 32) {
-      const int kb_count = opaque(k) / BK, n_blocks = opaque(n) / 128;
+      const int kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK, n_blocks = opaque(n) / 128;
       int stage = 0, cursor = 0;
       uint32_t phase = 0;
       for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
@@ -575,7 +581,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   {
     const int tid_m = read_tid_x();
     warp = tid_m / 32, lane = tid_m % 32;
-    kb_count = opaque(k) / BK;
+    kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK;
   }
   const int wg = warp / 4;
   const int rw = (warp % 4) * 16 + lane / 4;  // fragment rows rw and rw + 8 of the warpgroup's 64
@@ -611,6 +617,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < WN / 2; ++i)
         acc[s][i] = 0.f;
 
+    // A constant K unrolls the k-loop by 8, as DeepGEMM's kernel does; a run-time K keeps it rolled.
+#pragma unroll Cfg::K_FIXED ? 8 : 1
     for (int kb = 0; kb < kb_count; ++kb) {
       const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
       const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
@@ -845,7 +853,7 @@ template <class Cfg>
 cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b, const float* b_scales,
                             const int32_t* offsets, void* out, int* error_flag, int64_t m_total, int n, int k,
                             int num_experts, int device, int num_sms, bool pdl, cudaStream_t stream) {
-  if (!fp8_grouped_supports(m_total, n, k, num_experts, out))
+  if (!fp8_grouped_supports(m_total, n, k, num_experts, out) || (Cfg::K_FIXED && k != Cfg::K_FIXED))
     return cudaErrorInvalidValue;
   if (m_total == 0)
     return cudaSuccess;
@@ -897,6 +905,8 @@ using CfgV2_192x4_NS = ConfigV2<192, 4, 1, true>;
 using CfgV3_192x4_NS = ConfigV2<192, 4, 2, true>;
 using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
 using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
+template <int K>
+using CfgV2_192x4_K = ConfigV2<192, 4, 1, false, false, K>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
