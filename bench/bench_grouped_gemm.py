@@ -183,11 +183,26 @@ def bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets, copy_tbps):
     return gemm_row(name, "bf16", counts, n, k, per_config, us_dense, {"x grouped_mm": us_torch}, copy_tbps)
 
 
-def bench_case(name, counts, n, k, dense_cache, copy_tbps):
+def case_inputs(counts, n, k, fp8=False):
+    """A case's operands: (offsets, a_bf16 randn [M, K], b_bf16 randn / sqrt(K) [E, N, K]), drawn
+    expert by expert (no fp32 temporary of all experts: 30 GB at 256 experts' gate_up); with fp8
+    also the quantised copies (a, a_scales, b, b_scales) as the FP8 rows use them. The prototypes'
+    and DeepGEMM's side-by-side benchmarks draw their inputs here too."""
     e, m = len(counts), sum(counts)
     offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
     a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
-    b_bf16 = (torch.randn(e, n, k, device="cuda") / k**0.5).bfloat16()
+    b_bf16 = torch.empty(e, n, k, device="cuda", dtype=torch.bfloat16)
+    for i in range(e):
+        b_bf16[i] = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
+    if not fp8:
+        return offsets, a_bf16, b_bf16
+    a, a_scales = moe_kernels.quantize_fp8(a_bf16)
+    b, b_scales = moe_kernels.quantize_fp8_weight(b_bf16)
+    return offsets, a_bf16, b_bf16, a, a_scales, b, b_scales
+
+
+def bench_case(name, counts, n, k, dense_cache, copy_tbps):
+    offsets, a_bf16, b_bf16 = case_inputs(counts, n, k)
     rows = [bench_fp8(name, counts, n, k, a_bf16, b_bf16, offsets, dense_cache, copy_tbps)]
     torch.cuda.empty_cache()
     rows.append(bench_bf16(name, counts, n, k, a_bf16, b_bf16, offsets, copy_tbps))

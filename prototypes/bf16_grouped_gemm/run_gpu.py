@@ -209,17 +209,15 @@ def bench(ext, configs, gen):
 
 
 def bench_case(ext, configs, name, counts, n, k):
-    """One benchmark row (a function so that its tensors are freed on return). Inputs as in
-    bench/bench_grouped_gemm.py: randn a, randn / sqrt(K) b."""
+    """One benchmark row (a function so that its tensors are freed on return). Inputs from
+    bench/bench_grouped_gemm.py's case_inputs: randn a, randn / sqrt(K) b."""
+    import bench_grouped_gemm as bgg
+
     import moe_kernels
     from moe_kernels.testing import time_cuda_us_interleaved
 
     e, m = len(counts), sum(counts)
-    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
-    a = torch.randn(m, k, device="cuda").bfloat16()
-    b = torch.empty(e, n, k, device="cuda", dtype=torch.bfloat16)
-    for i in range(e):
-        b[i] = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
+    offsets, a, b = bgg.case_inputs(counts, n, k)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     # Every candidate timed in interleaved rounds (a kernel's position in a run moves it by 5-10%).
     fns = {ext.config_name(c): lambda c=c: ext.run(a, b, offsets, out, c) for c in configs}

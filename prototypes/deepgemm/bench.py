@@ -217,13 +217,8 @@ def bench_case(dg, name, counts, n, k, reps):
 
     e, m = len(counts), sum(counts)
     flops = 2.0 * m * n * k
-    # Inputs as bench_grouped_gemm.bench_case / bench_fp8 make them.
     torch.manual_seed(0)
-    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
-    a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
-    b_bf16 = (torch.randn(e, n, k, device="cuda") / k**0.5).bfloat16()
-    a, sa = moe_kernels.quantize_fp8(a_bf16)
-    b, sb = moe_kernels.quantize_fp8_weight(b_bf16)
+    offsets, a_bf16, b_bf16, a, sa, b, sb = bench_grouped_gemm.case_inputs(counts, n, k, fp8=True)
     scaled_grouped_mm, _ = bench_grouped_gemm.scaled_grouped_mm_baseline(a_bf16, b_bf16, offsets)
     del a_bf16, b_bf16
     torch.cuda.empty_cache()
@@ -309,14 +304,13 @@ def profile_case(dg, name):
     two warm-up launches, for Nsight Compute at its locked clocks:
         ncu --nvtx --nvtx-include "profiled/" --section SpeedOfLight ... python3 bench.py --profile CASE
     """
+    import bench_grouped_gemm
+
     import moe_kernels
 
     (_, counts, n, k) = bench_cases([name])[0]
-    e, m = len(counts), sum(counts)
     torch.manual_seed(0)
-    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
-    a, sa = moe_kernels.quantize_fp8(torch.randn(m, k, device="cuda").bfloat16())
-    b, sb = moe_kernels.quantize_fp8_weight((torch.randn(e, n, k, device="cuda") / k**0.5).bfloat16())
+    offsets, _, _, a, sa, b, sb = bench_grouped_gemm.case_inputs(counts, n, k, fp8=True)
     lay = Contiguous(dg, counts, k, "cuda")
     d = torch.empty(lay.padded, n, dtype=torch.bfloat16, device="cuda")
     lay.build(a, sa)

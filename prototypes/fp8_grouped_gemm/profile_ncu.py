@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_grouped_gemm as bgg  # noqa: E402 (bench/, on the path above)
 import gemm_harness as harness  # noqa: E402 (prototypes/, on the path above)
-from run_gpu import BENCH_CASES, bench_inputs, case_counts  # noqa: E402 (this folder)
+from run_gpu import BENCH_CASES, case_counts  # noqa: E402 (this folder)
 
 
 def main():
@@ -41,7 +41,7 @@ def main():
     _, load, rows, experts, n, k = BENCH_CASES[args.case]
     counts = case_counts(bgg, load, rows, experts, torch.Generator().manual_seed(0))
     e, m = len(counts), sum(counts)
-    offsets, a_bf16, b_bf16, a, sa, b, sb = bench_inputs(counts, n, k)
+    offsets, a_bf16, b_bf16, a, sa, b, sb = bgg.case_inputs(counts, n, k, fp8=True)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     if args.config == "cutlass":
         run = lambda: moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config="auto")  # noqa: E731

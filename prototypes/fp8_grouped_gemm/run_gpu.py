@@ -228,22 +228,6 @@ def bench(ext, configs, gen):
     return rows
 
 
-def bench_inputs(counts, n, k):
-    """(offsets, a_bf16, b_bf16, a, a scales, b, b scales) as bench/bench_grouped_gemm.py makes them:
-    randn a, randn / sqrt(K) b (expert by expert: no fp32 temporary of all experts), FP8 copies."""
-    import moe_kernels
-
-    e, m = len(counts), sum(counts)
-    offsets = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device="cuda")
-    a_bf16 = torch.randn(m, k, device="cuda").bfloat16()
-    b_bf16 = torch.empty(e, n, k, device="cuda", dtype=torch.bfloat16)
-    for i in range(e):
-        b_bf16[i] = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
-    a, sa = moe_kernels.quantize_fp8(a_bf16)
-    b, sb = moe_kernels.quantize_fp8_weight(b_bf16)
-    return offsets, a_bf16, b_bf16, a, sa, b, sb
-
-
 def bench_case(ext, configs, name, counts, n, k):
     """One benchmark row (a function so that its ~30 GB of tensors are freed on return)."""
     import bench_grouped_gemm as bgg
@@ -252,7 +236,7 @@ def bench_case(ext, configs, name, counts, n, k):
     from moe_kernels.testing import time_cuda_us_interleaved
 
     e, m = len(counts), sum(counts)
-    offsets, a_bf16, b_bf16, a, sa, b, sb = bench_inputs(counts, n, k)
+    offsets, a_bf16, b_bf16, a, sa, b, sb = bgg.case_inputs(counts, n, k, fp8=True)
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     # Every candidate timed in interleaved rounds: timed one after the other, a kernel's position in
     # the run moved it by 5-10%.
