@@ -10,20 +10,14 @@ namespace {
 
 using namespace moe_kernels::fp8g;
 
-constexpr int kNumConfigs = 11;
+// Only the variants still in play are compiled (each instantiation adds about 20 s to the device
+// build). The others measured before (V2 BN 128 / 256, V3, V4, *_NS) stay in the header; git history
+// (before 2026-12-07's twelfth session) has their cases here.
+constexpr int kNumConfigs = 2;
 const char* config_name(int c) {
   switch (c) {
-    case 0: return "V2_BN128_S5";
-    case 1: return "V2_BN192_S4";
-    case 2: return "V2_BN256_S3";
-    case 3: return "V3_BN128_S5_C2";
-    case 4: return "V3_BN192_S4_C2";
-    case 5: return "V3_BN256_S3_C2";
-    case 6: return "V2_BN192_S4_NS";
-    case 7: return "V3_BN192_S4_C2_NS";
-    case 8: return "V4_BN192_S4_M2";
-    case 9: return "V4_BN192_S4_M2_NS";
-    case 10: return "V2_BN192_S4_KC";
+    case 0: return "V2_BN192_S4";
+    case 1: return "V2_BN192_S4_KC";
     default: return "?";
   }
 }
@@ -36,18 +30,9 @@ cudaError_t run_config(int config, const void* a, const float* a_scales, const v
   fp8_grouped_run<C>(a, a_scales, b, b_scales, offsets, out, nullptr, m_total, n, k, num_experts, device, num_sms, \
                      /*pdl=*/true, stream)
   switch (config) {
-    case 0: return FP8G_CALL(CfgV2_128x5);
-    case 1: return FP8G_CALL(CfgV2_192x4);
-    case 2: return FP8G_CALL(CfgV2_256x3);
-    case 3: return FP8G_CALL(CfgV3_128x5);
-    case 4: return FP8G_CALL(CfgV3_192x4);
-    case 5: return FP8G_CALL(CfgV3_256x3);
-    case 6: return FP8G_CALL(CfgV2_192x4_NS);
-    case 7: return FP8G_CALL(CfgV3_192x4_NS);
-    case 8: return FP8G_CALL(CfgV4_192x4);
-    case 9: return FP8G_CALL(CfgV4_192x4_NS);
+    case 0: return FP8G_CALL(CfgV2_192x4);
     // K as a constant for the model's K (DeepSeek-V3's 7168 and 2048), V2 at run time otherwise.
-    case 10: return k == 7168 ? FP8G_CALL(CfgV2_192x4_K<7168>)
+    case 1: return k == 7168 ? FP8G_CALL(CfgV2_192x4_K<7168>)
                     : k == 2048 ? FP8G_CALL(CfgV2_192x4_K<2048>)
                                 : FP8G_CALL(CfgV2_192x4);
     default: return cudaErrorInvalidValue;
