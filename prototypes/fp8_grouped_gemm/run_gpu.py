@@ -77,12 +77,43 @@ def reference(a, sa, b, sb, offsets, experts=None):
 POISON, rel_err = harness.POISON, harness.rel_err
 
 
+def takes_mn_major_scales(name):
+    """The *_TS configs (scales by TMA) read the a scales MN-major."""
+    return name.endswith("_TS")
+
+
+def mn_major(sa):
+    """The [M, K/128] a scales as an MN-major view (strides (1, ld), ld = M rounded up to 4: 16-B
+    rows for the TMA), as DeepGEMM's get_mn_major_tma_aligned_tensor lays them out."""
+    m, kb = sa.shape
+    ld = (m + 3) // 4 * 4
+    buf = torch.zeros(kb, ld, device=sa.device, dtype=sa.dtype)
+    buf[:, :m] = sa.t()
+    return buf[:, :m].t()
+
+
+def scales_for(ext, config, sa):
+    return mn_major(sa) if takes_mn_major_scales(ext.config_name(config)) else sa
+
+
 def check_case(ext, config, inputs, refs):
     """(ok, max rel error over the checked experts, message) of one config on one case."""
     a, sa, b, sb, offsets = inputs
+    sa = scales_for(ext, config, sa)
     return harness.check_launch(
         lambda out: ext.run(a, sa, b, sb, offsets, out, config), a.shape[0], b.shape[1], offsets, refs
     )
+
+
+def check_refusal(ext, config, inputs):
+    """(ok, message): a *_TS config must refuse K / 128 not a multiple of 4 with an error."""
+    a, sa, b, sb, offsets = inputs
+    out = torch.empty(a.shape[0], b.shape[1], device="cuda", dtype=torch.bfloat16)
+    try:
+        ext.run(a, scales_for(ext, config, sa), b, sb, offsets, out, config)
+    except RuntimeError as e:
+        return True, f"refused as it must: {str(e).splitlines()[0][:80]}"
+    return False, "ACCEPTED A K IT CANNOT TAKE"
 
 
 def correctness(ext, config, gen):
@@ -93,28 +124,28 @@ def correctness(ext, config, gen):
     cases = [
         ("E=4 counts [0,1,300,129] N=256 K=512", dict(counts=[0, 1, 300, 129], n=256, k=512), True),
         (
-            "start 37, tail 50, E=5 N=384 K=768",
-            dict(counts=[5, 0, 200, 128, 77], n=384, k=768, start=37, tail=50),
+            "start 37, tail 50, E=5 N=384 K=1024",
+            dict(counts=[5, 0, 200, 128, 77], n=384, k=1024, start=37, tail=50),
             True,
         ),
         (
-            "all rows on one expert (E=8, 1000 rows) N=512 K=256",
-            dict(counts=[0, 0, 0, 1000, 0, 0, 0, 0], n=512, k=256),
+            "all rows on one expert (E=8, 1000 rows) N=512 K=512",
+            dict(counts=[0, 0, 0, 1000, 0, 0, 0, 0], n=512, k=512),
             True,
         ),
         (
             # Tiles of <= 64 rows (the *_NS configs split their columns between the warpgroups)
             # with N = 512: the last 192-column tile has 128 columns, its second half only 32.
             # Poison rows on both sides catch stores past a split tile's rows.
-            "narrow tiles, start 5, tail 61, E=4 counts [40,0,64,3] N=512 K=256",
-            dict(counts=[40, 0, 64, 3], n=512, k=256, start=5, tail=61),
+            "narrow tiles, start 5, tail 61, E=4 counts [40,0,64,3] N=512 K=512",
+            dict(counts=[40, 0, 64, 3], n=512, k=512, start=5, tail=61),
             True,
         ),
         (
             # 17 m-tiles (the last of 5 rows): a second band of the tile walk, an odd m-tile count
             # (a ghost in the V4 clusters, whose second band holds one unit), a split tail.
-            "one expert of 2053 rows, tail 40, N=512 K=256",
-            dict(counts=[2053], n=512, k=256, tail=40),
+            "one expert of 2053 rows, tail 40, N=512 K=512",
+            dict(counts=[2053], n=512, k=512, tail=40),
             False,
         ),
         ("N=128 (one n-block), E=3 counts [70,0,9]", dict(counts=[70, 0, 9], n=128, k=384), True),
@@ -149,7 +180,10 @@ def correctness(ext, config, gen):
             for e, r in refs.items():
                 assert rel_err(full[offs[e] : offs[e + 1]], r) < 1e-5, "local reference disagrees"
         try:
-            ok, worst, msg = check_case(ext, config, inputs, refs)
+            if takes_mn_major_scales(cname) and (kw["k"] // 128) % 4:
+                (ok, msg), worst = check_refusal(ext, config, inputs), 0.0
+            else:
+                ok, worst, msg = check_case(ext, config, inputs, refs)
         except Exception as e:  # noqa: BLE001 (a device fault poisons the context: stop here)
             ok, worst, msg = False, float("nan"), f"EXCEPTION {type(e).__name__}: {e}"
         print(f"  [{'PASS' if ok else 'FAIL'}] {cname:10s} {name:55s} {msg}", flush=True)
@@ -171,13 +205,14 @@ def check_graph_replay(ext, config):
     """Capture one launch, then change the offsets on the device and replay (the host never reads
     them, so the graph must follow)."""
     try:
-        a, sa, b, sb, offsets = make_inputs([100, 50, 0, 106], 256, 256)
+        a, sa, b, sb, offsets = make_inputs([100, 50, 0, 106], 256, 512)
+        sa_run = scales_for(ext, config, sa)
         out = torch.full((a.shape[0], 256), POISON, device="cuda", dtype=torch.bfloat16)
-        ext.run(a, sa, b, sb, offsets, out, config)
+        ext.run(a, sa_run, b, sb, offsets, out, config)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            ext.run(a, sa, b, sb, offsets, out, config)
+            ext.run(a, sa_run, b, sb, offsets, out, config)
         worst = 0.0
         for counts, start in (([0, 0, 200, 0], 3), ([1, 2, 3, 250], 0), ([64, 64, 64, 0], 10)):
             offsets.copy_(torch.tensor(list(itertools.accumulate(counts, initial=start)), dtype=torch.int32))
@@ -240,7 +275,13 @@ def bench_case(ext, configs, name, counts, n, k):
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     # Every candidate timed in interleaved rounds: timed one after the other, a kernel's position in
     # the run moved it by 5-10%.
-    fns = {ext.config_name(c): lambda c=c: ext.run(a, sa, b, sb, offsets, out, c) for c in configs}
+    sa_mn = mn_major(sa)  # the *_TS configs' layout, made once outside the timing (as DeepGEMM's bench)
+    fns = {
+        ext.config_name(c): lambda c=c: ext.run(
+            a, sa_mn if takes_mn_major_scales(ext.config_name(c)) else sa, b, sb, offsets, out, c
+        )
+        for c in configs
+    }
     fns["cutlass auto"] = lambda: moe_kernels.grouped_gemm(
         a, b, offsets, a_scales=sa, b_scales=sb, config="auto"
     )

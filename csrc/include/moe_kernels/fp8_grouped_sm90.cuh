@@ -287,9 +287,17 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
 template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          int K_FIXED_ = 0>
+          int K_FIXED_ = 0, bool TMA_SCALES_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
+  // TMA_SCALES (configs *_TS): the scales come by TMA, as DeepGEMM loads them, and the producer is
+  // one thread. The a scales must be MN-major (a_scales_ld > 0: element [r, kb] at kb * ld + r):
+  // each stage gets the 128 tile rows' scales as one 512-B box next to A and B, so the full barrier
+  // waits for one transaction count instead of 32 lanes' 4-byte cp.async. The b scales of a tile's
+  // two 128-column blocks, all of K, come as one box per tile into one of two slots (their own
+  // full / empty barriers), read by the math warps at each k-block. Needs K / 128 a multiple of 4
+  // (16-B TMA rows) and at most kMaxKBlocksTS.
+  static constexpr bool TMA_SCALES = TMA_SCALES_;
   // K_FIXED (configs *_KC): K as a compile-time constant (DeepGEMM compiles its shapes into the
   // kernel), so the k-loops have a constant trip count; 0: K at run time. A K_FIXED configuration
   // refuses any other K.
@@ -322,11 +330,18 @@ struct ConfigV2 {
   static constexpr int D_BOX_BYTES = 64 * 128;
   static constexpr int D_WG_BYTES = BN / 64 * D_BOX_BYTES;
   static constexpr int D_BYTES = 2 * D_WG_BYTES;
-  // Per stage: a scales of the 128 tile rows, then the b scales of the tile's (up to) 2 n-blocks.
-  static constexpr int SC_BYTES = BM * 4 + 16;
+  // Per stage: a scales of the 128 tile rows, then (cp.async path) the b scales of the tile's (up
+  // to) 2 n-blocks. TMA_SCALES: the a scales alone (512 B keeps every box 128-B aligned), and after
+  // the stages two per-tile slots of 2 x kMaxKBlocksTS b scales.
+  static constexpr int kMaxKBlocksTS = 128;
+  static_assert(!TMA_SCALES || (CLUSTER == 1 && !SPLIT_NARROW), "TMA_SCALES: one CTA, no split tiles");
+  static constexpr int SC_BYTES = TMA_SCALES ? BM * 4 : BM * 4 + 16;
   static constexpr int SC_OFF = PIPE_BYTES + D_BYTES;
-  static constexpr int BAR_OFF = SC_OFF + STAGES * SC_BYTES;
-  static constexpr int OFF_OFF = BAR_OFF + 2 * STAGES * 8;
+  static constexpr int SB_SLOT_BYTES = 2 * kMaxKBlocksTS * 4;
+  static constexpr int SB_OFF = SC_OFF + STAGES * SC_BYTES;
+  static constexpr int BAR_OFF = SB_OFF + (TMA_SCALES ? 2 * SB_SLOT_BYTES : 0);
+  static constexpr int NUM_BARS = 2 * STAGES + (TMA_SCALES ? 4 : 0);  // full, empty [, sb full x2, sb empty x2]
+  static constexpr int OFF_OFF = BAR_OFF + NUM_BARS * 8;
   static constexpr size_t smem_bytes(int num_experts) {
     return 1024 + OFF_OFF + 2 * (size_t)(num_experts + 1) * 4;
   }
@@ -418,7 +433,10 @@ template <class Cfg>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_grouped_kernel_v2(const __grid_constant__ CUtensorMap tmap_a,
                           const __grid_constant__ CUtensorMap tmap_b,
-                          const __grid_constant__ CUtensorMap tmap_d, const float* __restrict__ a_scales,
+                          const __grid_constant__ CUtensorMap tmap_d,
+                          const __grid_constant__ CUtensorMap tmap_sa,  // TMA_SCALES only
+                          const __grid_constant__ CUtensorMap tmap_sb,  // TMA_SCALES only
+                          const float* __restrict__ a_scales,
                           const float* __restrict__ b_scales, const int32_t* __restrict__ offsets,
                           __nv_bfloat16* __restrict__ out, int* __restrict__ error_flag, int m_total, int n,
                           int k, int num_experts) {
@@ -432,6 +450,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t smem_sc = base + Cfg::SC_OFF;  // STAGES x SC_BYTES
   const uint32_t bar_full = base + Cfg::BAR_OFF;
   const uint32_t bar_empty = bar_full + STAGES * 8;
+  const uint32_t bar_sb_full = bar_empty + STAGES * 8, bar_sb_empty = bar_sb_full + 16;  // TMA_SCALES: x2 each
+  const uint32_t smem_sb = base + Cfg::SB_OFF;                                            // TMA_SCALES: 2 slots
   int* s_off = reinterpret_cast<int*>(smem + Cfg::OFF_OFF);  // [E+1]
   int* s_tiles = s_off + num_experts + 1;                    // [E+1]
 
@@ -442,10 +462,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(bar_full + 8 * s, 1 + 32);  // producer lane 0's arrive_expect_tx + 32 cp.async arrivals
+      // Producer lane 0's arrive_expect_tx (+ 32 cp.async arrivals when the scales are not TMA'd).
+      mbar_init(bar_full + 8 * s, Cfg::TMA_SCALES ? 1 : 1 + 32);
       // One arrival per math warp of every CTA of the cluster: a stage is refilled (A, or B with
       // SHARE_B, multicast into both CTAs) only when both have consumed it.
       mbar_init(bar_empty + 8 * s, CLUSTER * kMathThreads / 32);
+    }
+    if constexpr (Cfg::TMA_SCALES) {
+      for (int s = 0; s < 2; ++s) {
+        mbar_init(bar_sb_full + 8 * s, 1);
+        mbar_init(bar_sb_empty + 8 * s, kMathThreads / 32);
+      }
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -454,6 +481,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_d)) : "memory");
+    if constexpr (Cfg::TMA_SCALES) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_sa)) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_sb)) : "memory");
+    }
   }
   // PDL: everything above overlapped the previous kernel; no global memory is touched before this
   // (a no-op when the launch has no programmatic dependency).
@@ -505,6 +536,39 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp >= kMathThreads / 32) {
     // ---------------------------------------------------------------- producer warp (all 32 lanes)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if constexpr (Cfg::TMA_SCALES) {
+      // One thread issues everything: per tile the b-scale box into slot (tile count % 2), per
+      // k-block A, B and the a-scale box on the stage's full barrier.
+      if (warp == kMathThreads / 32 && lane == 0) {
+        const int kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK, n_blocks = opaque(n) / 128;
+        int stage = 0, cursor = 0, tile_count = 0;
+        uint32_t phase = 0;
+        for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x, ++tile_count) {
+          const Tile tile = decode_tile<BN, 1, 1>(t, cursor, s_off, s_tiles, opaque(n), 0);
+          const int slot = tile_count & 1;
+          mbar_wait(bar_sb_empty + 8 * slot, ((tile_count >> 1) & 1) ^ 1);
+          mbar_expect_tx(bar_sb_full + 8 * slot, 2 * kb_count * 4);
+          // Rows n0/128 and n0/128 + 1 of the expert's [N/128, K/128] scales (the second may be the
+          // next expert's first or past the end, zero-filled: its columns are past N, never stored).
+          tma_load_2d(smem_sb + slot * Cfg::SB_SLOT_BYTES, &tmap_sb, bar_sb_full + 8 * slot, 0,
+                      tile.expert * n_blocks + tile.n0 / 128);
+          const int b_row = tile.expert * n + tile.n0;
+          for (int kb = 0; kb < kb_count; ++kb) {
+            mbar_wait(bar_empty + 8 * stage, phase ^ 1);
+            const uint32_t full = bar_full + 8 * stage;
+            const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+            mbar_expect_tx(full, Cfg::STAGE_BYTES + BM * 4);
+            tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
+            tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
+            // Rows past M are zero-filled; those of the next expert are loaded and never used.
+            tma_load_2d(smem_sc + stage * Cfg::SC_BYTES, &tmap_sa, full, tile.row0, kb);
+            if (++stage == STAGES)
+              stage = 0, phase ^= 1;
+          }
+        }
+      }
+      return;
+    }
     if (warp == kMathThreads / 32) {
       const int kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK, n_blocks = opaque(n) / 128;
       int stage = 0, cursor = 0;
@@ -590,11 +654,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   float acc[SLABS][WN / 2];
   float tmp[WN / 2];
-  int stage = 0, cursor = 0;
+  int stage = 0, cursor = 0, tile_count = 0;
   uint32_t phase = 0;
 
-  for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
+  for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride(), ++tile_count) {
     const Tile tile = decode_tile<BN, CN, CM>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
+    // TMA_SCALES: this tile's b scales, [2][kb_count] in slot tile_count % 2.
+    const uint32_t sb_slot = smem_sb + (tile_count & 1) * Cfg::SB_SLOT_BYTES;
+    if constexpr (Cfg::TMA_SCALES)
+      mbar_wait(bar_sb_full + 8 * (tile_count & 1), (tile_count >> 1) & 1);
     const int n0 = tile.n0;
     const int slabs = min(SLABS, (n - n0 + WN - 1) / WN);  // BN = 256 with N % 256 == 128: 1 slab
     // Work of this warpgroup: 64 rows from a_off, slabs [s_lo, s_hi). Narrow tile (BN = 256, <= 64
@@ -628,7 +696,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         // (its value used) before the stage is released below.
         const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
                     sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
-        const float sb0 = ld_shared_f32(sc + BM * 4), sb1 = ld_shared_f32(sc + BM * 4 + 4);
+        const float sb0 = Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + kb * 4) : ld_shared_f32(sc + BM * 4);
+        const float sb1 =
+            Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + (kb_count + kb) * 4) : ld_shared_f32(sc + BM * 4 + 4);
         const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
         const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
         const uint64_t da = sw128_desc(sa + a_off * BK);
@@ -673,6 +743,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (++stage == STAGES)
         stage = 0, phase ^= 1;
     }
+    if constexpr (Cfg::TMA_SCALES)  // every read of the slot was used by the promotions above
+      release_stage<1>(bar_sb_empty + 8 * (tile_count & 1), lane);
 
     // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [col0, +ncols), through
     // its own smem_d region (box b = local columns 64b..64b+63). Only this warpgroup touches that
@@ -795,6 +867,32 @@ inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// 2-D fp32 map [rows, cols] with row stride ld elements (a multiple of 4: 16-B rows), box {box_cols,
+// box_rows}, no swizzle, zero fill out of bounds: the scales of TMA_SCALES configurations.
+inline bool make_map_f32(CUtensorMap* map, const float* ptr, uint64_t rows, uint64_t cols, uint64_t ld,
+                         uint32_t box_cols, uint32_t box_rows) {
+  auto encode = get_encode_fn();
+  if (!encode)
+    return false;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {ld * 4};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float*>(ptr), dims, strides, box, estr,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Whether a TMA_SCALES configuration takes these scales: MN-major a scales (a_scales_ld >= M, a
+// multiple of 4), K / 128 a multiple of 4 and at most kMaxKBlocksTS, 16-B aligned pointers.
+template <class Cfg>
+inline bool tma_scales_supported(const float* a_scales, const float* b_scales, int64_t m_total, int k,
+                                 int64_t a_scales_ld) {
+  const int kb = k / BK;
+  return a_scales_ld >= m_total && a_scales_ld % 4 == 0 && kb % 4 == 0 && kb <= Cfg::kMaxKBlocksTS &&
+         reinterpret_cast<uintptr_t>(a_scales) % 16 == 0 && reinterpret_cast<uintptr_t>(b_scales) % 16 == 0;
+}
+
 // Whether the kernel takes this problem: n, k positive multiples of 128, 1 <= E <= kMaxExperts (the
 // offsets and tile prefix live in shared memory), the 32-bit scale indices and tile numbers cannot
 // overflow (the latter only with an output far beyond any GPU's memory), and `out` is 16-byte
@@ -848,12 +946,17 @@ static int resident_units(const void* kernel, int cluster, int threads, int smem
 // (graph-capturable; the offsets are read on the device). error_flag: the sticky device-error flag,
 // set when the offsets are not non-decreasing within [0, m_total] (or nullptr). With `pdl`, the
 // grid may start (barrier init, tensormap prefetch) while the previous kernel of the stream drains;
-// the kernel waits on griddepcontrol.wait before touching global memory.
+// the kernel waits on griddepcontrol.wait before touching global memory. a_scales_ld: 0 for K-major a
+// scales ([M, K/128] contiguous), else the row stride of MN-major ones ([K/128][ld]), which only the
+// TMA_SCALES configurations take (and need).
 template <class Cfg>
 cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b, const float* b_scales,
                             const int32_t* offsets, void* out, int* error_flag, int64_t m_total, int n, int k,
-                            int num_experts, int device, int num_sms, bool pdl, cudaStream_t stream) {
-  if (!fp8_grouped_supports(m_total, n, k, num_experts, out) || (Cfg::K_FIXED && k != Cfg::K_FIXED))
+                            int num_experts, int device, int num_sms, bool pdl, cudaStream_t stream,
+                            int64_t a_scales_ld = 0) {
+  if (!fp8_grouped_supports(m_total, n, k, num_experts, out) || (Cfg::K_FIXED && k != Cfg::K_FIXED) ||
+      (Cfg::TMA_SCALES ? !tma_scales_supported<Cfg>(a_scales, b_scales, m_total, k, a_scales_ld)
+                       : a_scales_ld != 0))
     return cudaErrorInvalidValue;
   if (m_total == 0)
     return cudaSuccess;
@@ -863,6 +966,13 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
       !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN / Cfg::CM) ||
       !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
     return cudaErrorInvalidValue;
+  CUtensorMap map_sa = {}, map_sb = {};  // unused (zero) unless TMA_SCALES
+  if constexpr (Cfg::TMA_SCALES) {
+    const uint32_t kb = k / BK;
+    if (!make_map_f32(&map_sa, a_scales, kb, (uint64_t)m_total, (uint64_t)a_scales_ld, BM, 1) ||
+        !make_map_f32(&map_sb, b_scales, (uint64_t)num_experts * (n / 128), kb, kb, kb, 2))
+      return cudaErrorInvalidValue;
+  }
   constexpr int C = Cfg::CLUSTER;
   const int resident = resident_units<Cfg>(reinterpret_cast<const void*>(fp8_grouped_kernel_v2<Cfg>), C,
                                            kThreads, (int)Cfg::smem_bytes(kMaxExperts), device, num_sms);
@@ -888,7 +998,7 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
   cfg.attrs = attr;
   cfg.numAttrs = C > 1 ? 2 : 1;  // one CTA: a plain launch, no cluster attribute
   const cudaError_t err =
-      cudaLaunchKernelEx(&cfg, fp8_grouped_kernel_v2<Cfg>, map_a, map_b, map_d, a_scales, b_scales, offsets,
+      cudaLaunchKernelEx(&cfg, fp8_grouped_kernel_v2<Cfg>, map_a, map_b, map_d, map_sa, map_sb, a_scales, b_scales, offsets,
                          static_cast<__nv_bfloat16*>(out), error_flag, (int)m_total, n, k, num_experts);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
@@ -907,7 +1017,10 @@ using CfgV4_192x4 = ConfigV2<192, 4, 2, false, true>;
 using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
 template <int K>
 using CfgV2_192x4_K = ConfigV2<192, 4, 1, false, false, K>;
-static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
+using CfgV2_192x4_TS = ConfigV2<192, 4, 1, false, false, 0, true>;
+template <int K>
+using CfgV2_192x4_K_TS = ConfigV2<192, 4, 1, false, false, K, true>;
+static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 && CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
