@@ -11,15 +11,17 @@ namespace {
 using namespace moe_kernels::fp8g;
 
 // Only the variants still in play are compiled (each instantiation adds about 20 s to the device
-// build). The others measured before (V2 BN 128 / 256, V3, V4, *_NS) stay in the header; git history
+// build). The others measured before (V2 BN 128 / 256, V3, *_NS) stay in the header; git history
 // (before 2026-12-07's twelfth session) has their cases here.
-constexpr int kNumConfigs = 4;
+constexpr int kNumConfigs = 6;
 const char* config_name(int c) {
   switch (c) {
     case 0: return "V2_BN192_S4";
     case 1: return "V2_BN192_S4_KC";
     case 2: return "V2_BN192_S4_TS";
     case 3: return "V2_BN192_S4_KC_TS";
+    case 4: return "V4_BN192_S4_M2";
+    case 5: return "V4_BN192_S4_M2_KC";
     default: return "?";
   }
 }
@@ -43,6 +45,11 @@ cudaError_t run_config(int config, const void* a, const float* a_scales, const v
     case 3: return k == 7168 ? FP8G_CALL(CfgV2_192x4_K_TS<7168>)
                    : k == 2048 ? FP8G_CALL(CfgV2_192x4_K_TS<2048>)
                                : FP8G_CALL(CfgV2_192x4_TS);
+    // B multicast between neighbouring m-tiles (DeepGEMM's cluster_m = 2), with and without constant K.
+    case 4: return FP8G_CALL(CfgV4_192x4);
+    case 5: return k == 7168 ? FP8G_CALL(CfgV4_192x4_K<7168>)
+                   : k == 2048 ? FP8G_CALL(CfgV4_192x4_K<2048>)
+                               : FP8G_CALL(CfgV4_192x4);
     default: return cudaErrorInvalidValue;
   }
 #undef FP8G_CALL

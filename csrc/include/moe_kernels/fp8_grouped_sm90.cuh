@@ -340,7 +340,8 @@ struct ConfigV2 {
   static constexpr int SB_SLOT_BYTES = 2 * kMaxKBlocksTS * 4;
   static constexpr int SB_OFF = SC_OFF + STAGES * SC_BYTES;
   static constexpr int BAR_OFF = SB_OFF + (TMA_SCALES ? 2 * SB_SLOT_BYTES : 0);
-  static constexpr int NUM_BARS = 2 * STAGES + (TMA_SCALES ? 4 : 0);  // full, empty [, sb full x2, sb empty x2]
+  static constexpr int NUM_BARS =
+      2 * STAGES + (TMA_SCALES ? 4 : 0);  // full, empty [, sb full x2, sb empty x2]
   static constexpr int OFF_OFF = BAR_OFF + NUM_BARS * 8;
   static constexpr size_t smem_bytes(int num_experts) {
     return 1024 + OFF_OFF + 2 * (size_t)(num_experts + 1) * 4;
@@ -436,10 +437,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                           const __grid_constant__ CUtensorMap tmap_d,
                           const __grid_constant__ CUtensorMap tmap_sa,  // TMA_SCALES only
                           const __grid_constant__ CUtensorMap tmap_sb,  // TMA_SCALES only
-                          const float* __restrict__ a_scales,
-                          const float* __restrict__ b_scales, const int32_t* __restrict__ offsets,
-                          __nv_bfloat16* __restrict__ out, int* __restrict__ error_flag, int m_total, int n,
-                          int k, int num_experts) {
+                          const float* __restrict__ a_scales, const float* __restrict__ b_scales,
+                          const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ out,
+                          int* __restrict__ error_flag, int m_total, int n, int k, int num_experts) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::BN, STAGES = Cfg::STAGES, SLABS = Cfg::SLABS, WN = Cfg::WN, CLUSTER = Cfg::CLUSTER;
   extern __shared__ uint8_t smem_raw[];
@@ -450,8 +450,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t smem_sc = base + Cfg::SC_OFF;  // STAGES x SC_BYTES
   const uint32_t bar_full = base + Cfg::BAR_OFF;
   const uint32_t bar_empty = bar_full + STAGES * 8;
-  const uint32_t bar_sb_full = bar_empty + STAGES * 8, bar_sb_empty = bar_sb_full + 16;  // TMA_SCALES: x2 each
-  const uint32_t smem_sb = base + Cfg::SB_OFF;                                            // TMA_SCALES: 2 slots
+  const uint32_t bar_sb_full = bar_empty + STAGES * 8,
+                 bar_sb_empty = bar_sb_full + 16;            // TMA_SCALES: x2 each
+  const uint32_t smem_sb = base + Cfg::SB_OFF;               // TMA_SCALES: 2 slots
   int* s_off = reinterpret_cast<int*>(smem + Cfg::OFF_OFF);  // [E+1]
   int* s_tiles = s_off + num_experts + 1;                    // [E+1]
 
@@ -997,9 +998,9 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
   attr[1].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = C > 1 ? 2 : 1;  // one CTA: a plain launch, no cluster attribute
-  const cudaError_t err =
-      cudaLaunchKernelEx(&cfg, fp8_grouped_kernel_v2<Cfg>, map_a, map_b, map_d, map_sa, map_sb, a_scales, b_scales, offsets,
-                         static_cast<__nv_bfloat16*>(out), error_flag, (int)m_total, n, k, num_experts);
+  const cudaError_t err = cudaLaunchKernelEx(
+      &cfg, fp8_grouped_kernel_v2<Cfg>, map_a, map_b, map_d, map_sa, map_sb, a_scales, b_scales, offsets,
+      static_cast<__nv_bfloat16*>(out), error_flag, (int)m_total, n, k, num_experts);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -1019,8 +1020,11 @@ template <int K>
 using CfgV2_192x4_K = ConfigV2<192, 4, 1, false, false, K>;
 using CfgV2_192x4_TS = ConfigV2<192, 4, 1, false, false, 0, true>;
 template <int K>
+using CfgV4_192x4_K = ConfigV2<192, 4, 2, false, true, K>;
+template <int K>
 using CfgV2_192x4_K_TS = ConfigV2<192, 4, 1, false, false, K, true>;
-static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 && CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
+static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
