@@ -648,7 +648,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     warp = tid_m / 32, lane = tid_m % 32;
     kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK;
   }
-  const int wg = warp / 4;
+  // Warp-uniform as far as the compiler can tell (a shuffle from lane 0, as DeepGEMM does), so the
+  // wgmma descriptors derived from it can live in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
   const int rw = (warp % 4) * 16 + lane / 4;  // fragment rows rw and rw + 8 of the warpgroup's 64
   const int t_wg = (warp % 4) * 32 + lane;    // thread index inside the warpgroup
   const uint32_t d_wg = smem_d + wg * Cfg::D_WG_BYTES;
