@@ -12,6 +12,7 @@ Exits 1 if any correctness check failed (after benchmarking the configs that pas
 """
 
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -256,7 +257,11 @@ def bench(ext, configs, gen):
     import bench_grouped_gemm as bgg
 
     rows = []
-    for name, load, m, e, n, k in BENCH_CASES.values():
+    # PROTO_CASES: comma-separated BENCH_CASES keys to run (all by default), for a short device call.
+    only = os.environ.get("PROTO_CASES")
+    for key, (name, load, m, e, n, k) in BENCH_CASES.items():
+        if only and key not in only.split(","):
+            continue
         rows.append(bench_case(ext, configs, name, case_counts(bgg, load, m, e, gen), n, k))
         print_row(rows[-1], configs, ext)
         torch.cuda.empty_cache()
