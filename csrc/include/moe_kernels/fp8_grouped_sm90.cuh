@@ -431,15 +431,13 @@ __device__ __forceinline__ void split_half_kblock(float (&acc)[96], uint64_t da,
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(kThreads, 1)
-    fp8_grouped_kernel_v2(const __grid_constant__ CUtensorMap tmap_a,
-                          const __grid_constant__ CUtensorMap tmap_b,
-                          const __grid_constant__ CUtensorMap tmap_d,
-                          const __grid_constant__ CUtensorMap tmap_sa,  // TMA_SCALES only
-                          const __grid_constant__ CUtensorMap tmap_sb,  // TMA_SCALES only
-                          const float* __restrict__ a_scales, const float* __restrict__ b_scales,
-                          const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ out,
-                          int* __restrict__ error_flag, int m_total, int n, int k, int num_experts) {
+__global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
+    const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
+    const __grid_constant__ CUtensorMap tmap_d, const float* __restrict__ a_scales,
+    const float* __restrict__ b_scales, const int32_t* __restrict__ offsets, __nv_bfloat16* __restrict__ out,
+    int* __restrict__ error_flag, int m_total, int n, int k, int num_experts,
+    // TMA_SCALES only; last, so that the other configurations' parameters keep their offsets
+    const __grid_constant__ CUtensorMap tmap_sa, const __grid_constant__ CUtensorMap tmap_sb) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::BN, STAGES = Cfg::STAGES, SLABS = Cfg::SLABS, WN = Cfg::WN, CLUSTER = Cfg::CLUSTER;
   extern __shared__ uint8_t smem_raw[];
@@ -650,7 +648,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // Warp-uniform as far as the compiler can tell (a shuffle from lane 0, as DeepGEMM does), so the
   // wgmma descriptors derived from it can live in uniform registers.
-  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
+  // (Only where K is constant: the library's run-time-K configurations keep their measured code.)
+  const int wg = Cfg::K_FIXED ? __shfl_sync(0xffffffffu, warp / 4, 0) : warp / 4;
   const int rw = (warp % 4) * 16 + lane / 4;  // fragment rows rw and rw + 8 of the warpgroup's 64
   const int t_wg = (warp % 4) * 32 + lane;    // thread index inside the warpgroup
   const uint32_t d_wg = smem_d + wg * Cfg::D_WG_BYTES;
@@ -1000,9 +999,9 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
   attr[1].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = C > 1 ? 2 : 1;  // one CTA: a plain launch, no cluster attribute
-  const cudaError_t err = cudaLaunchKernelEx(
-      &cfg, fp8_grouped_kernel_v2<Cfg>, map_a, map_b, map_d, map_sa, map_sb, a_scales, b_scales, offsets,
-      static_cast<__nv_bfloat16*>(out), error_flag, (int)m_total, n, k, num_experts);
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, fp8_grouped_kernel_v2<Cfg>, map_a, map_b, map_d, a_scales,
+                                             b_scales, offsets, static_cast<__nv_bfloat16*>(out), error_flag,
+                                             (int)m_total, n, k, num_experts, map_sa, map_sb);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
