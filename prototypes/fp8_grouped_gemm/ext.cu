@@ -63,7 +63,11 @@ void check_tensor(const torch::Tensor& t, const char* name, at::ScalarType dtype
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-bool is_tma_scales(int64_t config) { return config == 2 || config == 3; }
+// The *_TS configs (scales by TMA), told by the name's suffix as run_gpu.py tells them.
+bool is_tma_scales(int64_t config) {
+  const std::string name = config_name((int)config);
+  return name.size() >= 3 && name.compare(name.size() - 3, 3, "_TS") == 0;
+}
 
 // out[rows of e] = (a * a_scales)[rows of e] @ (b[e] * b_scales[e])^T, written in place into out.
 // a_scales: [M, K/128], K-major (contiguous) for most configs; the *_TS configs take an MN-major view

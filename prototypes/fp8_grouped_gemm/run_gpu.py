@@ -280,11 +280,11 @@ def bench_case(ext, configs, name, counts, n, k):
     out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
     # Every candidate timed in interleaved rounds: timed one after the other, a kernel's position in
     # the run moved it by 5-10%.
-    sa_mn = mn_major(sa)  # the *_TS configs' layout, made once outside the timing (as DeepGEMM's bench)
+    # The *_TS configs' MN-major layout, made once outside the timing (as DeepGEMM's bench does).
+    ts = {c: takes_mn_major_scales(ext.config_name(c)) for c in configs}
+    sa_mn = mn_major(sa) if any(ts.values()) else None
     fns = {
-        ext.config_name(c): lambda c=c: ext.run(
-            a, sa_mn if takes_mn_major_scales(ext.config_name(c)) else sa, b, sb, offsets, out, c
-        )
+        ext.config_name(c): lambda c=c, s=(sa_mn if ts[c] else sa): ext.run(a, s, b, sb, offsets, out, c)
         for c in configs
     }
     fns["cutlass auto"] = lambda: moe_kernels.grouped_gemm(

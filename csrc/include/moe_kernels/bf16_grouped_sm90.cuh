@@ -526,16 +526,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ------------------------------------------------------------------------------------------------
 // 2-D bf16 map [rows, k] (k contiguous), box {64 (k, 128 B), box_rows}, 128B swizzle, zero fill.
 inline bool make_map(CUtensorMap* map, const void* ptr, uint64_t rows, uint64_t k, uint32_t box_rows) {
-  auto encode = fp8g::get_encode_fn();
-  if (!encode)
-    return false;
-  const cuuint64_t dims[2] = {k, rows};
-  const cuuint64_t strides[1] = {k * 2};  // bytes, of dim 1
-  const cuuint32_t box[2] = {(cuuint32_t)BK, box_rows};
-  const cuuint32_t estr[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, estr,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return fp8g::encode_map_2d(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, ptr, rows, k, k * 2, BK, box_rows,
+                             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 
 // n, k positive multiples of 64 (whole epilogue boxes and k-blocks), 1 <= E <= kMaxExperts, the

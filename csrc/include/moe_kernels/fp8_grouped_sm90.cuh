@@ -218,6 +218,12 @@ __device__ __forceinline__ int opaque(int v) {  // a copy the compiler cannot CS
   return v;
 }
 
+// k-blocks of 128: a compile-time constant for K_FIXED configurations, else read at run time.
+template <class Cfg>
+__device__ __forceinline__ int k_blocks(int k) {
+  return Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK;
+}
+
 __device__ __forceinline__ int read_tid_x() {
   int t;
   asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
@@ -533,49 +539,28 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
   const auto my_rank = [] { return CLUSTER > 1 ? cluster_rank() : 0; };
 
   if (warp >= kMathThreads / 32) {
-    // ---------------------------------------------------------------- producer warp (all 32 lanes)
+    // ---------------------------------------------------------------- producer warp (lane 0 alone with
+    // TMA_SCALES)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if constexpr (Cfg::TMA_SCALES) {
-      // One thread issues everything: per tile the b-scale box into slot (tile count % 2), per
-      // k-block A, B and the a-scale box on the stage's full barrier.
-      if (warp == kMathThreads / 32 && lane == 0) {
-        const int kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK, n_blocks = opaque(n) / 128;
-        int stage = 0, cursor = 0, tile_count = 0;
-        uint32_t phase = 0;
-        for (int t = blockIdx.x; t < ld_shared_s32(total_addr); t += gridDim.x, ++tile_count) {
-          const Tile tile = decode_tile<BN, 1, 1>(t, cursor, s_off, s_tiles, opaque(n), 0);
-          const int slot = tile_count & 1;
-          mbar_wait(bar_sb_empty + 8 * slot, ((tile_count >> 1) & 1) ^ 1);
-          mbar_expect_tx(bar_sb_full + 8 * slot, 2 * kb_count * 4);
-          // Rows n0/128 and n0/128 + 1 of the expert's [N/128, K/128] scales (the second may be the
-          // next expert's first or past the end, zero-filled: its columns are past N, never stored).
-          tma_load_2d(smem_sb + slot * Cfg::SB_SLOT_BYTES, &tmap_sb, bar_sb_full + 8 * slot, 0,
-                      tile.expert * n_blocks + tile.n0 / 128);
-          const int b_row = tile.expert * n + tile.n0;
-          for (int kb = 0; kb < kb_count; ++kb) {
-            mbar_wait(bar_empty + 8 * stage, phase ^ 1);
-            const uint32_t full = bar_full + 8 * stage;
-            const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-            mbar_expect_tx(full, Cfg::STAGE_BYTES + BM * 4);
-            tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
-            tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
-            // Rows past M are zero-filled; those of the next expert are loaded and never used.
-            tma_load_2d(smem_sc + stage * Cfg::SC_BYTES, &tmap_sa, full, tile.row0, kb);
-            if (++stage == STAGES)
-              stage = 0, phase ^= 1;
-          }
-        }
-      }
-      return;
-    }
-    if (warp == kMathThreads / 32) {
-      const int kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK, n_blocks = opaque(n) / 128;
-      int stage = 0, cursor = 0;
+    // One warp produces; with TMA_SCALES only its lane 0, since every copy is then a TMA.
+    if (warp == kMathThreads / 32 && (!Cfg::TMA_SCALES || lane == 0)) {
+      const int kb_count = k_blocks<Cfg>(k), n_blocks = opaque(n) / 128;
+      int stage = 0, cursor = 0, tile_count = 0;
       uint32_t phase = 0;
-      for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
+      for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride(), ++tile_count) {
         const int rank = my_rank();
         const Tile tile = decode_tile<BN, CN, CM>(t, cursor, s_off, s_tiles, opaque(n), rank);
         const int b_row = tile.expert * n + tile.n0;
+        if constexpr (Cfg::TMA_SCALES) {
+          // The tile's b scales into slot tile_count % 2: rows n0/128 and n0/128 + 1 of the
+          // expert's [N/128, K/128] (the second may be the next expert's first or past the end,
+          // zero-filled: its columns are past N, never stored).
+          const int slot = tile_count & 1;
+          mbar_wait(bar_sb_empty + 8 * slot, ((tile_count >> 1) & 1) ^ 1);
+          mbar_expect_tx(bar_sb_full + 8 * slot, 2 * kb_count * 4);
+          tma_load_2d(smem_sb + slot * Cfg::SB_SLOT_BYTES, &tmap_sb, bar_sb_full + 8 * slot, 0,
+                      tile.expert * n_blocks + tile.n0 / 128);
+        }
         // Lane l copies the a scales of tile rows l, l+32, l+64, l+96 (rows past M clamped: never
         // stored); lanes 0 and 1 also the b scales of the tile's first and second n-block (the
         // second clamped to the expert's last n-block: then its columns are past N, never stored).
@@ -600,8 +585,9 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
                                     b_row + rank * share, (1 << CLUSTER) - 1);
             } else {
               // Every CTA of the cluster receives the whole A tile (its own share and the peers'),
-              // and its own B tile unless it is a ghost.
-              mbar_expect_tx(full, Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES));
+              // and its own B tile unless it is a ghost (and with TMA_SCALES the tile's a scales).
+              mbar_expect_tx(full,
+                             Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES) + (Cfg::TMA_SCALES ? BM * 4 : 0));
               if constexpr (CLUSTER > 1) {
                 constexpr int share = BM / CLUSTER;  // rows of A this CTA loads for the cluster
                 tma_load_2d_multicast(sa + rank * share * BK, &tmap_a, full, kb * BK,
@@ -611,15 +597,20 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               }
               if (!tile.ghost)
                 tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
+              // Rows past M are zero-filled; those of the next expert are loaded and never used.
+              if constexpr (Cfg::TMA_SCALES)
+                tma_load_2d(smem_sc + stage * Cfg::SC_BYTES, &tmap_sa, full, tile.row0, kb);
             }
           }
-          const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
+          if constexpr (!Cfg::TMA_SCALES) {
+            const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            cp_async_4(sc + (lane + 32 * j) * 4, a_scales + a_idx[j] + kb);
-          if (lane < 2)
-            cp_async_4(sc + BM * 4 + lane * 4, b_scales + b_idx + kb);
-          cp_async_arrive_noinc(full);
+            for (int j = 0; j < 4; ++j)
+              cp_async_4(sc + (lane + 32 * j) * 4, a_scales + a_idx[j] + kb);
+            if (lane < 2)
+              cp_async_4(sc + BM * 4 + lane * 4, b_scales + b_idx + kb);
+            cp_async_arrive_noinc(full);
+          }
           if (++stage == STAGES)
             stage = 0, phase ^= 1;
         }
@@ -644,7 +635,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
   {
     const int tid_m = read_tid_x();
     warp = tid_m / 32, lane = tid_m % 32;
-    kb_count = Cfg::K_FIXED ? Cfg::K_FIXED / BK : opaque(k) / BK;
+    kb_count = k_blocks<Cfg>(k);
   }
   // Warp-uniform as far as the compiler can tell (a shuffle from lane 0, as DeepGEMM does), so the
   // wgmma descriptors derived from it can live in uniform registers.
@@ -841,48 +832,41 @@ inline PFN_cuTensorMapEncodeTiled_v12000 get_encode_fn() {
   return fn;
 }
 
-// 2-D e4m3 map [rows, k] (k contiguous), box {128 (k), box_rows}, 128B swizzle, zero fill out of bounds.
-inline bool make_map(CUtensorMap* map, const void* ptr, uint64_t rows, uint64_t k, uint32_t box_rows) {
-  auto encode = get_encode_fn();
-  if (!encode)
-    return false;
-  const cuuint64_t dims[2] = {k, rows};
-  const cuuint64_t strides[1] = {k};  // bytes, of dim 1
-  const cuuint32_t box[2] = {(cuuint32_t)BK, box_rows};
-  const cuuint32_t estr[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(ptr), dims, strides, box, estr,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// bf16 [m, n] output map for the v2 TMA store: box {64 columns (128 B), 64 rows}, 128B swizzle.
-inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
-  auto encode = get_encode_fn();
-  if (!encode)
-    return false;
-  const cuuint64_t dims[2] = {n, m};
-  const cuuint64_t strides[1] = {n * 2};
-  const cuuint32_t box[2] = {64, 64};
-  const cuuint32_t estr[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ptr, dims, strides, box, estr,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// 2-D fp32 map [rows, cols] with row stride ld elements (a multiple of 4: 16-B rows), box {box_cols,
-// box_rows}, no swizzle, zero fill out of bounds: the scales of TMA_SCALES configurations.
-inline bool make_map_f32(CUtensorMap* map, const float* ptr, uint64_t rows, uint64_t cols, uint64_t ld,
-                         uint32_t box_cols, uint32_t box_rows) {
+// One 2-D tensor map: [rows, cols] of `dtype` with rows `row_bytes` apart (a multiple of 16), box
+// {box_cols, box_rows}, zero fill out of bounds. Every map of this kernel and the BF16 one.
+inline bool encode_map_2d(CUtensorMap* map, CUtensorMapDataType dtype, const void* ptr, uint64_t rows,
+                          uint64_t cols, uint64_t row_bytes, uint32_t box_cols, uint32_t box_rows,
+                          CUtensorMapSwizzle swizzle, CUtensorMapL2promotion promotion) {
   auto encode = get_encode_fn();
   if (!encode)
     return false;
   const cuuint64_t dims[2] = {cols, rows};
-  const cuuint64_t strides[1] = {ld * 4};
+  const cuuint64_t strides[1] = {row_bytes};
   const cuuint32_t box[2] = {box_cols, box_rows};
   const cuuint32_t estr[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 2, const_cast<float*>(ptr), dims, strides, box, estr,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+  return encode(map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, estr,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, promotion,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// 2-D e4m3 map [rows, k] (k contiguous), box {128 (k), box_rows}, 128B swizzle.
+inline bool make_map(CUtensorMap* map, const void* ptr, uint64_t rows, uint64_t k, uint32_t box_rows) {
+  return encode_map_2d(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, ptr, rows, k, k, BK, box_rows,
+                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
+}
+
+// bf16 [m, n] output map for the v2 TMA store: box {64 columns (128 B), 64 rows}, 128B swizzle.
+inline bool make_map_d(CUtensorMap* map, void* ptr, uint64_t m, uint64_t n) {
+  return encode_map_2d(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, ptr, m, n, n * 2, 64, 64,
+                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE);
+}
+
+// fp32 scales [rows, cols] with row stride ld elements (a multiple of 4), no swizzle: the maps of the
+// TMA_SCALES configurations.
+inline bool make_map_f32(CUtensorMap* map, const float* ptr, uint64_t rows, uint64_t cols, uint64_t ld,
+                         uint32_t box_cols, uint32_t box_rows) {
+  return encode_map_2d(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, ptr, rows, cols, ld * 4, box_cols, box_rows,
+                       CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_NONE);
 }
 
 // Whether a TMA_SCALES configuration takes these scales: MN-major a scales (a_scales_ld >= M, a
