@@ -21,7 +21,11 @@ MAX_JOBS=13 timeout 250 python3 setup.py build_ext --inplace --build-temp .gpu_b
 wait $pb; el "proto build exit $?"
 T=$(left); T=$(( T > 200 ? 200 : (T < 30 ? 30 : T) ))
 PROTO_CASES=${PROTO_CASES:-ep8_realistic,ep8_down,ep8_balanced,e256_realistic} timeout $T python3 prototypes/fp8_grouped_gemm/run_gpu.py --configs ${PROTO_CONFIGS:-V2_BN192_S4,V2_BN192_S4_KC,V2_BN192_S4_KC_TS,V4_BN192_S4_M2_KC} > $OUT/proto.log 2>&1; el "proto exit $?"
+# Optional: the library's own tests and benchmark families on the tree sent (LIB_TESTS: pytest
+# arguments; LIB_BENCH: bench/run.py --only families), each within what is left of BUDGET.
+if [ -n "${LIB_TESTS:-}" ]; then T=$(left); timeout $(( T < 30 ? 30 : T )) python3 -m pytest $LIB_TESTS -q -x > $OUT/lib_tests.log 2>&1; el "lib tests exit $?"; fi
+if [ -n "${LIB_BENCH:-}" ]; then T=$(left); timeout $(( T < 30 ? 30 : T )) python3 bench/run.py --out $OUT --only $LIB_BENCH > $OUT/lib_bench.log 2>&1; el "lib bench exit $?"; fi
 [ -n "$dg" ] && { wait $dg; el "dg build exit $?"; }
 T=$(left); if [ -n "$dg" ] && [ $T -gt 40 ]; then timeout $T ncu --nvtx --nvtx-include profiled/ --import-source no --set full -f -o $OUT/prof_full python3 prototypes/deepgemm/bench.py --profile "EP8 gate_up balanced" > $OUT/ncu_full.log 2>&1; el "ncu exit $? (limit $T s)"; ncu --import $OUT/prof_full.ncu-rep --page details > $OUT/ncu_details.txt 2>&1; else el "no time for ncu"; fi
-tail -3 $OUT/build.log; tail -2 $OUT/dg_build_bg.log; grep -E "PASS|FAIL|configs|us|EP8|256|decode" $OUT/proto.log | grep -v "^  \[PASS" | tail -30; grep -c PASS $OUT/proto.log; grep -E "^  [a-zA-Z_]|Duration|SM Frequency|Compute \(SM\) Throughput|Executed Ipc A" $OUT/ncu_details.txt | head -30
+tail -3 $OUT/build.log; tail -2 $OUT/dg_build_bg.log; grep -E "PASS|FAIL|configs|us|EP8|256|decode" $OUT/proto.log | grep -v "^  \[PASS" | tail -30; grep -c PASS $OUT/proto.log; tail -2 $OUT/lib_tests.log 2>/dev/null; tail -40 $OUT/lib_bench.log 2>/dev/null | cut -c1-160; grep -E "^  [a-zA-Z_]|Duration|SM Frequency|Compute \(SM\) Throughput|Executed Ipc A" $OUT/ncu_details.txt | head -30
 cd $OUT && (tar czf /tmp/rep.tgz *.ncu-rep; rm -f *.ncu-rep; tar czf /tmp/all.tgz *; rm -rf ./*; mv /tmp/all.tgz /tmp/rep.tgz .) 2>/dev/null; ls -la
