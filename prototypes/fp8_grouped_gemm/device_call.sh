@@ -16,7 +16,7 @@ T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }; left() { echo $
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > $OUT/smi.txt
 (timeout 250 python3 prototypes/fp8_grouped_gemm/run_gpu.py --build-only > $OUT/proto_build.log 2>&1) & pb=$!
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/moe_kernels_site .whl/nvidia_cutlass-*.whl
-dg=""; if [ $BUDGET -ge 420 ]; then bash prototypes/deepgemm/run_gpu.sh build > $OUT/dg_build_bg.log 2>&1 & dg=$!; fi
+dg=""; if [ $BUDGET -ge 420 ] && [ "${DG:-1}" = 1 ]; then bash prototypes/deepgemm/run_gpu.sh build > $OUT/dg_build_bg.log 2>&1 & dg=$!; fi
 MAX_JOBS=13 timeout 250 python3 setup.py build_ext --inplace --build-temp .gpu_build > $OUT/build.log 2>&1; el "our build exit $?"
 wait $pb; el "proto build exit $?"
 T=$(left); T=$(( T > 200 ? 200 : (T < 30 ? 30 : T) ))
