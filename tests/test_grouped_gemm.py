@@ -241,14 +241,16 @@ def test_zero_rows(fp8, config, gen):
 
 
 @requires_sm90
-@pytest.mark.parametrize("shape", [(7168, 2048), (4096, 7168), (2048, 768)])
-def test_fp8_model_shapes(shape, gen):
-    """The DeepSeek-V3 and Qwen3 expert shapes (N, K) with a few experts."""
+@pytest.mark.parametrize("shape", [(7168, 2048), (4096, 7168), (2048, 768), (3072, 4096), (4096, 1536)])
+@pytest.mark.parametrize("config", FP8_CONFIGS)
+def test_fp8_model_shapes(shape, config, gen):
+    """The DeepSeek-V3 and Qwen3 expert shapes (N, K) with a few experts; fp8_wgmma_128x192 has K
+    compiled in for K = 7168, 4096, 2048 and 1536 (K = 768 takes its run-time-K kernel)."""
     n, k = shape
     a, b, offsets, sa, sb = make_problem([300, 0, 45, 129], n, k, True, gen, device="cuda")
-    out = moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb)
+    out = moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=config)
     diff = calc_diff(out.float(), run_reference(a, b, offsets, sa, sb))
-    assert diff < FP8_GEMM_CALC_DIFF, f"{shape=}: calc_diff {diff}"
+    assert diff < FP8_GEMM_CALC_DIFF, f"{shape=} {config=}: calc_diff {diff}"
 
 
 @requires_sm90
