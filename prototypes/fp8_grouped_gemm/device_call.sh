@@ -5,6 +5,8 @@
 # Builds the library, the prototype extension and (BUDGET >= 420) DeepGEMM side by side; checks and
 # benchmarks PROTO_CONFIGS on PROTO_CASES (run_gpu.py); then, with what is left of BUDGET seconds,
 # Nsight Compute (full set, locked clocks) of DeepGEMM and ours on the balanced EP8 gate_up.
+# DG=0 skips DeepGEMM (build and ncu); LIB_TESTS (pytest arguments) and LIB_BENCH (bench/run.py
+# families) also run the library's tests and benchmarks on the tree sent, before the ncu step.
 # Everything lands in $OUT as two tarballs (logs and JSON; the ncu reports).
 set -u
 cd "$(dirname "$0")/../.."
