@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "moe_kernels/device_error.cuh"
 
@@ -671,6 +672,13 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     // BN = 192: the 8-column chunks 8..15 (tile columns 64-127) use the tile's second b-scale block
     // when the tile starts in the middle of a 128-column block (n0 % 128 == 64).
     const bool mid_second = (n0 & 127) != 0;
+    // K_FIXED: that pick as the byte offset of the b scale of columns 64-127 in the stage (one
+    // load instead of a select whose predicate the compiler rebuilt in every k-block).
+    const uint32_t mid_off = mid_second ? 4 : 0;
+    // K_FIXED: the low word of this warpgroup's A descriptor at stage 0, warp-uniform (shuffled
+    // from lane 0) so that it can live in a uniform register; a stage adds a constant to it.
+    const uint32_t da_tile =
+        Cfg::K_FIXED ? __shfl_sync(0xffffffffu, (uint32_t)sw128_desc(base + a_off * BK), 0) : 0;
 
 #pragma unroll
     for (int s = 0; s < SLABS; ++s)
@@ -678,63 +686,87 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
       for (int i = 0; i < WN / 2; ++i)
         acc[s][i] = 0.f;
 
-    // A constant K unrolls the k-loop by 8, as DeepGEMM's kernel does; a run-time K keeps it rolled.
+    // The k-loop. A constant K unrolls it by 8, as DeepGEMM's kernel does, and compiles it twice,
+    // for an active and an idle warpgroup, so that the branch on `active` is taken once per tile
+    // instead of once per k-block (DeepGEMM's loop has no such branch: it pads every expert to
+    // whole tiles). A run-time K keeps one rolled loop.
+    auto k_loop = [&](auto is_active) {
 #pragma unroll Cfg::K_FIXED ? 8 : 1
-    for (int kb = 0; kb < kb_count; ++kb) {
-      const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
-      const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
-      mbar_wait(bar_full + 8 * stage, phase);
-      if (active) {
-        // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
-        // (its value used) before the stage is released below.
-        const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
-                    sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
-        const float sb0 = Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + kb * 4) : ld_shared_f32(sc + BM * 4);
-        const float sb1 =
-            Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + (kb_count + kb) * 4) : ld_shared_f32(sc + BM * 4 + 4);
-        const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
-        const float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
-        const uint64_t da = sw128_desc(sa + a_off * BK);
-        if (split) {
-          if constexpr (Cfg::SPLIT_NARROW)
-            split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
-                                       f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
-        } else {
+      for (int kb = 0; kb < kb_count; ++kb) {
+        const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+        const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
+        mbar_wait(bar_full + 8 * stage, phase);
+        if (is_active) {
+          // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
+          // (its value used) before the stage is released below.
+          const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
+                      sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
+          const float sb0 = Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + kb * 4) : ld_shared_f32(sc + BM * 4);
+          const float sb1 =
+              Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + (kb_count + kb) * 4) : ld_shared_f32(sc + BM * 4 + 4);
+          const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
+          float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
+          if constexpr (Cfg::K_FIXED && !Cfg::TMA_SCALES) {
+            const float sbm = ld_shared_f32(sc + BM * 4 + mid_off);
+            fm0 = sa_lo * sbm, fm1 = sa_hi * sbm;
+          }
+          const uint64_t da = sw128_desc(sa + a_off * BK);
+          const uint32_t da_lo = da_tile + stage * (Cfg::STAGE_BYTES >> 4);
+          // The A descriptor of k-step j (32 k of 128): K_FIXED adds to the low word only (the
+          // start address never carries into the high word), so it stays a 32-bit add.
+          auto da_at = [&](int j) -> uint64_t {
+            return Cfg::K_FIXED ? (sw128_desc(0) & 0xFFFFFFFF00000000ull) | (da_lo + 2 * j) : da + 2 * j;
+          };
+          if (split) {
+            if constexpr (Cfg::SPLIT_NARROW)
+              split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
+                                         f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
+          } else {
 #pragma unroll
-          for (int s = 0; s < SLABS; ++s) {
-            if (s >= s_lo && s < s_hi) {
-              const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
-              fence_regs(tmp);
-              wgmma_fence();
-              wgmma_k32<WN, 0>(tmp, da, db);
-              wgmma_k32<WN, 1>(tmp, da + 2, db + 2);
-              wgmma_k32<WN, 1>(tmp, da + 4, db + 4);
-              wgmma_k32<WN, 1>(tmp, da + 6, db + 6);
-              wgmma_commit();
-              wgmma_wait0();
-              fence_regs(tmp);
-              if (s == s_hi - 1)
-                release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+            for (int s = 0; s < SLABS; ++s) {
+              // (One slab: always true for an active warpgroup; K_FIXED drops the test.)
+              if ((SLABS == 1 && Cfg::K_FIXED) || (s >= s_lo && s < s_hi)) {
+                const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
+                fence_regs(tmp);
+                wgmma_fence();
+                wgmma_k32<WN, 0>(tmp, da_at(0), db);
+                wgmma_k32<WN, 1>(tmp, da_at(1), db + 2);
+                wgmma_k32<WN, 1>(tmp, da_at(2), db + 4);
+                wgmma_k32<WN, 1>(tmp, da_at(3), db + 6);
+                wgmma_commit();
+                wgmma_wait0();
+                fence_regs(tmp);
+                if ((SLABS == 1 && Cfg::K_FIXED) || s == s_hi - 1)
+                  release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
 #pragma unroll
-              for (int i = 0; i < WN / 8; ++i) {
-                // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
-                // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
-                const int c = s * WN + 8 * i;
-                const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
-                const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
-                acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
-                acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
-                acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
-                acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
+                for (int i = 0; i < WN / 8; ++i) {
+                  // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
+                  // depends on n0 % 128 (only reachable at BN = 192; at BN = 128/256 n0 % 128 == 0).
+                  const int c = s * WN + 8 * i;
+                  const float g0 = c >= 128 ? f01 : (c >= 64 && BN == 192) ? fm0 : f00;
+                  const float g1 = c >= 128 ? f11 : (c >= 64 && BN == 192) ? fm1 : f10;
+                  acc[s][4 * i + 0] = fmaf(tmp[4 * i + 0], g0, acc[s][4 * i + 0]);
+                  acc[s][4 * i + 1] = fmaf(tmp[4 * i + 1], g0, acc[s][4 * i + 1]);
+                  acc[s][4 * i + 2] = fmaf(tmp[4 * i + 2], g1, acc[s][4 * i + 2]);
+                  acc[s][4 * i + 3] = fmaf(tmp[4 * i + 3], g1, acc[s][4 * i + 3]);
+                }
               }
             }
           }
+        } else {
+          release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
         }
-      } else {
-        release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+        if (++stage == STAGES)
+          stage = 0, phase ^= 1;
       }
-      if (++stage == STAGES)
-        stage = 0, phase ^= 1;
+    };
+    if constexpr (Cfg::K_FIXED) {
+      if (active)
+        k_loop(std::true_type{});
+      else
+        k_loop(std::false_type{});
+    } else {
+      k_loop(active);
     }
     if constexpr (Cfg::TMA_SCALES)  // every read of the slot was used by the promotions above
       release_stage<1>(bar_sb_empty + 8 * (tile_count & 1), lane);
