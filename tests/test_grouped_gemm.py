@@ -244,8 +244,9 @@ def test_zero_rows(fp8, config, gen):
 @pytest.mark.parametrize("shape", [(7168, 2048), (4096, 7168), (2048, 768), (3072, 4096), (4096, 1536)])
 @pytest.mark.parametrize("config", FP8_CONFIGS)
 def test_fp8_model_shapes(shape, config, gen):
-    """The DeepSeek-V3 and Qwen3 expert shapes (N, K) with a few experts; fp8_wgmma_128x192 has K
-    compiled in for K = 7168, 4096, 2048 and 1536 (K = 768 takes its run-time-K kernel)."""
+    """The DeepSeek-V3 and Qwen3 expert shapes (N, K) with a few experts; the fp8_wgmma_*kc_*
+    configurations have K compiled in for K = 7168, 4096, 2048 and 1536 (K = 768 takes their
+    run-time-K kernels), and the 45- and 129-row experts leave a warpgroup idle in a tail tile."""
     n, k = shape
     a, b, offsets, sa, sb = make_problem([300, 0, 45, 129], n, k, True, gen, device="cuda")
     out = moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=config)

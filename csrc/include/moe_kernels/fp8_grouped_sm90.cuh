@@ -310,6 +310,9 @@ struct ConfigV2 {
   // refuses any other K.
   static constexpr int K_FIXED = K_FIXED_;
   static_assert(K_FIXED % 128 == 0 && K_FIXED >= 0, "K_FIXED: 0 or a multiple of 128");
+  // The math warps' k-loop unroll: 8 k-blocks (DeepGEMM's) where that divides K / 128, else 4
+  // or 1 (an unroll with a remainder, K = 1536, spilled a kilobyte); a run-time K stays rolled.
+  static constexpr int K_UNROLL = K_FIXED / 128 % 8 == 0 ? 8 : K_FIXED / 128 % 4 == 0 ? 4 : 1;
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
   // the A tile and multicasts it to both, so A's L2 -> SM traffic halves.
   static constexpr int CLUSTER = CLUSTER_;
@@ -691,7 +694,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     // instead of once per k-block (DeepGEMM's loop has no such branch: it pads every expert to
     // whole tiles). A run-time K keeps one rolled loop.
     auto k_loop = [&](auto is_active) {
-#pragma unroll Cfg::K_FIXED ? 8 : 1
+#pragma unroll Cfg::K_FIXED ? Cfg::K_UNROLL : 1
       for (int kb = 0; kb < kb_count; ++kb) {
         const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
         const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
@@ -1036,6 +1039,8 @@ using CfgV4_192x4_NS = ConfigV2<192, 4, 2, true, true>;
 template <int K>
 using CfgV2_192x4_K = ConfigV2<192, 4, 1, false, false, K>;
 using CfgV2_192x4_TS = ConfigV2<192, 4, 1, false, false, 0, true>;
+template <int K>
+using CfgV3_192x4_K = ConfigV2<192, 4, 2, false, false, K>;
 template <int K>
 using CfgV4_192x4_K = ConfigV2<192, 4, 2, false, true, K>;
 template <int K>
