@@ -689,7 +689,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
       for (int i = 0; i < WN / 2; ++i)
         acc[s][i] = 0.f;
 
-    // The k-loop. A constant K unrolls it by 8, as DeepGEMM's kernel does, and compiles it twice,
+    // The k-loop. A constant K unrolls it (by 8 as DeepGEMM does, see K_UNROLL) and compiles it twice,
     // for an active and an idle warpgroup, so that the branch on `active` is taken once per tile
     // instead of once per k-block (DeepGEMM's loop has no such branch: it pads every expert to
     // whole tiles). A run-time K keeps one rolled loop.
