@@ -709,7 +709,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + (kb_count + kb) * 4) : ld_shared_f32(sc + BM * 4 + 4);
           const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
           float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
-          if constexpr (Cfg::K_FIXED && !Cfg::TMA_SCALES) {
+          if constexpr (Cfg::K_FIXED && !Cfg::TMA_SCALES && BN == 192) {
             const float sbm = ld_shared_f32(sc + BM * 4 + mid_off);
             fm0 = sa_lo * sbm, fm1 = sa_hi * sbm;
           }
