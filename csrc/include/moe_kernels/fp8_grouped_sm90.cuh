@@ -543,8 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
   const auto my_rank = [] { return CLUSTER > 1 ? cluster_rank() : 0; };
 
   if (warp >= kMathThreads / 32) {
-    // ---------------------------------------------------------------- producer warp (lane 0 alone with
-    // TMA_SCALES)
+    // ---------------------------------------------------------------- producer warp
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     // One warp produces; with TMA_SCALES only its lane 0, since every copy is then a TMA.
     if (warp == kMathThreads / 32 && (!Cfg::TMA_SCALES || lane == 0)) {
@@ -643,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
   }
   // Warp-uniform as far as the compiler can tell (a shuffle from lane 0, as DeepGEMM does), so the
   // wgmma descriptors derived from it can live in uniform registers.
-  // (Only where K is constant: the library's run-time-K configurations keep their measured code.)
+  // (Only where K is constant: the run-time-K configurations keep their measured k-loop.)
   const int wg = Cfg::K_FIXED ? __shfl_sync(0xffffffffu, warp / 4, 0) : warp / 4;
   const int rw = (warp % 4) * 16 + lane / 4;  // fragment rows rw and rw + 8 of the warpgroup's 64
   const int t_wg = (warp % 4) * 32 + lane;    // thread index inside the warpgroup
@@ -675,8 +674,8 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     // BN = 192: the 8-column chunks 8..15 (tile columns 64-127) use the tile's second b-scale block
     // when the tile starts in the middle of a 128-column block (n0 % 128 == 64).
     const bool mid_second = (n0 & 127) != 0;
-    // K_FIXED: that pick as the byte offset of the b scale of columns 64-127 in the stage (one
-    // load instead of a select whose predicate the compiler rebuilt in every k-block).
+    // That pick as a byte offset into the stage's b scales (K_FIXED: one load instead of a select
+    // whose predicate the compiler rebuilt in every k-block).
     const uint32_t mid_off = mid_second ? 4 : 0;
     // K_FIXED: the low word of this warpgroup's A descriptor at stage 0, warp-uniform (shuffled
     // from lane 0) so that it can live in a uniform register; a stage adds a constant to it.
@@ -707,12 +706,13 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
           const float sb0 = Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + kb * 4) : ld_shared_f32(sc + BM * 4);
           const float sb1 =
               Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + (kb_count + kb) * 4) : ld_shared_f32(sc + BM * 4 + 4);
+          // The b scale of tile columns 64-127 (BN = 192); K_FIXED loads it from the address picked
+          // per tile rather than selecting it.
+          const float sbm = Cfg::K_FIXED && !Cfg::TMA_SCALES && BN == 192
+                                ? ld_shared_f32(sc + BM * 4 + mid_off)
+                                : (mid_second ? sb1 : sb0);
           const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
-          float fm0 = mid_second ? f01 : f00, fm1 = mid_second ? f11 : f10;
-          if constexpr (Cfg::K_FIXED && !Cfg::TMA_SCALES && BN == 192) {
-            const float sbm = ld_shared_f32(sc + BM * 4 + mid_off);
-            fm0 = sa_lo * sbm, fm1 = sa_hi * sbm;
-          }
+          const float fm0 = sa_lo * sbm, fm1 = sa_hi * sbm;
           const uint64_t da = sw128_desc(sa + a_off * BK);
           const uint32_t da_lo = da_tile + stage * (Cfg::STAGE_BYTES >> 4);
           // The A descriptor of k-step j (32 k of 128): K_FIXED adds to the low word only (the
@@ -725,10 +725,11 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
                                          f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
           } else {
+            // One slab: [s_lo, s_hi) = [0, 1) for an active warpgroup; K_FIXED drops the test.
+            constexpr bool kOneSlab = SLABS == 1 && Cfg::K_FIXED;
 #pragma unroll
             for (int s = 0; s < SLABS; ++s) {
-              // (One slab: always true for an active warpgroup; K_FIXED drops the test.)
-              if ((SLABS == 1 && Cfg::K_FIXED) || (s >= s_lo && s < s_hi)) {
+              if (kOneSlab || (s >= s_lo && s < s_hi)) {
                 const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
                 fence_regs(tmp);
                 wgmma_fence();
@@ -739,7 +740,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
                 wgmma_commit();
                 wgmma_wait0();
                 fence_regs(tmp);
-                if ((SLABS == 1 && Cfg::K_FIXED) || s == s_hi - 1)
+                if (kOneSlab || s == s_hi - 1)
                   release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
 #pragma unroll
                 for (int i = 0; i < WN / 8; ++i) {
