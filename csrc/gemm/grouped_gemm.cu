@@ -38,6 +38,7 @@ constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
     MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),         MOE_GEMM_CONFIG(fp8_wgmma_2cta_128x192, true),
     MOE_GEMM_CONFIG(fp8_wgmma_kc_128x192, true),      MOE_GEMM_CONFIG(fp8_wgmma_2cta_kc_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_mpair_kc_128x192, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
     MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),     MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
 };
@@ -98,12 +99,14 @@ const GemmConfig& config_named(c10::string_view name) {
 // The heuristic: rows per expert, known on the host as M / E (never read from device counts).
 // Up to 64 rows per expert (decode, small batches) a 64-row Pingpong tile wastes less of each
 // expert's last tile and overlaps epilogues with MMAs. Beyond, for FP8, our own kernel with
-// 128x192 tiles: clusters of two CTAs sharing the A tile below 192 rows per expert (256 experts:
-// 5% faster on gate_up), one CTA per tile above (EP8, Qwen3 at 256 rows per expert: 3-10% faster;
-// the cluster's lockstep costs more there than the multicast saves). The seventh session's split
-// tails and m-pair clusters (fp8_wgmma_*ns*, fp8_wgmma_mpair_*; still in the prototype) were 1-26%
-// slower than these on every realistic row of the library's benchmark (H100, 2026-12-07; faster
-// only on 256 balanced experts, where no tile takes the split path) and were removed.
+// 128x192 tiles and K compiled in for the common K: on clusters of two CTAs on neighbouring m-tiles
+// that share the weight tile (fp8_wgmma_mpair_kc_128x192) where K >= 4096 (the gate_up projections:
+// 9-10% faster than one CTA per tile at EP8 and with 256 experts), one CTA per tile below (the down
+// projections: 4% faster than the pair at EP8). The constant K made the one-CTA kernel 10-15%
+// faster than with K at run time on every EP8 row (H100, 2026-12-07). The clusters sharing the A
+// tile (fp8_wgmma_2cta_*) were 2-16% slower than one CTA per tile on every realistic row of that
+// run, also at 128 rows per expert where they had been chosen; the seventh session's split tails
+// (fp8_wgmma_*ns*; still in the prototype) were 1-26% slower on every realistic row and removed.
 // CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
 // 1024 experts, 32-bit scale indices). BF16: our own kernel (bf16_wgmma_128x256: a 128x256 tile,
 // 3 stages, the whole tile staged for the TMA store) above 64 rows per expert where it applies
@@ -132,7 +135,7 @@ const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k,
     if (!wgmma_ok) {
       return config_named("fp8_cooperative_128x128");
     }
-    return config_named(m_total < 192 * num_experts ? "fp8_wgmma_2cta_128x192" : "fp8_wgmma_128x192");
+    return config_named(k >= 4096 ? "fp8_wgmma_mpair_kc_128x192" : "fp8_wgmma_kc_128x192");
   }
   if (small) {
     return config_named("bf16_pingpong_64x128");

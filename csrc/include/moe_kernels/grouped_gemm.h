@@ -51,8 +51,9 @@ MOE_DECLARE_GROUPED_GEMM(fp8_cooperative_128x128)
 MOE_DECLARE_GROUPED_GEMM(fp8_pingpong_64x128)
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_128x192)  // our own kernel (moe_kernels/fp8_grouped_sm90.cuh)
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_2cta_128x192)
-MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_kc_128x192)  // K compiled in for common K; not chosen by "auto" yet
+MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_kc_128x192)  // K compiled in for the common K
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_2cta_kc_128x192)
+MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_mpair_kc_128x192)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x128)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(bf16_pingpong_64x128)
