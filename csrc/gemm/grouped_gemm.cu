@@ -99,14 +99,15 @@ const GemmConfig& config_named(c10::string_view name) {
 // The heuristic: rows per expert, known on the host as M / E (never read from device counts).
 // Up to 64 rows per expert (decode, small batches) a 64-row Pingpong tile wastes less of each
 // expert's last tile and overlaps epilogues with MMAs. Beyond, for FP8, our own kernel with
-// 128x192 tiles and K compiled in for the common K: on clusters of two CTAs on neighbouring m-tiles
-// that share the weight tile (fp8_wgmma_mpair_kc_128x192) where K >= 4096 (the gate_up projections:
-// 9-10% faster than one CTA per tile at EP8 and with 256 experts), one CTA per tile below (the down
-// projections: 4% faster than the pair at EP8). The constant K made the one-CTA kernel 10-15%
-// faster than with K at run time on every EP8 row (H100, 2026-12-07). The clusters sharing the A
-// tile (fp8_wgmma_2cta_*) were 2-16% slower than one CTA per tile on every realistic row of that
-// run, also at 128 rows per expert where they had been chosen; the seventh session's split tails
-// (fp8_wgmma_*ns*; still in the prototype) were 1-26% slower on every realistic row and removed.
+// 128x192 tiles, one CTA per tile and K compiled in for the common K (fp8_wgmma_kc_128x192): in one
+// interleaved run (H100, 2026-12-07, bench/results/h100/grouped_gemm.json) 7-18% faster than with
+// K at run time on every EP8 row and Qwen3's gate_up, and within 4% of the fastest configuration
+// on every row above 64 rows per expert. The clusters were not better overall: sharing the weight
+// tile between m-tile pairs (fp8_wgmma_mpair_kc_128x192) gained 4% with 256 experts (gate_up,
+// realistic) and lost 3-16% on the skewed, down, 256-expert balanced and Qwen3 rows; sharing the
+// A tile (fp8_wgmma_2cta_*, chosen below 192 rows per expert until then) lost 3-12% on the
+// realistic 256-expert rows. The seventh session's split tails (fp8_wgmma_*ns*; still in the prototype) were 1-26%
+// slower on every realistic row and were removed.
 // CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
 // 1024 experts, 32-bit scale indices). BF16: our own kernel (bf16_wgmma_128x256: a 128x256 tile,
 // 3 stages, the whole tile staged for the TMA store) above 64 rows per expert where it applies
@@ -135,7 +136,7 @@ const GemmConfig& choose_config(bool fp8, int64_t m_total, int64_t n, int64_t k,
     if (!wgmma_ok) {
       return config_named("fp8_cooperative_128x128");
     }
-    return config_named(k >= 4096 ? "fp8_wgmma_mpair_kc_128x192" : "fp8_wgmma_kc_128x192");
+    return config_named("fp8_wgmma_kc_128x192");
   }
   if (small) {
     return config_named("bf16_pingpong_64x128");
