@@ -35,12 +35,11 @@ struct GemmConfig {
 
 #define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
 constexpr GemmConfig kConfigs[] = {
-    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),    MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),          MOE_GEMM_CONFIG(fp8_wgmma_2cta_128x192, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_kc_128x192, true),       MOE_GEMM_CONFIG(fp8_wgmma_2cta_kc_128x192, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_mpair_kc_128x192, true), MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),
-    MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),  MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
-    MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
+    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),         MOE_GEMM_CONFIG(fp8_wgmma_kc_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_2cta_kc_128x192, true), MOE_GEMM_CONFIG(fp8_wgmma_mpair_kc_128x192, true),
+    MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
+    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),     MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
 };
 // The dgrad's configurations (BF16, the weight read untransposed), chosen by the same rule.
 constexpr GemmConfig kDgradConfigs[] = {
@@ -106,8 +105,9 @@ const GemmConfig& config_named(c10::string_view name) {
 // tile between m-tile pairs (fp8_wgmma_mpair_kc_128x192) gained 4% with 256 experts (gate_up,
 // realistic) and lost 3-16% on the skewed, down, 256-expert balanced and Qwen3 rows; sharing the
 // A tile (fp8_wgmma_2cta_*, chosen below 192 rows per expert until then) lost 3-12% on the
-// realistic 256-expert rows. The seventh session's split tails (fp8_wgmma_*ns*; still in the
-// prototype) were 1-26% slower on every realistic row and were removed.
+// realistic 256-expert rows; its run-time-K configuration (fp8_wgmma_2cta_128x192) was removed,
+// the kernel stays as fp8_wgmma_2cta_kc_128x192's fallback for other K. The seventh session's split tails
+// (fp8_wgmma_*ns*; still in the prototype) were 1-26% slower on every realistic row and were removed.
 // CUTLASS's 128x128 Cooperative tile with a 1x2 cluster where our kernel does not apply (more than
 // 1024 experts, 32-bit scale indices). BF16: our own kernel (bf16_wgmma_128x256: a 128x256 tile,
 // 3 stages, the whole tile staged for the TMA store) above 64 rows per expert where it applies

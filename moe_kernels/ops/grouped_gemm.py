@@ -19,7 +19,6 @@ GEMM_CONFIGS = (
     "fp8_cooperative_128x128",
     "fp8_pingpong_64x128",
     "fp8_wgmma_128x192",
-    "fp8_wgmma_2cta_128x192",
     "fp8_wgmma_kc_128x192",
     "fp8_wgmma_2cta_kc_128x192",
     "fp8_wgmma_mpair_kc_128x192",
