@@ -38,7 +38,6 @@ constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
     MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),         MOE_GEMM_CONFIG(fp8_wgmma_kc_128x192, true),
     MOE_GEMM_CONFIG(fp8_wgmma_2cta_kc_128x192, true), MOE_GEMM_CONFIG(fp8_wgmma_mpair_kc_128x192, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_kc_pf4_128x192, true),  MOE_GEMM_CONFIG(fp8_wgmma_kc_pf8_128x192, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
     MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),     MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
 };

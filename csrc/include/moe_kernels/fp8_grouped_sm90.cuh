@@ -86,15 +86,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// Fetch a box of the tensor into L2 only (no shared memory, no barrier): the B_PREFETCH configurations.
-// Out-of-bounds coordinates fetch nothing.
-__device__ __forceinline__ void tma_prefetch_2d(const CUtensorMap* map, int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.prefetch.tensor.2d.L2.global [%0, {%1, %2}];" ::"l"(reinterpret_cast<uint64_t>(map)),
-      "r"(c0), "r"(c1)
-      : "memory");
-}
-
 // The same box into the same shared-memory offset of every CTA in `mask` (cluster ranks), each
 // copy completing its bytes on the mbarrier at `bar`'s offset in that CTA.
 __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar,
@@ -303,15 +294,9 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
 template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          int K_FIXED_ = 0, bool TMA_SCALES_ = false, int B_PREFETCH_ = 0>
+          int K_FIXED_ = 0, bool TMA_SCALES_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
-  // B_PREFETCH (configs *_PF): with the loads of k-block kb the producer also prefetches the weight
-  // tile of k-block kb + B_PREFETCH into L2 (of the next tile near the end of this one). With
-  // ~128 rows per expert every weight tile is read once from HBM and the kernel is bound by the
-  // weight stream; the stages (96 KB of B per SM) are then the only reads in flight, and a
-  // prefetch deepens that without shared memory. 0: none. One CTA per tile only.
-  static constexpr int B_PREFETCH = B_PREFETCH_;
   // TMA_SCALES (configs *_TS): the scales come by TMA, as DeepGEMM loads them, and the producer is
   // one thread. The a scales must be MN-major (a_scales_ld > 0: element [r, kb] at kb * ld + r):
   // each stage gets the 128 tile rows' scales as one 512-B box next to A and B, so the full barrier
@@ -341,7 +326,6 @@ struct ConfigV2 {
   // and one n-tile instead; each loads half of the B (weight) tile and multicasts it to both.
   static constexpr bool SHARE_B = SHARE_B_;
   static_assert(!SHARE_B || CLUSTER == 2, "SHARE_B needs a cluster of 2");
-  static_assert(B_PREFETCH >= 0 && (B_PREFETCH == 0 || CLUSTER == 1), "B_PREFETCH: one CTA per tile");
   static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
   static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
@@ -588,18 +572,6 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
         for (int j = 0; j < 4; ++j)
           a_idx[j] = min(tile.row0 + lane + 32 * j, m_total - 1) * kb_count;
         const int b_idx = (tile.expert * n_blocks + min(tile.n0 / 128 + lane, n_blocks - 1)) * kb_count;
-        // B_PREFETCH: the next tile's first weight row (-1: this is the CTA's last tile), whose first
-        // k-blocks are prefetched during this tile's last ones. A copy of the cursor: decode_tile
-        // only moves it forward, and the next iteration decodes the same tile again.
-        int next_b_row = -1;
-        if constexpr (Cfg::B_PREFETCH > 0) {
-          const int t_next = t + tile_stride();
-          if (t_next < ld_shared_s32(total_addr)) {
-            int next_cursor = cursor;
-            const Tile next = decode_tile<BN, CN, CM>(t_next, next_cursor, s_off, s_tiles, opaque(n), rank);
-            next_b_row = next.expert * n + next.n0;
-          }
-        }
         for (int kb = 0; kb < kb_count; ++kb) {
           mbar_wait(bar_empty + 8 * stage, phase ^ 1);
           const uint32_t full = bar_full + 8 * stage;
@@ -628,13 +600,6 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               }
               if (!tile.ghost)
                 tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
-              if constexpr (Cfg::B_PREFETCH > 0) {
-                const int pk = kb + Cfg::B_PREFETCH;
-                if (pk < kb_count)
-                  tma_prefetch_2d(&tmap_b, pk * BK, b_row);
-                else if (next_b_row >= 0 && pk - kb_count < kb_count)
-                  tma_prefetch_2d(&tmap_b, (pk - kb_count) * BK, next_b_row);
-              }
               // Rows past M are zero-filled; those of the next expert are loaded and never used.
               if constexpr (Cfg::TMA_SCALES)
                 tma_load_2d(smem_sc + stage * Cfg::SC_BYTES, &tmap_sa, full, tile.row0, kb);
@@ -1081,10 +1046,6 @@ template <int K>
 using CfgV4_192x4_K = ConfigV2<192, 4, 2, false, true, K>;
 template <int K>
 using CfgV2_192x4_K_TS = ConfigV2<192, 4, 1, false, false, K, true>;
-template <int K>
-using CfgV2_192x4_K_PF4 = ConfigV2<192, 4, 1, false, false, K, false, 4>;
-template <int K>
-using CfgV2_192x4_K_PF8 = ConfigV2<192, 4, 1, false, false, K, false, 8>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&

@@ -54,8 +54,6 @@ MOE_DECLARE_GROUPED_GEMM(
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_kc_128x192)  // K compiled in for the common K
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_2cta_kc_128x192)
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_mpair_kc_128x192)
-MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_kc_pf4_128x192)  // + the weight prefetched into L2 4 k-blocks ahead
-MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_kc_pf8_128x192)  // 8 k-blocks ahead
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x128)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(bf16_pingpong_64x128)
