@@ -206,6 +206,18 @@ __device__ __forceinline__ void wgmma_m64n96k32(float (&d)[48], uint64_t da, uin
       : FP8G_D8(0), FP8G_D8(8), FP8G_D8(16), FP8G_D8(24), FP8G_D8(32), FP8G_D8(40)
       : "l"(da), "l"(db), "n"(ACCUM));
 }
+// d[32] (+)= A(64x32) * B(64x32)^T: a warpgroup's 64 columns of a TALL tile's rows 128-191.
+template <int ACCUM>
+__device__ __forceinline__ void wgmma_m64n64k32(float (&d)[32], uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1;\n}\n"
+      : FP8G_D8(0), FP8G_D8(8), FP8G_D8(16), FP8G_D8(24)
+      : "l"(da), "l"(db), "n"(ACCUM));
+}
 #undef FP8G_D8
 
 __device__ __forceinline__ int ld_shared_s32(uint32_t addr) {
@@ -235,7 +247,8 @@ __device__ __forceinline__ int read_tid_x() {
 // Tile walk
 // ------------------------------------------------------------------------------------------------
 struct Tile {
-  int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128, <= 0 for an m-ghost); n0: first column
+  int expert, row0, rows, n0;  // rows: valid rows of the tile (1..128, or 1..192 for the last m-tile of
+                               // a TALL configuration; <= 0 for an m-ghost); n0: first column
   bool ghost;  // n0 >= N or past the expert's m-tiles: this CTA of a cluster only loads its share of the
                // multicast tile (A, or B with SHARE_B)
 };
@@ -251,7 +264,18 @@ struct Tile {
 // neighbouring n-tiles): cluster rank r takes m-tile CM * m_unit + r or n-tile CN * n_unit + r.
 // Past the expert's m-tiles or past N it is a ghost, which only loads its share of the multicast
 // tile. Bands then hold kBand / CM m-units.
-template <int BN, int CN, int CM = 1>
+// m-tiles of an expert with `rows` >= 0 rows: 128-row tiles, except that with TALL the last one takes up
+// to 192 rows (64 more than BM), so that a tail of <= 64 rows rides on the tile before it instead of
+// taking a tile of its own: 129-192 rows are one tile, 193-320 two.
+template <bool TALL>
+__device__ __forceinline__ int m_tiles_of(int rows) {
+  if constexpr (TALL)
+    return rows <= 0 ? 0 : max(1, (rows - 64 + BM - 1) / BM);
+  else
+    return (rows + BM - 1) / BM;
+}
+
+template <int BN, int CN, int CM = 1, bool TALL = false>
 __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off, const int* s_tiles, int n,
                                             int rank) {
   static_assert(CM == 1 || CN == 1, "a cluster along M or along N");
@@ -261,7 +285,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
     ++cursor;  // also skips empty experts (zero tiles)
   const int e = cursor;
   const int begin = s_off[e], end = s_off[e + 1];
-  const int m_tiles = (end - begin + BM - 1) / BM;
+  const int m_tiles = m_tiles_of<TALL>(end - begin);
   const int m_units = (m_tiles + CM - 1) / CM;
   const int local = t - s_tiles[e];
   const int band = local / (kBandUnits * n_tiles);
@@ -272,7 +296,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
   Tile tile;
   tile.expert = e;
   tile.row0 = begin + m * BM;
-  tile.rows = min(BM, end - tile.row0);  // <= 0 for an m-ghost
+  tile.rows = TALL && m == m_tiles - 1 ? end - tile.row0 : min(BM, end - tile.row0);  // <= 0 for an m-ghost
   tile.n0 = (n_tile * CN + (CN > 1 ? rank : 0)) * BN;
   tile.ghost = tile.n0 >= n || (CM > 1 && m >= m_tiles);
   return tile;
@@ -294,9 +318,16 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
 template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          int K_FIXED_ = 0, bool TMA_SCALES_ = false>
+          int K_FIXED_ = 0, bool TMA_SCALES_ = false, bool TALL_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
+  // TALL (configs *_TALL, BN = 128): an expert's last m-tile takes up to 192 rows (m_tiles_of). Its
+  // rows 128-191 are split by column between the warpgroups: each adds an m64n64 wgmma on its 64
+  // columns of the tile to its m64n128 one, with a second accumulator (64 + 32 + temporaries 64 +
+  // 32 registers). With ~128 rows per expert (256 experts on one GPU, realistic loads: 128 +- 11)
+  // half of the experts otherwise get a second, nearly empty tile that streams the expert's
+  // weights again; here every expert of 1-192 rows is one tile.
+  static constexpr bool TALL = TALL_;
   // TMA_SCALES (configs *_TS): the scales come by TMA, as DeepGEMM loads them, and the producer is
   // one thread. The a scales must be MN-major (a_scales_ld > 0: element [r, kb] at kb * ld + r):
   // each stage gets the 128 tile rows' scales as one 512-B box next to A and B, so the full barrier
@@ -312,7 +343,8 @@ struct ConfigV2 {
   static_assert(K_FIXED % 128 == 0 && K_FIXED >= 0, "K_FIXED: 0 or a multiple of 128");
   // The math warps' k-loop unroll: 8 k-blocks (DeepGEMM's) where that divides K / 128, else 4
   // or 1 (an unroll with a remainder, K = 1536, spilled a kilobyte); a run-time K stays rolled.
-  static constexpr int K_UNROLL = K_FIXED / 128 % 8 == 0 ? 8 : K_FIXED / 128 % 4 == 0 ? 4 : 1;
+  // TALL unrolls by at most 4: by 8, its second accumulator spilled ~200 B.
+  static constexpr int K_UNROLL = K_FIXED / 128 % 8 == 0 && !TALL ? 8 : K_FIXED / 128 % 4 == 0 ? 4 : 1;
   // CLUSTER = 2 (configs V3_*): two CTAs on neighbouring n-tiles of one m-tile; each loads half of
   // the A tile and multicasts it to both, so A's L2 -> SM traffic halves.
   static constexpr int CLUSTER = CLUSTER_;
@@ -326,12 +358,16 @@ struct ConfigV2 {
   // and one n-tile instead; each loads half of the B (weight) tile and multicasts it to both.
   static constexpr bool SHARE_B = SHARE_B_;
   static_assert(!SHARE_B || CLUSTER == 2, "SHARE_B needs a cluster of 2");
+  static_assert(!TALL || (BN == 128 && CLUSTER == 1 && !SPLIT_NARROW_ && !TMA_SCALES_),
+                "TALL: BN = 128, one CTA per tile, no split tiles, scales by cp.async");
+  // Rows of A a stage holds (TMA'd in boxes of 64 rows with TALL, as many as the tile has).
+  static constexpr int A_ROWS = TALL ? BM + 64 : BM;
   static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
   static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
   static constexpr int SLABS = BN / WN;
   static_assert(BN == 128 || BN == 192 || BN == 256, "BN must be 128, 192 or 256");
-  static constexpr int A_BYTES = BM * BK;
+  static constexpr int A_BYTES = A_ROWS * BK;
   static constexpr int B_BYTES = BN * BK;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;  // multiple of 1024 for all three BN
   static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
@@ -345,7 +381,8 @@ struct ConfigV2 {
   // the stages two per-tile slots of 2 x kMaxKBlocksTS b scales.
   static constexpr int kMaxKBlocksTS = 128;
   static_assert(!TMA_SCALES || (CLUSTER == 1 && !SPLIT_NARROW), "TMA_SCALES: one CTA, no split tiles");
-  static constexpr int SC_BYTES = TMA_SCALES ? BM * 4 : BM * 4 + 16;
+  static constexpr int SC_BYTES = TMA_SCALES ? BM * 4 : A_ROWS * 4 + 16;
+  static constexpr int SC_B_OFF = A_ROWS * 4;  // the b scales' byte offset in a stage's scales
   static constexpr int SC_OFF = PIPE_BYTES + D_BYTES;
   static constexpr int SB_SLOT_BYTES = 2 * kMaxKBlocksTS * 4;
   static constexpr int SB_OFF = SC_OFF + STAGES * SC_BYTES;
@@ -516,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
     int sum = 0;
     for (int e = lo; e < hi; ++e)
-      sum += ((max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM + CM - 1) / CM * n_tiles;
+      sum += (m_tiles_of<Cfg::TALL>(max(s_off[e + 1] - s_off[e], 0)) + CM - 1) / CM * n_tiles;
     int incl = sum;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -527,7 +564,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     int run = incl - sum;
     for (int e = lo; e < hi; ++e) {
       s_tiles[e] = run;
-      run += ((max(s_off[e + 1] - s_off[e], 0) + BM - 1) / BM + CM - 1) / CM * n_tiles;
+      run += (m_tiles_of<Cfg::TALL>(max(s_off[e + 1] - s_off[e], 0)) + CM - 1) / CM * n_tiles;
     }
     if (lane == 31)
       s_tiles[num_experts] = incl;
@@ -552,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
       uint32_t phase = 0;
       for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride(), ++tile_count) {
         const int rank = my_rank();
-        const Tile tile = decode_tile<BN, CN, CM>(t, cursor, s_off, s_tiles, opaque(n), rank);
+        const Tile tile = decode_tile<BN, CN, CM, Cfg::TALL>(t, cursor, s_off, s_tiles, opaque(n), rank);
         const int b_row = tile.expert * n + tile.n0;
         if constexpr (Cfg::TMA_SCALES) {
           // The tile's b scales into slot tile_count % 2: rows n0/128 and n0/128 + 1 of the
@@ -589,9 +626,17 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
             } else {
               // Every CTA of the cluster receives the whole A tile (its own share and the peers'),
               // and its own B tile unless it is a ghost (and with TMA_SCALES the tile's a scales).
-              mbar_expect_tx(full,
-                             Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES) + (Cfg::TMA_SCALES ? BM * 4 : 0));
-              if constexpr (CLUSTER > 1) {
+              if constexpr (!Cfg::TALL)
+                mbar_expect_tx(
+                    full, Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES) + (Cfg::TMA_SCALES ? BM * 4 : 0));
+              if constexpr (Cfg::TALL) {
+                // The tile's rows in boxes of 64 (its map's box): 1-3 boxes, the bytes expected
+                // (one CTA per tile: never a ghost).
+                const int a_boxes = min(3, (tile.rows + 63) / 64);
+                mbar_expect_tx(full, a_boxes * 64 * BK + Cfg::B_BYTES);
+                for (int i = 0; i < a_boxes; ++i)
+                  tma_load_2d(sa + i * 64 * BK, &tmap_a, full, kb * BK, tile.row0 + 64 * i);
+              } else if constexpr (CLUSTER > 1) {
                 constexpr int share = BM / CLUSTER;  // rows of A this CTA loads for the cluster
                 tma_load_2d_multicast(sa + rank * share * BK, &tmap_a, full, kb * BK,
                                       tile.row0 + rank * share, (1 << CLUSTER) - 1);
@@ -610,8 +655,18 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
 #pragma unroll
             for (int j = 0; j < 4; ++j)
               cp_async_4(sc + (lane + 32 * j) * 4, a_scales + a_idx[j] + kb);
+            if constexpr (Cfg::TALL) {
+              // A tile's rows 128-191 (l+128, l+160), indices computed per k-block: two more held
+              // indices spilled under the producer's 40 registers.
+              if (tile.rows > BM) {
+#pragma unroll
+                for (int j = 4; j < 6; ++j)
+                  cp_async_4(sc + (lane + 32 * j) * 4,
+                             a_scales + (int64_t)min(tile.row0 + lane + 32 * j, m_total - 1) * kb_count + kb);
+              }
+            }
             if (lane < 2)
-              cp_async_4(sc + BM * 4 + lane * 4, b_scales + b_idx + kb);
+              cp_async_4(sc + Cfg::SC_B_OFF + lane * 4, b_scales + b_idx + kb);
             cp_async_arrive_noinc(full);
           }
           if (++stage == STAGES)
@@ -650,11 +705,15 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
 
   float acc[SLABS][WN / 2];
   float tmp[WN / 2];
+  // TALL: this warpgroup's 64 x 64 share of the last tile's rows 128-191 (unused elsewhere).
+  constexpr int kTailRegs = Cfg::TALL ? 32 : 1;
+  float acc_t[kTailRegs];
+  float tmp_t[kTailRegs];
   int stage = 0, cursor = 0, tile_count = 0;
   uint32_t phase = 0;
 
   for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride(), ++tile_count) {
-    const Tile tile = decode_tile<BN, CN, CM>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
+    const Tile tile = decode_tile<BN, CN, CM, Cfg::TALL>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
     // TMA_SCALES: this tile's b scales, [2][kb_count] in slot tile_count % 2.
     const uint32_t sb_slot = smem_sb + (tile_count & 1) * Cfg::SB_SLOT_BYTES;
     if constexpr (Cfg::TMA_SCALES)
@@ -671,6 +730,8 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     const int s_lo = narrow ? wg : 0, s_hi = narrow ? wg + 1 : slabs;
     const int col_lo = split ? wg * (WN / 2) : 0;  // first tile column of a split warpgroup
     const bool active = !tile.ghost && a_off < tile.rows && (!split || n0 + col_lo < n);
+    // TALL: the tile has rows 128-191 (both warpgroups are then active).
+    const bool has_tail = Cfg::TALL && tile.rows > BM;
     // BN = 192: the 8-column chunks 8..15 (tile columns 64-127) use the tile's second b-scale block
     // when the tile starts in the middle of a 128-column block (n0 % 128 == 64).
     const bool mid_second = (n0 & 127) != 0;
@@ -687,12 +748,16 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
 #pragma unroll
       for (int i = 0; i < WN / 2; ++i)
         acc[s][i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kTailRegs; ++i)
+      acc_t[i] = 0.f;
 
     // The k-loop. A constant K unrolls it (by 8 as DeepGEMM does, see K_UNROLL) and compiles it twice,
     // for an active and an idle warpgroup, so that the branch on `active` is taken once per tile
     // instead of once per k-block (DeepGEMM's loop has no such branch: it pads every expert to
-    // whole tiles). A run-time K keeps one rolled loop.
-    auto k_loop = [&](auto is_active) {
+    // whole tiles). A run-time K keeps one rolled loop. `is_tall` (TALL only): the tile has rows
+    // 128-191, likewise a compile-time flag with a constant K.
+    auto k_loop = [&](auto is_active, auto is_tall) {
 #pragma unroll Cfg::K_FIXED ? Cfg::K_UNROLL : 1
       for (int kb = 0; kb < kb_count; ++kb) {
         const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
@@ -703,13 +768,14 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
           // (its value used) before the stage is released below.
           const float sa_lo = ld_shared_f32(sc + (a_off + rw) * 4),
                       sa_hi = ld_shared_f32(sc + (a_off + rw + 8) * 4);
-          const float sb0 = Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + kb * 4) : ld_shared_f32(sc + BM * 4);
-          const float sb1 =
-              Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + (kb_count + kb) * 4) : ld_shared_f32(sc + BM * 4 + 4);
+          const float sb0 =
+              Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + kb * 4) : ld_shared_f32(sc + Cfg::SC_B_OFF);
+          const float sb1 = Cfg::TMA_SCALES ? ld_shared_f32(sb_slot + (kb_count + kb) * 4)
+                                            : ld_shared_f32(sc + Cfg::SC_B_OFF + 4);
           // The b scale of tile columns 64-127 (BN = 192); K_FIXED loads it from the address picked
           // per tile rather than selecting it.
           const float sbm = Cfg::K_FIXED && !Cfg::TMA_SCALES && BN == 192
-                                ? ld_shared_f32(sc + BM * 4 + mid_off)
+                                ? ld_shared_f32(sc + Cfg::SC_B_OFF + mid_off)
                                 : (mid_second ? sb1 : sb0);
           const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
           const float fm0 = sa_lo * sbm, fm1 = sa_hi * sbm;
@@ -732,16 +798,47 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               if (kOneSlab || (s >= s_lo && s < s_hi)) {
                 const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
                 fence_regs(tmp);
+                if constexpr (Cfg::TALL)
+                  fence_regs(tmp_t);
                 wgmma_fence();
                 wgmma_k32<WN, 0>(tmp, da_at(0), db);
                 wgmma_k32<WN, 1>(tmp, da_at(1), db + 2);
                 wgmma_k32<WN, 1>(tmp, da_at(2), db + 4);
                 wgmma_k32<WN, 1>(tmp, da_at(3), db + 6);
+                if constexpr (Cfg::TALL) {
+                  if (is_tall) {  // rows 128-191 x this warpgroup's 64 columns, in the same commit group
+                    const uint64_t da_t = sw128_desc(sa + BM * BK),
+                                   db_t = sw128_desc(sa + Cfg::A_BYTES + wg * 64 * BK);
+                    wgmma_m64n64k32<0>(tmp_t, da_t, db_t);
+                    wgmma_m64n64k32<1>(tmp_t, da_t + 2, db_t + 2);
+                    wgmma_m64n64k32<1>(tmp_t, da_t + 4, db_t + 4);
+                    wgmma_m64n64k32<1>(tmp_t, da_t + 6, db_t + 6);
+                  }
+                }
                 wgmma_commit();
                 wgmma_wait0();
                 fence_regs(tmp);
+                float f_t0 = 0.f, f_t1 = 0.f;  // TALL: the tail rows' scale factors (one b block: BN = 128)
+                if constexpr (Cfg::TALL) {
+                  fence_regs(tmp_t);
+                  if (is_tall) {
+                    f_t0 = ld_shared_f32(sc + (BM + rw) * 4) * sb0;
+                    f_t1 = ld_shared_f32(sc + (BM + rw + 8) * 4) * sb0;
+                  }
+                }
                 if (kOneSlab || s == s_hi - 1)
                   release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+                if constexpr (Cfg::TALL) {
+                  if (is_tall) {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                      acc_t[4 * i + 0] = fmaf(tmp_t[4 * i + 0], f_t0, acc_t[4 * i + 0]);
+                      acc_t[4 * i + 1] = fmaf(tmp_t[4 * i + 1], f_t0, acc_t[4 * i + 1]);
+                      acc_t[4 * i + 2] = fmaf(tmp_t[4 * i + 2], f_t1, acc_t[4 * i + 2]);
+                      acc_t[4 * i + 3] = fmaf(tmp_t[4 * i + 3], f_t1, acc_t[4 * i + 3]);
+                    }
+                  }
+                }
 #pragma unroll
                 for (int i = 0; i < WN / 8; ++i) {
                   // Column s*WN + 8i of the tile: b-scale block 0 below 64, 1 from 128, and 64-127
@@ -765,16 +862,46 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
       }
     };
     if constexpr (Cfg::K_FIXED) {
-      if (active)
-        k_loop(std::true_type{});
+      if (!active) {
+        k_loop(std::false_type{}, std::false_type{});
+      } else if constexpr (Cfg::TALL) {
+        if (has_tail)
+          k_loop(std::true_type{}, std::true_type{});
+        else
+          k_loop(std::true_type{}, std::false_type{});
+      } else {
+        k_loop(std::true_type{}, std::false_type{});
+      }
+    } else if constexpr (Cfg::TALL) {
+      // is_tall at compile time here too: a run-time test around the tail's wgmmas made ptxas
+      // serialise them (C7520).
+      if (has_tail)
+        k_loop(active, std::true_type{});
       else
-        k_loop(std::false_type{});
+        k_loop(active, std::false_type{});
     } else {
-      k_loop(active);
+      k_loop(active, false);
     }
     if constexpr (Cfg::TMA_SCALES)  // every read of the slot was used by the promotions above
       release_stage<1>(bar_sb_empty + 8 * (tile_count & 1), lane);
 
+    // Expert tail: rows past rows_valid belong to the next expert (another CTA may be writing them):
+    // 16-B stores of the valid rows of this warpgroup's smem_d only, coalesced along the row.
+    auto store_valid_rows = [&](int row0, int col0, int rows_valid, int cols_valid) {
+      const int cpr = cols_valid / 8;  // 16-B chunks per row (cols_valid is a multiple of 32)
+      for (int idx = t_wg; idx < rows_valid * cpr; idx += 128) {
+        const int r = idx / cpr, c = idx - r * cpr;
+        const uint32_t src = d_wg + (c / 8) * Cfg::D_BOX_BYTES + r * 128 + (((c % 8) ^ (r % 8)) * 16);
+        uint32_t v0, v1, v2, v3;
+        asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
+                     : "r"(src)
+                     : "memory");
+        __nv_bfloat16* dst = out + (int64_t)(row0 + r) * n + col0 + c * 8;
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2), "r"(v3)
+                     : "memory");
+      }
+    };
     // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [col0, +ncols), through
     // its own smem_d region (box b = local columns 64b..64b+63). Only this warpgroup touches that
     // region, so 128-thread named barriers (ids 1 and 2) suffice.
@@ -824,21 +951,38 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
           asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         }
       } else {
-        // Expert tail: rows past rows_valid belong to the next expert (another CTA may be writing
-        // them): 16-B stores of the valid rows only, coalesced along the row.
-        const int cpr = cols_valid / 8;  // 16-B chunks per row (cols_valid is a multiple of 32)
-        for (int idx = t_wg; idx < rows_valid * cpr; idx += 128) {
-          const int r = idx / cpr, c = idx - r * cpr;
-          const uint32_t src = d_wg + (c / 8) * Cfg::D_BOX_BYTES + r * 128 + (((c % 8) ^ (r % 8)) * 16);
-          uint32_t v0, v1, v2, v3;
-          asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
-                       : "r"(src)
+        store_valid_rows(row0, col0, rows_valid, cols_valid);
+      }
+    }
+    if constexpr (Cfg::TALL) {
+      // TALL: rows 128 .. rows-1 of the tile x this warpgroup's 64 columns, through box 0 of its
+      // smem_d once the store above has read it (the ordering of the main part's epilogue).
+      if (has_tail) {
+        const int rows_t = tile.rows - BM, row0_t = tile.row0 + BM, col0_t = n0 + 64 * wg;
+        if (t_wg == 0)
+          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        wg_bar_sync(wg);
+        const int sw = opaque(lane / 4);
+        const uint32_t row_addr = d_wg + opaque(rw * 128 + (lane % 4) * 4);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t addr = row_addr + ((i ^ sw) * 16);
+          __nv_bfloat162 lo = __floats2bfloat162_rn(acc_t[4 * i + 0], acc_t[4 * i + 1]);
+          __nv_bfloat162 hi = __floats2bfloat162_rn(acc_t[4 * i + 2], acc_t[4 * i + 3]);
+          asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo))
                        : "memory");
-          __nv_bfloat16* dst = out + (int64_t)(row0 + r) * n + col0 + c * 8;
-          asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(v0), "r"(v1), "r"(v2),
-                       "r"(v3)
+          asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128), "r"(*reinterpret_cast<uint32_t*>(&hi))
                        : "memory");
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        wg_bar_sync(wg);
+        if (rows_t == 64) {
+          if (t_wg == 0) {
+            tma_store_2d(&tmap_d, d_wg, col0_t, row0_t);
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+          }
+        } else {
+          store_valid_rows(row0_t, col0_t, rows_t, 64);
         }
       }
     }
@@ -983,8 +1127,9 @@ cudaError_t fp8_grouped_run(const void* a, const float* a_scales, const void* b,
   if (m_total == 0)
     return cudaSuccess;
   CUtensorMap map_a, map_b, map_d;
-  // Box rows: the share of the multicast operand a CTA loads (A's rows unless SHARE_B, else B's).
-  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, BM / Cfg::CN) ||
+  // Box rows: the share of the multicast operand a CTA loads (A's rows unless SHARE_B, else B's);
+  // TALL loads A in boxes of 64 rows.
+  if (!make_map(&map_a, a, (uint64_t)m_total, (uint64_t)k, Cfg::TALL ? 64 : BM / Cfg::CN) ||
       !make_map(&map_b, b, (uint64_t)num_experts * n, (uint64_t)k, Cfg::BN / Cfg::CM) ||
       !make_map_d(&map_d, out, (uint64_t)m_total, (uint64_t)n))
     return cudaErrorInvalidValue;
@@ -1046,10 +1191,14 @@ template <int K>
 using CfgV4_192x4_K = ConfigV2<192, 4, 2, false, true, K>;
 template <int K>
 using CfgV2_192x4_K_TS = ConfigV2<192, 4, 1, false, false, K, true>;
+using CfgV2_128x4_TALL = ConfigV2<128, 4, 1, false, false, 0, false, true>;
+template <int K>
+using CfgV2_128x4_K_TALL = ConfigV2<128, 4, 1, false, false, K, false, true>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448,
+                  CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV2_128x4_TALL::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
 
 }  // namespace fp8g
