@@ -423,6 +423,16 @@ __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t sr
                : "memory");
 }
 
+// Rows r and r + 8 of an accumulator fragment's 8-column chunk, as bf16 pairs, into a 128B-swizzled
+// smem_d box: `addr` is row r's 4-byte slot of the chunk, row r + 8 is 8 rows of 128 B further.
+__device__ __forceinline__ void st_frag_chunk(uint32_t addr, float r0a, float r0b, float r8a, float r8b) {
+  __nv_bfloat162 lo = __floats2bfloat162_rn(r0a, r0b);
+  __nv_bfloat162 hi = __floats2bfloat162_rn(r8a, r8b);
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo)) : "memory");
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128), "r"(*reinterpret_cast<uint32_t*>(&hi))
+               : "memory");
+}
+
 // A math warp is done with a stage: lane c arrives on the empty barrier of cluster rank c.
 template <int CLUSTER>
 __device__ __forceinline__ void release_stage(uint32_t bar_empty, int lane) {
@@ -626,14 +636,11 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
             } else {
               // Every CTA of the cluster receives the whole A tile (its own share and the peers'),
               // and its own B tile unless it is a ghost (and with TMA_SCALES the tile's a scales).
-              if constexpr (!Cfg::TALL)
-                mbar_expect_tx(
-                    full, Cfg::A_BYTES + (tile.ghost ? 0 : Cfg::B_BYTES) + (Cfg::TMA_SCALES ? BM * 4 : 0));
+              // TALL: the tile's rows in boxes of 64 (its map's box), as many as it has (1-3).
+              const int a_boxes = Cfg::TALL ? min(3, (tile.rows + 63) / 64) : 0;
+              mbar_expect_tx(full, (Cfg::TALL ? a_boxes * 64 * BK : Cfg::A_BYTES) +
+                                       (tile.ghost ? 0 : Cfg::B_BYTES) + (Cfg::TMA_SCALES ? BM * 4 : 0));
               if constexpr (Cfg::TALL) {
-                // The tile's rows in boxes of 64 (its map's box): 1-3 boxes, the bytes expected
-                // (one CTA per tile: never a ghost).
-                const int a_boxes = min(3, (tile.rows + 63) / 64);
-                mbar_expect_tx(full, a_boxes * 64 * BK + Cfg::B_BYTES);
                 for (int i = 0; i < a_boxes; ++i)
                   tma_load_2d(sa + i * 64 * BK, &tmap_a, full, kb * BK, tile.row0 + 64 * i);
               } else if constexpr (CLUSTER > 1) {
@@ -928,13 +935,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               break;
             // 16-B chunk i % 8 of rows rw and rw + 8 of box i / 8, XOR-swizzled with row % 8
             const uint32_t addr = slab_base + (i / 8) * Cfg::D_BOX_BYTES + (((i % 8) ^ sw) * 16);
-            __nv_bfloat162 lo = __floats2bfloat162_rn(acc[s][4 * i + 0], acc[s][4 * i + 1]);
-            __nv_bfloat162 hi = __floats2bfloat162_rn(acc[s][4 * i + 2], acc[s][4 * i + 3]);
-            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo))
-                         : "memory");
-            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128),
-                         "r"(*reinterpret_cast<uint32_t*>(&hi))
-                         : "memory");
+            st_frag_chunk(addr, acc[s][4 * i + 0], acc[s][4 * i + 1], acc[s][4 * i + 2], acc[s][4 * i + 3]);
           }
         }
       }
@@ -965,15 +966,9 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
         const int sw = opaque(lane / 4);
         const uint32_t row_addr = d_wg + opaque(rw * 128 + (lane % 4) * 4);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const uint32_t addr = row_addr + ((i ^ sw) * 16);
-          __nv_bfloat162 lo = __floats2bfloat162_rn(acc_t[4 * i + 0], acc_t[4 * i + 1]);
-          __nv_bfloat162 hi = __floats2bfloat162_rn(acc_t[4 * i + 2], acc_t[4 * i + 3]);
-          asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo))
-                       : "memory");
-          asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128), "r"(*reinterpret_cast<uint32_t*>(&hi))
-                       : "memory");
-        }
+        for (int i = 0; i < 8; ++i)
+          st_frag_chunk(row_addr + ((i ^ sw) * 16), acc_t[4 * i + 0], acc_t[4 * i + 1], acc_t[4 * i + 2],
+                        acc_t[4 * i + 3]);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         wg_bar_sync(wg);
         if (rows_t == 64) {
