@@ -318,7 +318,7 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
 template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          int K_FIXED_ = 0, bool TMA_SCALES_ = false, bool TALL_ = false>
+          int K_FIXED_ = 0, bool TMA_SCALES_ = false, bool TALL_ = false, int B_STAGES_ = 0>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
   // TALL (configs *_TALL, BN = 128): an expert's last m-tile takes up to 192 rows (m_tiles_of). Its
@@ -362,6 +362,15 @@ struct ConfigV2 {
                 "TALL: BN = 128, one CTA per tile, no split tiles, scales by cp.async");
   // Rows of A a stage holds (TMA'd in boxes of 64 rows with TALL, as many as the tile has).
   static constexpr int A_ROWS = TALL ? BM + 64 : BM;
+  // B_STAGES (configs *_b6; 0: none): the weight tiles (B) get a ring of their own, B_STAGES deep,
+  // filled by a second producer warp, next to the STAGES-deep ring of A and the scales. Where the
+  // weight stream bounds the time (256 experts: 128 rows per expert), the bytes of B in flight per SM
+  // do: one shared ring of TALL's 40-KB stages holds 4 x 16 KB of B, while A comes from the L2 at a
+  // fraction of the DRAM latency and needs fewer stages. Both rings advance once per k-block.
+  static constexpr bool SPLIT_RING = B_STAGES_ != 0;
+  static constexpr int B_STAGES = SPLIT_RING ? B_STAGES_ : STAGES;
+  static_assert(!SPLIT_RING || (CLUSTER == 1 && !SPLIT_NARROW_ && !TMA_SCALES_),
+                "B_STAGES: one CTA per tile, no split tiles, scales by cp.async");
   static constexpr int CM = SHARE_B ? CLUSTER : 1;  // m-tiles per work unit (decode_tile)
   static constexpr int CN = SHARE_B ? 1 : CLUSTER;  // n-tiles per work unit
   static constexpr int WN = BN == 192 ? 192 : 128;  // N of one wgmma instruction ("slab")
@@ -370,7 +379,12 @@ struct ConfigV2 {
   static constexpr int A_BYTES = A_ROWS * BK;
   static constexpr int B_BYTES = BN * BK;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;  // multiple of 1024 for all three BN
-  static constexpr int PIPE_BYTES = STAGES * STAGE_BYTES;
+  // Stage s of A at A_STRIDE * s, stage s of B at B_BASE + B_STRIDE * s: interleaved in one ring
+  // (a stage is A then B), or with SPLIT_RING the STAGES A tiles, then the B_STAGES B tiles.
+  static constexpr int A_STRIDE = SPLIT_RING ? A_BYTES : STAGE_BYTES;
+  static constexpr int B_BASE = SPLIT_RING ? STAGES * A_BYTES : A_BYTES;
+  static constexpr int B_STRIDE = SPLIT_RING ? B_BYTES : STAGE_BYTES;
+  static constexpr int PIPE_BYTES = STAGES * A_BYTES + B_STAGES * B_BYTES;
   // smem_d: per math warpgroup, BN/64 boxes of 64 rows x 64 bf16 (128 B rows, 128B swizzle: the
   // TMA store box, and bank-conflict-free for the fragment writes and the 16-B read-back).
   static constexpr int D_BOX_BYTES = 64 * 128;
@@ -387,8 +401,8 @@ struct ConfigV2 {
   static constexpr int SB_SLOT_BYTES = 2 * kMaxKBlocksTS * 4;
   static constexpr int SB_OFF = SC_OFF + STAGES * SC_BYTES;
   static constexpr int BAR_OFF = SB_OFF + (TMA_SCALES ? 2 * SB_SLOT_BYTES : 0);
-  static constexpr int NUM_BARS =
-      2 * STAGES + (TMA_SCALES ? 4 : 0);  // full, empty [, sb full x2, sb empty x2]
+  // full, empty [, sb full x2, sb empty x2 | B full x B_STAGES, B empty x B_STAGES]
+  static constexpr int NUM_BARS = 2 * STAGES + (TMA_SCALES ? 4 : 0) + (SPLIT_RING ? 2 * B_STAGES : 0);
   static constexpr int OFF_OFF = BAR_OFF + NUM_BARS * 8;
   static constexpr size_t smem_bytes(int num_experts) {
     return 1024 + OFF_OFF + 2 * (size_t)(num_experts + 1) * 4;
@@ -505,8 +519,10 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
   const uint32_t smem_sc = base + Cfg::SC_OFF;  // STAGES x SC_BYTES
   const uint32_t bar_full = base + Cfg::BAR_OFF;
   const uint32_t bar_empty = bar_full + STAGES * 8;
-  const uint32_t bar_sb_full = bar_empty + STAGES * 8,
-                 bar_sb_empty = bar_sb_full + 16;            // TMA_SCALES: x2 each
+  // After them the barriers of TMA_SCALES's two b-scale slots (x2 each) or of SPLIT_RING's B ring
+  // (x B_STAGES each).
+  const uint32_t bar_sb_full = bar_empty + STAGES * 8, bar_sb_empty = bar_sb_full + 16;
+  const uint32_t bar_full_b = bar_empty + STAGES * 8, bar_empty_b = bar_full_b + Cfg::B_STAGES * 8;
   const uint32_t smem_sb = base + Cfg::SB_OFF;               // TMA_SCALES: 2 slots
   int* s_off = reinterpret_cast<int*>(smem + Cfg::OFF_OFF);  // [E+1]
   int* s_tiles = s_off + num_experts + 1;                    // [E+1]
@@ -528,6 +544,12 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
       for (int s = 0; s < 2; ++s) {
         mbar_init(bar_sb_full + 8 * s, 1);
         mbar_init(bar_sb_empty + 8 * s, kMathThreads / 32);
+      }
+    }
+    if constexpr (Cfg::SPLIT_RING) {
+      for (int s = 0; s < Cfg::B_STAGES; ++s) {
+        mbar_init(bar_full_b + 8 * s, 1);  // the B producer's arrive_expect_tx
+        mbar_init(bar_empty_b + 8 * s, kMathThreads / 32);
       }
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -623,7 +645,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
           mbar_wait(bar_empty + 8 * stage, phase ^ 1);
           const uint32_t full = bar_full + 8 * stage;
           if (lane == 0) {
-            const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+            const uint32_t sa = base + stage * Cfg::A_STRIDE, sb = base + Cfg::B_BASE + stage * Cfg::B_STRIDE;
             if constexpr (Cfg::SHARE_B) {
               // Every CTA of the cluster receives the whole B tile (its own half and the peer's),
               // and its own A tile unless it is a ghost.
@@ -631,15 +653,17 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               mbar_expect_tx(full, (tile.ghost ? 0 : Cfg::A_BYTES) + Cfg::B_BYTES);
               if (!tile.ghost)
                 tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
-              tma_load_2d_multicast(sa + Cfg::A_BYTES + rank * share * BK, &tmap_b, full, kb * BK,
-                                    b_row + rank * share, (1 << CLUSTER) - 1);
+              tma_load_2d_multicast(sb + rank * share * BK, &tmap_b, full, kb * BK, b_row + rank * share,
+                                    (1 << CLUSTER) - 1);
             } else {
               // Every CTA of the cluster receives the whole A tile (its own share and the peers'),
               // and its own B tile unless it is a ghost (and with TMA_SCALES the tile's a scales).
               // TALL: the tile's rows in boxes of 64 (its map's box), as many as it has (1-3).
+              // SPLIT_RING: B goes into its own ring (the second producer warp, below).
               const int a_boxes = Cfg::TALL ? min(3, (tile.rows + 63) / 64) : 0;
               mbar_expect_tx(full, (Cfg::TALL ? a_boxes * 64 * BK : Cfg::A_BYTES) +
-                                       (tile.ghost ? 0 : Cfg::B_BYTES) + (Cfg::TMA_SCALES ? BM * 4 : 0));
+                                       (tile.ghost || Cfg::SPLIT_RING ? 0 : Cfg::B_BYTES) +
+                                       (Cfg::TMA_SCALES ? BM * 4 : 0));
               if constexpr (Cfg::TALL) {
                 for (int i = 0; i < a_boxes; ++i)
                   tma_load_2d(sa + i * 64 * BK, &tmap_a, full, kb * BK, tile.row0 + 64 * i);
@@ -650,8 +674,8 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
               } else {
                 tma_load_2d(sa, &tmap_a, full, kb * BK, tile.row0);
               }
-              if (!tile.ghost)
-                tma_load_2d(sa + Cfg::A_BYTES, &tmap_b, full, kb * BK, b_row);
+              if (!tile.ghost && !Cfg::SPLIT_RING)
+                tma_load_2d(sb, &tmap_b, full, kb * BK, b_row);
               // Rows past M are zero-filled; those of the next expert are loaded and never used.
               if constexpr (Cfg::TMA_SCALES)
                 tma_load_2d(smem_sc + stage * Cfg::SC_BYTES, &tmap_sa, full, tile.row0, kb);
@@ -691,6 +715,26 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
       }
       asm volatile("cp.async.wait_all;" ::: "memory");  // no copy of this thread outlives it
     }
+    if constexpr (Cfg::SPLIT_RING) {
+      // The B producer: the same tiles and k-blocks, the weight tiles alone, into the B ring.
+      if (warp == kMathThreads / 32 + 1 && lane == 0) {
+        const int kb_count = k_blocks<Cfg>(k);
+        int stage = 0, cursor = 0;
+        uint32_t phase = 0;
+        for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride()) {
+          const Tile tile = decode_tile<BN, CN, CM, Cfg::TALL>(t, cursor, s_off, s_tiles, opaque(n), 0);
+          const int b_row = tile.expert * n + tile.n0;
+          for (int kb = 0; kb < kb_count; ++kb) {
+            mbar_wait(bar_empty_b + 8 * stage, phase ^ 1);
+            mbar_expect_tx(bar_full_b + 8 * stage, Cfg::B_BYTES);
+            tma_load_2d(base + Cfg::B_BASE + stage * Cfg::B_STRIDE, &tmap_b, bar_full_b + 8 * stage, kb * BK,
+                        b_row);
+            if (++stage == Cfg::B_STAGES)
+              stage = 0, phase ^= 1;
+          }
+        }
+      }
+    }
     return;
   }
 
@@ -718,6 +762,8 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
   float tmp_t[kTailRegs];
   int stage = 0, cursor = 0, tile_count = 0;
   uint32_t phase = 0;
+  int stage_b = 0;  // SPLIT_RING: the B ring's stage and phase (else the shared ring's)
+  uint32_t phase_b = 0;
 
   for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride(), ++tile_count) {
     const Tile tile = decode_tile<BN, CN, CM, Cfg::TALL>(t, cursor, s_off, s_tiles, opaque(n), my_rank());
@@ -767,9 +813,28 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     auto k_loop = [&](auto is_active, auto is_tall) {
 #pragma unroll Cfg::K_FIXED ? Cfg::K_UNROLL : 1
       for (int kb = 0; kb < kb_count; ++kb) {
-        const uint32_t sa = base + stage * Cfg::STAGE_BYTES;
+        const uint32_t sa = base + stage * Cfg::A_STRIDE;
+        // Byte `off` of this k-block's B tile.
+        auto b_at = [&](uint32_t off) -> uint32_t {
+          return Cfg::SPLIT_RING ? base + Cfg::B_BASE + stage_b * Cfg::B_STRIDE + off
+                                 : sa + Cfg::A_BYTES + off;
+        };
         const uint32_t sc = smem_sc + stage * Cfg::SC_BYTES;
         mbar_wait(bar_full + 8 * stage, phase);
+        if constexpr (Cfg::SPLIT_RING)
+          mbar_wait(bar_full_b + 8 * stage_b, phase_b);
+        // This k-block's stages are read (every wgmma done, the scales' values used).
+        auto release = [&] {
+          if constexpr (Cfg::SPLIT_RING) {  // one CTA (static_assert): both arrivals local
+            __syncwarp();
+            if (lane == 0) {
+              mbar_arrive(bar_empty + 8 * stage);
+              mbar_arrive(bar_empty_b + 8 * stage_b);
+            }
+          } else {
+            release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+          }
+        };
         if (is_active) {
           // Scales from the stage, combined before the wgmmas: every smem read of the stage is done
           // (its value used) before the stage is released below.
@@ -787,7 +852,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
           const float f00 = sa_lo * sb0, f10 = sa_hi * sb0, f01 = sa_lo * sb1, f11 = sa_hi * sb1;
           const float fm0 = sa_lo * sbm, fm1 = sa_hi * sbm;
           const uint64_t da = sw128_desc(sa + a_off * BK);
-          const uint32_t da_lo = da_tile + stage * (Cfg::STAGE_BYTES >> 4);
+          const uint32_t da_lo = da_tile + stage * (Cfg::A_STRIDE >> 4);
           // The A descriptor of k-step j (32 k of 128): K_FIXED adds to the low word only (the
           // start address never carries into the high word), so it stays a 32-bit add.
           auto da_at = [&](int j) -> uint64_t {
@@ -795,15 +860,15 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
           };
           if (split) {
             if constexpr (Cfg::SPLIT_NARROW)
-              split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(sa + Cfg::A_BYTES + col_lo * BK), col_lo != 0,
-                                         f00, f10, f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
+              split_half_kblock<CLUSTER>(acc[0], da, sw128_desc(b_at(col_lo * BK)), col_lo != 0, f00, f10,
+                                         f01, f11, fm0, fm1, bar_empty + 8 * stage, lane);
           } else {
             // One slab: [s_lo, s_hi) = [0, 1) for an active warpgroup; K_FIXED drops the test.
             constexpr bool kOneSlab = SLABS == 1 && Cfg::K_FIXED;
 #pragma unroll
             for (int s = 0; s < SLABS; ++s) {
               if (kOneSlab || (s >= s_lo && s < s_hi)) {
-                const uint64_t db = sw128_desc(sa + Cfg::A_BYTES + s * WN * BK);
+                const uint64_t db = sw128_desc(b_at(s * WN * BK));
                 fence_regs(tmp);
                 if constexpr (Cfg::TALL)
                   fence_regs(tmp_t);
@@ -814,8 +879,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
                 wgmma_k32<WN, 1>(tmp, da_at(3), db + 6);
                 if constexpr (Cfg::TALL) {
                   if (is_tall) {  // rows 128-191 x this warpgroup's 64 columns, in the same commit group
-                    const uint64_t da_t = sw128_desc(sa + BM * BK),
-                                   db_t = sw128_desc(sa + Cfg::A_BYTES + wg * 64 * BK);
+                    const uint64_t da_t = sw128_desc(sa + BM * BK), db_t = sw128_desc(b_at(wg * 64 * BK));
                     wgmma_m64n64k32<0>(tmp_t, da_t, db_t);
                     wgmma_m64n64k32<1>(tmp_t, da_t + 2, db_t + 2);
                     wgmma_m64n64k32<1>(tmp_t, da_t + 4, db_t + 4);
@@ -834,7 +898,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
                   }
                 }
                 if (kOneSlab || s == s_hi - 1)
-                  release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+                  release();
                 if constexpr (Cfg::TALL) {
                   if (is_tall) {
 #pragma unroll
@@ -862,10 +926,14 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
             }
           }
         } else {
-          release_stage<CLUSTER>(bar_empty + 8 * stage, lane);
+          release();
         }
         if (++stage == STAGES)
           stage = 0, phase ^= 1;
+        if constexpr (Cfg::SPLIT_RING) {
+          if (++stage_b == Cfg::B_STAGES)
+            stage_b = 0, phase_b ^= 1;
+        }
       }
     };
     if constexpr (Cfg::K_FIXED) {
@@ -1189,11 +1257,17 @@ using CfgV2_192x4_K_TS = ConfigV2<192, 4, 1, false, false, K, true>;
 using CfgV2_128x4_TALL = ConfigV2<128, 4, 1, false, false, 0, false, true>;
 template <int K>
 using CfgV2_128x4_K_TALL = ConfigV2<128, 4, 1, false, false, K, false, true>;
+// TALL with its weight tiles in a ring of their own: 3 stages of A (24 KB), 6 of B (16 KB): 7 would leave 0.5
+// KB too little for 1024 experts.
+using CfgV2_128x3_TALL_B6 = ConfigV2<128, 3, 1, false, false, 0, false, true, 6>;
+template <int K>
+using CfgV2_128x3_K_TALL_B6 = ConfigV2<128, 3, 1, false, false, K, false, true, 6>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV2_128x4_TALL::smem_bytes(kMaxExperts) <= 232448,
+                  CfgV2_128x4_TALL::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV2_128x3_TALL_B6::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
 
 }  // namespace fp8g
