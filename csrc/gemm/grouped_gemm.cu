@@ -35,12 +35,19 @@ struct GemmConfig {
 
 #define MOE_GEMM_CONFIG(name, fp8) {#name, fp8, &name##_workspace_bytes, &name##_run}
 constexpr GemmConfig kConfigs[] = {
-    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),   MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),         MOE_GEMM_CONFIG(fp8_wgmma_kc_128x192, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_2cta_kc_128x192, true), MOE_GEMM_CONFIG(fp8_wgmma_mpair_kc_128x192, true),
-    MOE_GEMM_CONFIG(fp8_wgmma_tall_kc_128x128, true), MOE_GEMM_CONFIG(fp8_wgmma_tall_b6_kc_128x128, true),
-    MOE_GEMM_CONFIG(bf16_cooperative_128x128, false), MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
-    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),     MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
+    MOE_GEMM_CONFIG(fp8_cooperative_128x128, true),
+    MOE_GEMM_CONFIG(fp8_pingpong_64x128, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_kc_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_2cta_kc_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_mpair_kc_128x192, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_tall_kc_128x128, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_tall_b6_kc_128x128, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_tall_b8_kc_128x128, true),
+    MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),
+    MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
+    MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),
+    MOE_GEMM_CONFIG(bf16_wgmma_128x256, false),
 };
 // The dgrad's configurations (BF16, the weight read untransposed), chosen by the same rule.
 constexpr GemmConfig kDgradConfigs[] = {

@@ -1257,17 +1257,22 @@ using CfgV2_192x4_K_TS = ConfigV2<192, 4, 1, false, false, K, true>;
 using CfgV2_128x4_TALL = ConfigV2<128, 4, 1, false, false, 0, false, true>;
 template <int K>
 using CfgV2_128x4_K_TALL = ConfigV2<128, 4, 1, false, false, K, false, true>;
-// TALL with its weight tiles in a ring of their own: 3 stages of A (24 KB), 6 of B (16 KB): 7 would leave 0.5
-// KB too little for 1024 experts.
+// TALL with its weight tiles in a ring of their own: 3 stages of A (24 KB) and 6 of B (16 KB; 7
+// would leave 0.5 KB too little for 1024 experts), or 2 of A and 8 of B (A from the L2 one k-block
+// ahead of the math warps).
 using CfgV2_128x3_TALL_B6 = ConfigV2<128, 3, 1, false, false, 0, false, true, 6>;
 template <int K>
 using CfgV2_128x3_K_TALL_B6 = ConfigV2<128, 3, 1, false, false, K, false, true, 6>;
+using CfgV2_128x2_TALL_B8 = ConfigV2<128, 2, 1, false, false, 0, false, true, 8>;
+template <int K>
+using CfgV2_128x2_K_TALL_B8 = ConfigV2<128, 2, 1, false, false, K, false, true, 8>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_256x3::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_128x4_TALL::smem_bytes(kMaxExperts) <= 232448 &&
-                  CfgV2_128x3_TALL_B6::smem_bytes(kMaxExperts) <= 232448,
+                  CfgV2_128x3_TALL_B6::smem_bytes(kMaxExperts) <= 232448 &&
+                  CfgV2_128x2_TALL_B8::smem_bytes(kMaxExperts) <= 232448,
               "shared memory over the sm_90 limit");
 
 }  // namespace fp8g
