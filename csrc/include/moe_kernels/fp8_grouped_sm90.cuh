@@ -362,11 +362,12 @@ struct ConfigV2 {
                 "TALL: BN = 128, one CTA per tile, no split tiles, scales by cp.async");
   // Rows of A a stage holds (TMA'd in boxes of 64 rows with TALL, as many as the tile has).
   static constexpr int A_ROWS = TALL ? BM + 64 : BM;
-  // B_STAGES (configs *_b6; 0: none): the weight tiles (B) get a ring of their own, B_STAGES deep,
-  // filled by a second producer warp, next to the STAGES-deep ring of A and the scales. Where the
-  // weight stream bounds the time (256 experts: 128 rows per expert), the bytes of B in flight per SM
-  // do: one shared ring of TALL's 40-KB stages holds 4 x 16 KB of B, while A comes from the L2 at a
-  // fraction of the DRAM latency and needs fewer stages. Both rings advance once per k-block.
+  // B_STAGES (configs *_b6, *_b8; 0: none): the weight tiles (B) get a ring of their own, B_STAGES
+  // deep, filled by a second producer warp, next to the STAGES-deep ring of A and the scales. The
+  // hypothesis these configurations measure: where the weight stream bounds the time (256 experts,
+  // ~128 rows per expert) the bytes of B in flight per SM bound it, and one shared ring of TALL's
+  // 40-KB stages holds only 4 x 16 KB of B, while A comes from the L2 at a fraction of the DRAM
+  // latency and needs fewer stages. Both rings advance once per k-block.
   static constexpr bool SPLIT_RING = B_STAGES_ != 0;
   static constexpr int B_STAGES = SPLIT_RING ? B_STAGES_ : STAGES;
   static_assert(!SPLIT_RING || (CLUSTER == 1 && !SPLIT_NARROW_ && !TMA_SCALES_),
@@ -762,7 +763,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
   float tmp_t[kTailRegs];
   int stage = 0, cursor = 0, tile_count = 0;
   uint32_t phase = 0;
-  int stage_b = 0;  // SPLIT_RING: the B ring's stage and phase (else the shared ring's)
+  int stage_b = 0;  // SPLIT_RING only: the B ring's stage and phase
   uint32_t phase_b = 0;
 
   for (int t = first_tile(); t < ld_shared_s32(total_addr); t += tile_stride(), ++tile_count) {
