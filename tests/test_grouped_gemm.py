@@ -60,6 +60,9 @@ LOADS = {
     # fp8_wgmma_tall_*: an expert's last m-tile takes up to 192 rows (192: one tile with a full
     # 64-row tail, 193: 128 + 65, 320: 128 + 192, 321: three tiles)
     "tall_edges_e8": [192, 193, 320, 321, 191, 256, 257, 64],
+    # fp8_wgmma_tall_*_swap: tails of up to 16 rows as an n16, up to 32 as an n32, longer as the n64
+    # (tails of 16, 17, 32, 33, 2, 22, 47 rows)
+    "tall_tails_e8": [144, 145, 160, 161, 130, 150, 175, 0],
 }
 
 
@@ -250,9 +253,10 @@ def test_fp8_model_shapes(shape, config, gen):
     """The DeepSeek-V3 and Qwen3 expert shapes (N, K) with a few experts; the fp8_wgmma_*kc_*
     configurations have K compiled in for K = 7168, 4096, 2048 and 1536 (K = 768 takes their
     run-time-K kernels), the 45- and 129-row experts leave a warpgroup idle in a tail tile, and
-    129, 192 and 300 rows end in a tall tile of fp8_wgmma_tall_* (192: its 64-row tail whole)."""
+    129, 150, 192 and 300 rows end in a tall tile of fp8_wgmma_tall_* (192: its 64-row tail whole;
+    tails of 1, 22, 64 and 44 rows: the *_swap configuration's n16, n32 and n64)."""
     n, k = shape
-    a, b, offsets, sa, sb = make_problem([300, 0, 45, 129, 192], n, k, True, gen, device="cuda")
+    a, b, offsets, sa, sb = make_problem([300, 0, 45, 129, 192, 150], n, k, True, gen, device="cuda")
     out = moe_kernels.grouped_gemm(a, b, offsets, a_scales=sa, b_scales=sb, config=config)
     diff = calc_diff(out.float(), run_reference(a, b, offsets, sa, sb))
     assert diff < FP8_GEMM_CALC_DIFF, f"{shape=} {config=}: calc_diff {diff}"

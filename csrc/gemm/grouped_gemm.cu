@@ -44,6 +44,7 @@ constexpr GemmConfig kConfigs[] = {
     MOE_GEMM_CONFIG(fp8_wgmma_tall_kc_128x128, true),
     MOE_GEMM_CONFIG(fp8_wgmma_tall_b6_kc_128x128, true),
     MOE_GEMM_CONFIG(fp8_wgmma_tall_b8_kc_128x128, true),
+    MOE_GEMM_CONFIG(fp8_wgmma_tall_b6_swap_kc_128x128, true),
     MOE_GEMM_CONFIG(bf16_cooperative_128x128, false),
     MOE_GEMM_CONFIG(bf16_cooperative_128x256, false),
     MOE_GEMM_CONFIG(bf16_pingpong_64x128, false),

@@ -25,6 +25,7 @@ GEMM_CONFIGS = (
     "fp8_wgmma_tall_kc_128x128",
     "fp8_wgmma_tall_b6_kc_128x128",
     "fp8_wgmma_tall_b8_kc_128x128",
+    "fp8_wgmma_tall_b6_swap_kc_128x128",
     "bf16_cooperative_128x128",
     "bf16_cooperative_128x256",
     "bf16_pingpong_64x128",

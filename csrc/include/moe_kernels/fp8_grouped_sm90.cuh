@@ -218,6 +218,29 @@ __device__ __forceinline__ void wgmma_m64n64k32(float (&d)[32], uint64_t da, uin
       : FP8G_D8(0), FP8G_D8(8), FP8G_D8(16), FP8G_D8(24)
       : "l"(da), "l"(db), "n"(ACCUM));
 }
+// d[N / 2] (+)= A(64x32) * B(Nx32)^T for N = 16 or 32: TAIL_SWAP's tail, A = 64 weight rows, B = the
+// tail's first N token rows. d is an array of its own: a view of a larger one (the first N / 2 of
+// the n64 tail's registers) made ptxas serialise every wgmma of the kernel (C7511).
+template <int N, int ACCUM>
+__device__ __forceinline__ void wgmma_m64nNk32_tail(float (&d)[N / 2], uint64_t da, uint64_t db) {
+  static_assert(N == 16 || N == 32, "swapped tail N: 16 or 32");
+  if constexpr (N == 32) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1;\n}\n"
+        : FP8G_D8(0), FP8G_D8(8)
+        : "l"(da), "l"(db), "n"(ACCUM));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
+        : FP8G_D8(0)
+        : "l"(da), "l"(db), "n"(ACCUM));
+  }
+}
 #undef FP8G_D8
 
 __device__ __forceinline__ int ld_shared_s32(uint32_t addr) {
@@ -318,7 +341,8 @@ __device__ __forceinline__ Tile decode_tile(int t, int& cursor, const int* s_off
 //     access, so the prologue overlaps the previous kernel's tail.
 // ------------------------------------------------------------------------------------------------
 template <int BN_, int STAGES_, int CLUSTER_ = 1, bool SPLIT_NARROW_ = false, bool SHARE_B_ = false,
-          int K_FIXED_ = 0, bool TMA_SCALES_ = false, bool TALL_ = false, int B_STAGES_ = 0>
+          int K_FIXED_ = 0, bool TMA_SCALES_ = false, bool TALL_ = false, int B_STAGES_ = 0,
+          bool TAIL_SWAP_ = false>
 struct ConfigV2 {
   static constexpr int BN = BN_, STAGES = STAGES_;
   // TALL (configs *_TALL, BN = 128): an expert's last m-tile takes up to 192 rows (m_tiles_of). Its
@@ -328,6 +352,14 @@ struct ConfigV2 {
   // half of the experts otherwise get a second, nearly empty tile that streams the expert's
   // weights again; here every expert of 1-192 rows is one tile.
   static constexpr bool TALL = TALL_;
+  // TAIL_SWAP (configs *_swap, TALL): a tail of up to 32 rows (rows 128-159) as D^T = B * A^T
+  // instead: each warpgroup's m64nTN wgmma takes its 64 weight rows as the M side and the tail's
+  // first TN = 16 or 32 token rows as the N side, so that a tail of a few rows costs an n16 or n32
+  // instead of an n64 (realistic 256-expert loads: tails of 1-40 rows). The accumulator is then
+  // transposed (rows: the warpgroup's columns, columns: tail rows); its epilogue writes it
+  // transposed into smem_d. Longer tails keep the n64.
+  static constexpr bool TAIL_SWAP = TAIL_SWAP_;
+  static_assert(!TAIL_SWAP || TALL, "TAIL_SWAP is a TALL variant");
   // TMA_SCALES (configs *_TS): the scales come by TMA, as DeepGEMM loads them, and the producer is
   // one thread. The a scales must be MN-major (a_scales_ld > 0: element [r, kb] at kb * ld + r):
   // each stage gets the 128 tile rows' scales as one 512-B box next to A and B, so the full barrier
@@ -423,6 +455,11 @@ __device__ __forceinline__ float ld_shared_f32(uint32_t addr) {
   asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
   return v;
 }
+__device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {  // addr 8-B aligned
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
 // Barrier 1 + wg over the 128 threads of math warpgroup wg (immediate ids: a register id makes
 // ptxas reserve all 16 barriers).
 __device__ __forceinline__ void wg_bar_sync(int wg) {
@@ -446,6 +483,11 @@ __device__ __forceinline__ void st_frag_chunk(uint32_t addr, float r0a, float r0
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(*reinterpret_cast<uint32_t*>(&lo)) : "memory");
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr + 8 * 128), "r"(*reinterpret_cast<uint32_t*>(&hi))
                : "memory");
+}
+
+__device__ __forceinline__ void st_shared_bf16(uint32_t addr, float v) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  asm volatile("st.shared.b16 [%0], %1;" ::"r"(addr), "h"(*reinterpret_cast<const uint16_t*>(&h)) : "memory");
 }
 
 // A math warp is done with a stage: lane c arrives on the empty barrier of cluster rank c.
@@ -809,9 +851,12 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     // The k-loop. A constant K unrolls it (by 8 as DeepGEMM does, see K_UNROLL) and compiles it twice,
     // for an active and an idle warpgroup, so that the branch on `active` is taken once per tile
     // instead of once per k-block (DeepGEMM's loop has no such branch: it pads every expert to
-    // whole tiles). A run-time K keeps one rolled loop. `is_tall` (TALL only): the tile has rows
-    // 128-191, likewise a compile-time flag with a constant K.
-    auto k_loop = [&](auto is_active, auto is_tall) {
+    // whole tiles). A run-time K keeps one rolled loop. `tail` (TALL only): the tile has rows
+    // 128-191, computed as an n64 (or with TAIL_SWAP an n16 / n32 / n64: tail::value) beside the
+    // main wgmma; a compile-time constant (0: no tail) with either K.
+    auto k_loop = [&](auto is_active, auto tail) {
+      constexpr int kTailN = decltype(tail)::value;
+      constexpr bool kSwap = Cfg::TAIL_SWAP && kTailN > 0 && kTailN < 64;  // the tail as D^T
 #pragma unroll Cfg::K_FIXED ? Cfg::K_UNROLL : 1
       for (int kb = 0; kb < kb_count; ++kb) {
         const uint32_t sa = base + stage * Cfg::A_STRIDE;
@@ -870,6 +915,8 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
             for (int s = 0; s < SLABS; ++s) {
               if (kOneSlab || (s >= s_lo && s < s_hi)) {
                 const uint64_t db = sw128_desc(b_at(s * WN * BK));
+                // A swapped tail's wgmma results (an array of its own: see wgmma_m64nNk32_tail).
+                [[maybe_unused]] float tmp_s[kSwap ? kTailN / 2 : 1];
                 fence_regs(tmp);
                 if constexpr (Cfg::TALL)
                   fence_regs(tmp_t);
@@ -878,22 +925,48 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
                 wgmma_k32<WN, 1>(tmp, da_at(1), db + 2);
                 wgmma_k32<WN, 1>(tmp, da_at(2), db + 4);
                 wgmma_k32<WN, 1>(tmp, da_at(3), db + 6);
+                // (`if constexpr (Cfg::TALL)` on its own: the non-TALL kernels' tmp_t has one register.)
                 if constexpr (Cfg::TALL) {
-                  if (is_tall) {  // rows 128-191 x this warpgroup's 64 columns, in the same commit group
-                    const uint64_t da_t = sw128_desc(sa + BM * BK), db_t = sw128_desc(b_at(wg * 64 * BK));
-                    wgmma_m64n64k32<0>(tmp_t, da_t, db_t);
-                    wgmma_m64n64k32<1>(tmp_t, da_t + 2, db_t + 2);
-                    wgmma_m64n64k32<1>(tmp_t, da_t + 4, db_t + 4);
-                    wgmma_m64n64k32<1>(tmp_t, da_t + 6, db_t + 6);
+                  if constexpr (kTailN > 0) {
+                    // Rows 128-191 x this warpgroup's 64 columns, in the same commit group.
+                    const uint64_t d_tok = sw128_desc(sa + BM * BK), d_w = sw128_desc(b_at(wg * 64 * BK));
+                    if constexpr (kSwap) {  // transposed: 64 weight rows x kTailN tail rows
+                      fence_regs(tmp_s);
+                      wgmma_m64nNk32_tail<kTailN, 0>(tmp_s, d_w, d_tok);
+                      wgmma_m64nNk32_tail<kTailN, 1>(tmp_s, d_w + 2, d_tok + 2);
+                      wgmma_m64nNk32_tail<kTailN, 1>(tmp_s, d_w + 4, d_tok + 4);
+                      wgmma_m64nNk32_tail<kTailN, 1>(tmp_s, d_w + 6, d_tok + 6);
+                    } else {
+                      wgmma_m64n64k32<0>(tmp_t, d_tok, d_w);
+                      wgmma_m64n64k32<1>(tmp_t, d_tok + 2, d_w + 2);
+                      wgmma_m64n64k32<1>(tmp_t, d_tok + 4, d_w + 4);
+                      wgmma_m64n64k32<1>(tmp_t, d_tok + 6, d_w + 6);
+                    }
                   }
                 }
                 wgmma_commit();
                 wgmma_wait0();
                 fence_regs(tmp);
-                float f_t0 = 0.f, f_t1 = 0.f;  // TALL: the tail rows' scale factors (one b block: BN = 128)
+                // TALL: the tail's scale factors (one b block: BN = 128), by fragment row (rows rw,
+                // rw + 8), read before the release and applied after it. A swapped tail's are by
+                // fragment column (tail rows 8i + 2 (lane % 4) + {0, 1} of chunk i), up to 8 of
+                // them: those are applied before the release instead of held (held, 16 of them made
+                // ptxas spill and serialise the wgmmas).
+                [[maybe_unused]] float f_t0 = 0.f, f_t1 = 0.f;  // (unused without TALL)
                 if constexpr (Cfg::TALL) {
                   fence_regs(tmp_t);
-                  if (is_tall) {
+                  if constexpr (kSwap) {
+                    fence_regs(tmp_s);
+#pragma unroll
+                    for (int i = 0; i < kTailN / 8; ++i) {
+                      const float2 st = ld_shared_f32x2(sc + (BM + 8 * i + 2 * (lane % 4)) * 4);
+                      const float g0 = st.x * sb0, g1 = st.y * sb0;
+                      acc_t[4 * i + 0] = fmaf(tmp_s[4 * i + 0], g0, acc_t[4 * i + 0]);
+                      acc_t[4 * i + 1] = fmaf(tmp_s[4 * i + 1], g1, acc_t[4 * i + 1]);
+                      acc_t[4 * i + 2] = fmaf(tmp_s[4 * i + 2], g0, acc_t[4 * i + 2]);
+                      acc_t[4 * i + 3] = fmaf(tmp_s[4 * i + 3], g1, acc_t[4 * i + 3]);
+                    }
+                  } else if constexpr (kTailN > 0) {
                     f_t0 = ld_shared_f32(sc + (BM + rw) * 4) * sb0;
                     f_t1 = ld_shared_f32(sc + (BM + rw + 8) * 4) * sb0;
                   }
@@ -901,7 +974,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
                 if (kOneSlab || s == s_hi - 1)
                   release();
                 if constexpr (Cfg::TALL) {
-                  if (is_tall) {
+                  if constexpr (kTailN > 0 && !kSwap) {
 #pragma unroll
                     for (int i = 0; i < 8; ++i) {
                       acc_t[4 * i + 0] = fmaf(tmp_t[4 * i + 0], f_t0, acc_t[4 * i + 0]);
@@ -937,26 +1010,43 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
         }
       }
     };
+    using NoTail = std::integral_constant<int, 0>;
+    // A tail tile's k-loop with the tail width at compile time: n64, or with TAIL_SWAP a swapped
+    // n16 / n32 where the tail's rows fit (above 32 rows the n64 as without TAIL_SWAP: a swapped
+    // n64 costs the same and its 16 scale factors per k-block spilled).
+    auto tail_k_loop = [&](auto is_active) {
+      if constexpr (Cfg::TAIL_SWAP) {
+        const int tail_rows = tile.rows - BM;
+        if (tail_rows <= 16)
+          k_loop(is_active, std::integral_constant<int, 16>{});
+        else if (tail_rows <= 32)
+          k_loop(is_active, std::integral_constant<int, 32>{});
+        else
+          k_loop(is_active, std::integral_constant<int, 64>{});
+      } else {
+        k_loop(is_active, std::integral_constant<int, 64>{});
+      }
+    };
     if constexpr (Cfg::K_FIXED) {
       if (!active) {
-        k_loop(std::false_type{}, std::false_type{});
+        k_loop(std::false_type{}, NoTail{});
       } else if constexpr (Cfg::TALL) {
         if (has_tail)
-          k_loop(std::true_type{}, std::true_type{});
+          tail_k_loop(std::true_type{});
         else
-          k_loop(std::true_type{}, std::false_type{});
+          k_loop(std::true_type{}, NoTail{});
       } else {
-        k_loop(std::true_type{}, std::false_type{});
+        k_loop(std::true_type{}, NoTail{});
       }
     } else if constexpr (Cfg::TALL) {
-      // is_tall at compile time here too: a run-time test around the tail's wgmmas made ptxas
+      // The tail at compile time here too: a run-time test around the tail's wgmmas made ptxas
       // serialise them (C7520).
       if (has_tail)
-        k_loop(active, std::true_type{});
+        tail_k_loop(active);
       else
-        k_loop(active, std::false_type{});
+        k_loop(active, NoTail{});
     } else {
-      k_loop(active, false);
+      k_loop(active, NoTail{});
     }
     if constexpr (Cfg::TMA_SCALES)  // every read of the slot was used by the promotions above
       release_stage<1>(bar_sb_empty + 8 * (tile_count & 1), lane);
@@ -1032,12 +1122,30 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
         if (t_wg == 0)
           asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
         wg_bar_sync(wg);
-        const int sw = opaque(lane / 4);
-        const uint32_t row_addr = d_wg + opaque(rw * 128 + (lane % 4) * 4);
+        if (Cfg::TAIL_SWAP && rows_t <= 32) {
+          // Transposed (tail_k_loop swaps tails of up to 32 rows): [4i + q] is tail row
+          // 8i + 2 (lane % 4) + q of column rw, [4i + 2 + q] of column rw + 8, i < 4; bf16 by bf16
+          // into the swizzled box, whose rows 0-31 store_valid_rows then reads. The addresses come
+          // from `opaque` values, as the main epilogue's: else hoisted out of the tile loop.
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-          st_frag_chunk(row_addr + ((i ^ sw) * 16), acc_t[4 * i + 0], acc_t[4 * i + 1], acc_t[4 * i + 2],
-                        acc_t[4 * i + 3]);
+          for (int q = 0; q < 2; ++q) {
+            const int t0 = opaque(2 * (lane % 4) + q);  // the thread's tail row in chunk 0; t0 % 8 == t0
+            const uint32_t lo = d_wg + opaque(t0 * 128 + (rw % 8) * 2 + (((rw / 8) ^ t0) * 16));
+            const uint32_t hi = d_wg + opaque(t0 * 128 + (rw % 8) * 2 + (((rw / 8 + 1) ^ t0) * 16));
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {  // tail row t0 + 8i: 8 rows of 128 B further, same swizzle
+              st_shared_bf16(lo + i * 8 * 128, acc_t[4 * i + q]);
+              st_shared_bf16(hi + i * 8 * 128, acc_t[4 * i + 2 + q]);
+            }
+          }
+        } else {
+          const int sw = opaque(lane / 4);
+          const uint32_t row_addr = d_wg + opaque(rw * 128 + (lane % 4) * 4);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            st_frag_chunk(row_addr + ((i ^ sw) * 16), acc_t[4 * i + 0], acc_t[4 * i + 1], acc_t[4 * i + 2],
+                          acc_t[4 * i + 3]);
+        }
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         wg_bar_sync(wg);
         if (rows_t == 64) {
@@ -1267,6 +1375,10 @@ using CfgV2_128x3_K_TALL_B6 = ConfigV2<128, 3, 1, false, false, K, false, true, 
 using CfgV2_128x2_TALL_B8 = ConfigV2<128, 2, 1, false, false, 0, false, true, 8>;
 template <int K>
 using CfgV2_128x2_K_TALL_B8 = ConfigV2<128, 2, 1, false, false, K, false, true, 8>;
+// b6 with the tail rows swapped (TAIL_SWAP: an n16 / n32 / n64 by the tail's rows instead of an n64).
+using CfgV2_128x3_TALL_B6_SWAP = ConfigV2<128, 3, 1, false, false, 0, false, true, 6, true>;
+template <int K>
+using CfgV2_128x3_K_TALL_B6_SWAP = ConfigV2<128, 3, 1, false, false, K, false, true, 6, true>;
 static_assert(CfgV2_128x5::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4_TS::smem_bytes(kMaxExperts) <= 232448 &&
                   CfgV2_192x4::smem_bytes(kMaxExperts) <= 232448 &&

@@ -54,9 +54,10 @@ MOE_DECLARE_GROUPED_GEMM(
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_kc_128x192)  // K compiled in for the common K
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_2cta_kc_128x192)
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_mpair_kc_128x192)
-MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_tall_kc_128x128)     // an expert's last m-tile takes up to 192 rows
-MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_tall_b6_kc_128x128)  // the same, its weight tiles in a 6-stage ring
-MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_tall_b8_kc_128x128)  // 8 stages of B, 2 of A
+MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_tall_kc_128x128)          // an expert's last m-tile takes up to 192 rows
+MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_tall_b6_kc_128x128)       // the same, its weight tiles in a 6-stage ring
+MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_tall_b8_kc_128x128)       // 8 stages of B, 2 of A
+MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_tall_b6_swap_kc_128x128)  // b6, the tail's rows as the wgmma's N
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x128)
 MOE_DECLARE_GROUPED_GEMM(bf16_cooperative_128x256)
 MOE_DECLARE_GROUPED_GEMM(bf16_pingpong_64x128)
