@@ -623,12 +623,15 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     }
   }
   __syncthreads();
-  if (warp == 0) {  // exclusive prefix sum of tiles per expert
+  if (warp == 0) {                      // exclusive prefix sum of tiles per expert
+    const auto units_of = [&](int e) {  // work units of expert e (decode_tile)
+      return (m_tiles_of<Cfg::TALL>(max(s_off[e + 1] - s_off[e], 0)) + CM - 1) / CM * n_tiles;
+    };
     const int chunk = (num_experts + 31) / 32;
     const int lo = min(lane * chunk, num_experts), hi = min(lo + chunk, num_experts);
     int sum = 0;
     for (int e = lo; e < hi; ++e)
-      sum += (m_tiles_of<Cfg::TALL>(max(s_off[e + 1] - s_off[e], 0)) + CM - 1) / CM * n_tiles;
+      sum += units_of(e);
     int incl = sum;
 #pragma unroll
     for (int d = 1; d < 32; d *= 2) {
@@ -639,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     int run = incl - sum;
     for (int e = lo; e < hi; ++e) {
       s_tiles[e] = run;
-      run += (m_tiles_of<Cfg::TALL>(max(s_off[e + 1] - s_off[e], 0)) + CM - 1) / CM * n_tiles;
+      run += units_of(e);
     }
     if (lane == 31)
       s_tiles[num_experts] = incl;
@@ -851,9 +854,9 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
     // The k-loop. A constant K unrolls it (by 8 as DeepGEMM does, see K_UNROLL) and compiles it twice,
     // for an active and an idle warpgroup, so that the branch on `active` is taken once per tile
     // instead of once per k-block (DeepGEMM's loop has no such branch: it pads every expert to
-    // whole tiles). A run-time K keeps one rolled loop. `tail` (TALL only): the tile has rows
-    // 128-191, computed as an n64 (or with TAIL_SWAP an n16 / n32 / n64: tail::value) beside the
-    // main wgmma; a compile-time constant (0: no tail) with either K.
+    // whole tiles). A run-time K keeps one rolled loop. `tail` (TALL only, a compile-time constant
+    // with either K; 0: none): the width of the wgmma on the tile's rows 128-191 beside the main
+    // one, 64, or with TAIL_SWAP 16 or 32 (swapped); see tile_k_loop.
     auto k_loop = [&](auto is_active, auto tail) {
       constexpr int kTailN = decltype(tail)::value;
       constexpr bool kSwap = Cfg::TAIL_SWAP && kTailN > 0 && kTailN < 64;  // the tail as D^T
@@ -1010,43 +1013,33 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
         }
       }
     };
-    using NoTail = std::integral_constant<int, 0>;
-    // A tail tile's k-loop with the tail width at compile time: n64, or with TAIL_SWAP a swapped
-    // n16 / n32 where the tail's rows fit (above 32 rows the n64 as without TAIL_SWAP: a swapped
-    // n64 costs the same and its 16 scale factors per k-block spilled).
-    auto tail_k_loop = [&](auto is_active) {
-      if constexpr (Cfg::TAIL_SWAP) {
-        const int tail_rows = tile.rows - BM;
-        if (tail_rows <= 16)
-          k_loop(is_active, std::integral_constant<int, 16>{});
-        else if (tail_rows <= 32)
-          k_loop(is_active, std::integral_constant<int, 32>{});
-        else
-          k_loop(is_active, std::integral_constant<int, 64>{});
-      } else {
-        k_loop(is_active, std::integral_constant<int, 64>{});
+    // The tile's k-loop, with the tail's width at compile time (a run-time test around the tail's
+    // wgmmas made ptxas serialise them, C7520): none, the n64, or with TAIL_SWAP a swapped n16 / n32
+    // where the tail's rows fit (above 32 rows the n64 as without TAIL_SWAP: a swapped n64 costs
+    // the same and its 16 scale factors per k-block spilled). A tile with a tail has both
+    // warpgroups active.
+    auto tile_k_loop = [&](auto is_active) {
+      if constexpr (Cfg::TALL) {
+        if (has_tail) {
+          if constexpr (Cfg::TAIL_SWAP) {
+            const int tail_rows = tile.rows - BM;
+            if (tail_rows <= 16)
+              return k_loop(is_active, std::integral_constant<int, 16>{});
+            if (tail_rows <= 32)
+              return k_loop(is_active, std::integral_constant<int, 32>{});
+          }
+          return k_loop(is_active, std::integral_constant<int, 64>{});
+        }
       }
+      k_loop(is_active, std::integral_constant<int, 0>{});
     };
     if constexpr (Cfg::K_FIXED) {
-      if (!active) {
-        k_loop(std::false_type{}, NoTail{});
-      } else if constexpr (Cfg::TALL) {
-        if (has_tail)
-          tail_k_loop(std::true_type{});
-        else
-          k_loop(std::true_type{}, NoTail{});
-      } else {
-        k_loop(std::true_type{}, NoTail{});
-      }
-    } else if constexpr (Cfg::TALL) {
-      // The tail at compile time here too: a run-time test around the tail's wgmmas made ptxas
-      // serialise them (C7520).
-      if (has_tail)
-        tail_k_loop(active);
-      else
-        k_loop(active, NoTail{});
+      if (active)
+        tile_k_loop(std::true_type{});
+      else  // (no tail: its tiles have both warpgroups active)
+        k_loop(std::false_type{}, std::integral_constant<int, 0>{});
     } else {
-      k_loop(active, NoTail{});
+      tile_k_loop(active);
     }
     if constexpr (Cfg::TMA_SCALES)  // every read of the slot was used by the promotions above
       release_stage<1>(bar_sb_empty + 8 * (tile_count & 1), lane);
@@ -1068,6 +1061,29 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
                      : "memory");
       }
     };
+    // Before this warpgroup writes its smem_d: the TMA stores issued from it have read it.
+    auto await_smem_d = [&] {
+      if (t_wg == 0)
+        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      wg_bar_sync(wg);
+    };
+    // After: rows [row0, +rows_valid) x columns [col0, +cols_valid) staged in smem_d's boxes go out,
+    // by TMA (asynchronous; clips at N and M) when `whole_boxes` and all 64 rows belong to the
+    // expert, else with store_valid_rows.
+    auto store_smem_d = [&](int row0, int col0, int rows_valid, int cols_valid, bool whole_boxes) {
+      // Generic-proxy writes -> visible to the TMA (async proxy) store.
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      wg_bar_sync(wg);
+      if (rows_valid == 64 && whole_boxes) {
+        if (t_wg == 0) {
+          for (int b = 0; b * 64 < cols_valid; ++b)
+            tma_store_2d(&tmap_d, d_wg + b * Cfg::D_BOX_BYTES, col0 + b * 64, row0);
+          asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        }
+      } else {
+        store_valid_rows(row0, col0, rows_valid, cols_valid);
+      }
+    };
     // Epilogue of this warpgroup: rows [row0 + a_off, +64) x columns [col0, +ncols), through
     // its own smem_d region (box b = local columns 64b..64b+63). Only this warpgroup touches that
     // region, so 128-thread named barriers (ids 1 and 2) suffice.
@@ -1076,10 +1092,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
       const int col0 = n0 + s_lo * WN + col_lo;
       const int ncols = split ? WN / 2 : (s_hi - s_lo) * WN;
       const int cols_valid = min(ncols, n - col0);
-      // The previous tile's TMA store must have finished reading smem_d before it is overwritten.
-      if (t_wg == 0)
-        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-      wg_bar_sync(wg);
+      await_smem_d();  // the previous tile's stores
       // The addresses are derived from `opaque` values here: otherwise the compiler hoists all
       // WN/8 of them out of the tile loop and keeps them live across the mainloop (spills at BN >= 192).
       const int sw = opaque(lane / 4);  // = row % 8 for rows rw and rw + 8
@@ -1098,30 +1111,15 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
           }
         }
       }
-      // Generic-proxy writes -> visible to the TMA (async proxy) store.
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      wg_bar_sync(wg);
-      const int row0 = tile.row0 + a_off;
-      if (rows_valid == 64 && !split) {
-        // All 64 rows belong to the expert: TMA store (clips at N and M; completes asynchronously).
-        // (Not for a split half: its 96 columns are not a whole number of 64-column boxes.)
-        if (t_wg == 0) {
-          for (int b = 0; b * 64 < cols_valid; ++b)
-            tma_store_2d(&tmap_d, d_wg + b * Cfg::D_BOX_BYTES, col0 + b * 64, row0);
-          asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-        }
-      } else {
-        store_valid_rows(row0, col0, rows_valid, cols_valid);
-      }
+      // (A split half's 96 columns are not a whole number of 64-column boxes.)
+      store_smem_d(tile.row0 + a_off, col0, rows_valid, cols_valid, !split);
     }
     if constexpr (Cfg::TALL) {
       // TALL: rows 128 .. rows-1 of the tile x this warpgroup's 64 columns, through box 0 of its
       // smem_d once the store above has read it (the ordering of the main part's epilogue).
       if (has_tail) {
-        const int rows_t = tile.rows - BM, row0_t = tile.row0 + BM, col0_t = n0 + 64 * wg;
-        if (t_wg == 0)
-          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-        wg_bar_sync(wg);
+        const int rows_t = tile.rows - BM;
+        await_smem_d();  // the main part's stores
         if (Cfg::TAIL_SWAP && rows_t <= 32) {
           // Transposed (tail_k_loop swaps tails of up to 32 rows): [4i + q] is tail row
           // 8i + 2 (lane % 4) + q of column rw, [4i + 2 + q] of column rw + 8, i < 4; bf16 by bf16
@@ -1146,16 +1144,7 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_grouped_kernel_v2(
             st_frag_chunk(row_addr + ((i ^ sw) * 16), acc_t[4 * i + 0], acc_t[4 * i + 1], acc_t[4 * i + 2],
                           acc_t[4 * i + 3]);
         }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        wg_bar_sync(wg);
-        if (rows_t == 64) {
-          if (t_wg == 0) {
-            tma_store_2d(&tmap_d, d_wg, col0_t, row0_t);
-            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-          }
-        } else {
-          store_valid_rows(row0_t, col0_t, rows_t, 64);
-        }
+        store_smem_d(tile.row0 + BM, n0 + 64 * wg, rows_t, 64, true);
       }
     }
     // Outstanding TMA stores must be complete before the CTA (and its smem_d) goes away. Done on the
@@ -1375,7 +1364,7 @@ using CfgV2_128x3_K_TALL_B6 = ConfigV2<128, 3, 1, false, false, K, false, true, 
 using CfgV2_128x2_TALL_B8 = ConfigV2<128, 2, 1, false, false, 0, false, true, 8>;
 template <int K>
 using CfgV2_128x2_K_TALL_B8 = ConfigV2<128, 2, 1, false, false, K, false, true, 8>;
-// b6 with the tail rows swapped (TAIL_SWAP: an n16 / n32 / n64 by the tail's rows instead of an n64).
+// b6 with tails of up to 32 rows swapped (TAIL_SWAP: an n16 or n32 instead of the n64).
 using CfgV2_128x3_TALL_B6_SWAP = ConfigV2<128, 3, 1, false, false, 0, false, true, 6, true>;
 template <int K>
 using CfgV2_128x3_K_TALL_B6_SWAP = ConfigV2<128, 3, 1, false, false, K, false, true, 6, true>;

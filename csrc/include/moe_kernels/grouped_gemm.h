@@ -49,8 +49,8 @@ struct WgradProblem {
   cudaError_t name##_run(const GroupedGemmProblem& p, void* workspace, int sm_count, cudaStream_t stream);
 MOE_DECLARE_GROUPED_GEMM(fp8_cooperative_128x128)
 MOE_DECLARE_GROUPED_GEMM(fp8_pingpong_64x128)
-MOE_DECLARE_GROUPED_GEMM(
-    fp8_wgmma_128x192)  // our own kernel (moe_kernels/fp8_grouped_sm90.cuh), K at run time
+// Our own kernel (moe_kernels/fp8_grouped_sm90.cuh), K at run time, then its variants.
+MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_128x192)
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_kc_128x192)  // K compiled in for the common K
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_2cta_kc_128x192)
 MOE_DECLARE_GROUPED_GEMM(fp8_wgmma_mpair_kc_128x192)
